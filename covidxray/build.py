@@ -1,0 +1,348 @@
+"""Build the two-class dataset: sources -> checked images -> de-duplicated, patient-level split -> ``dataset/``.
+
+Writes ``{out}/{train,val,test}/{normal,covid}/``, ``manifest.csv`` (one row per image), ``rejected.csv`` (files
+skipped, with the reason) and ``summary.json`` (counts and leakage checks). Sources are only read. The output
+is written to a temporary sibling folder and swapped in, so a failed build leaves the previous dataset intact,
+and the same inputs always give a byte-identical manifest.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from covidxray import LABELS
+from covidxray.errors import DataError, ImageError
+from covidxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, CheckedImage, check_image
+from covidxray.manifest import MANIFEST_COLUMNS, MANIFEST_NAME, REJECTED_NAME, SPLITS, SUMMARY_NAME
+from covidxray.sources import FRONTAL_VIEWS, SourceImage, SourceScan, read_ieee8023, read_kermany, read_presplit
+from covidxray.split import assign_splits, cap_groups, group_ids, near_duplicate_pairs
+
+_KEEP_IN_OUTPUT = ("README.md",)
+
+
+@dataclass
+class BuildConfig:
+    """Parameters of a dataset build; saved in summary.json."""
+
+    seed: int = 0
+    test_fraction: float = 0.2
+    """Share of each class's images (whole patients) held out for the final test; ignored for pre-split imports."""
+    val_fraction: float = 0.15
+    """Share of the remaining (training) images carved out for validation: model selection uses only these."""
+    caps: dict[str, int] = field(default_factory=dict)
+    """Most images per class, e.g. {"normal": 200} as the 2020 project; whole patients are kept or dropped."""
+    views: tuple[str, ...] = FRONTAL_VIEWS
+    """ieee8023 views to select; ("PA",) reproduces the 2020 project."""
+    findings: tuple[str, ...] = ("COVID-19",)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int = DEFAULT_MIN_SIDE
+    near_duplicate_bits: int = 12
+    """Two images whose 256-bit difference hashes differ in at most this many bits are near duplicates."""
+
+
+@dataclass
+class _Candidate:
+    image: SourceImage
+    checked: CheckedImage
+
+
+def _safe_stem(name: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem).strip("._") or "image"
+    return stem[:80]
+
+
+def _check_all(images: list[SourceImage], config: BuildConfig, progress: bool) -> tuple[list[_Candidate], list]:
+    """Decode every candidate once (two threads: Pillow releases the GIL while decoding)."""
+
+    def work(img: SourceImage) -> CheckedImage | ImageError:
+        try:
+            return check_image(img.path, max_pixels=config.max_pixels, min_side=config.min_side)
+        except ImageError as exc:
+            return exc
+
+    good: list[_Candidate] = []
+    rejected: list[tuple[str, str, str]] = []
+    workers = min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(work, images)
+        for img, res in tqdm(zip(images, results, strict=True), total=len(images), desc="checking images",
+                             disable=not progress, unit="img"):
+            if isinstance(res, ImageError):
+                rejected.append((img.source, img.rel_path, res.reason))
+            else:
+                good.append(_Candidate(img, res))
+    return good, rejected
+
+
+def _drop_exact_duplicates(cands: list[_Candidate], rejected: list) -> tuple[list[_Candidate], int]:
+    """Keep one file per sha256 (the first by source and path); a copy with another label drops both."""
+    by_sha: dict[str, list[_Candidate]] = {}
+    for c in sorted(cands, key=lambda c: (c.image.source, c.image.rel_path)):
+        by_sha.setdefault(c.checked.sha256, []).append(c)
+    kept: list[_Candidate] = []
+    removed = 0
+    for group in by_sha.values():
+        first = group[0]
+        if len({c.image.label for c in group}) > 1:
+            for c in group:
+                rejected.append((c.image.source, c.image.rel_path, "identical file appears with both labels"))
+            removed += len(group)
+            continue
+        kept.append(first)
+        for c in group[1:]:
+            rejected.append((c.image.source, c.image.rel_path,
+                             f"exact duplicate of {first.image.source}:{first.image.rel_path}"))
+            removed += 1
+    return kept, removed
+
+
+def collect_sources(
+    *,
+    chest_xray: str | Path | None = None,
+    covid_xray: str | Path | None = None,
+    presplit: str | Path | None = None,
+    metadata: str | Path | None = None,
+    config: BuildConfig | None = None,
+) -> tuple[list[SourceImage], list[tuple[str, str, str]], dict[str, int]]:
+    """Read the given sources; return candidate images, skipped entries (source, item, reason) and counts."""
+    config = config or BuildConfig()
+    scans: list[tuple[str, SourceScan]] = []
+    if presplit is not None:
+        if chest_xray is not None or covid_xray is not None:
+            raise DataError("give either --presplit or the two sources (--chest-xray, --covid-xray), not both.")
+        scans.append(("presplit", read_presplit(presplit, metadata=metadata)))
+    else:
+        if chest_xray is None or covid_xray is None:
+            raise DataError("a dataset needs both sources: --chest-xray DIR (normals) and --covid-xray DIR (COVID).")
+        scans.append(("kermany", read_kermany(chest_xray)))
+        scans.append(("ieee8023", read_ieee8023(covid_xray, findings=config.findings, views=config.views,
+                                                metadata=metadata)))
+    images: list[SourceImage] = []
+    skipped: list[tuple[str, str, str]] = []
+    stats: dict[str, int] = {}
+    for name, scan in scans:
+        images.extend(scan.images)
+        skipped.extend((name, item, reason) for item, reason in scan.skipped)
+        stats.update(scan.stats)
+    return images, skipped, stats
+
+
+def build_dataset(
+    out_dir: str | Path,
+    *,
+    chest_xray: str | Path | None = None,
+    covid_xray: str | Path | None = None,
+    presplit: str | Path | None = None,
+    metadata: str | Path | None = None,
+    config: BuildConfig | None = None,
+    progress: bool = True,
+) -> dict:
+    """Build ``out_dir`` from the two sources (or a pre-split folder) and return the summary."""
+    config = config or BuildConfig()
+    out_dir = Path(out_dir)
+    _check_output(out_dir)
+    images, rejected, stats = collect_sources(chest_xray=chest_xray, covid_xray=covid_xray, presplit=presplit,
+                                              metadata=metadata, config=config)
+    if not images:
+        raise DataError("no images found in the given sources; check the folders (see their README.md).")
+    cands, bad = _check_all(images, config, progress)
+    rejected.extend(bad)
+    cands, n_exact = _drop_exact_duplicates(cands, rejected)
+    cands.sort(key=lambda c: (c.image.source, c.image.rel_path))
+
+    pairs = near_duplicate_pairs([c.checked.dhash for c in cands], config.near_duplicate_bits)
+    cross = {i for a, b, _ in pairs if cands[a].image.label != cands[b].image.label for i in (a, b)}
+    for i in sorted(cross):
+        c = cands[i]
+        rejected.append((c.image.source, c.image.rel_path, "near duplicate of an image with the other label"))
+    if cross:
+        keep_idx = [i for i in range(len(cands)) if i not in cross]
+        remap = {old: new for new, old in enumerate(keep_idx)}
+        cands = [cands[i] for i in keep_idx]
+        pairs = [(remap[a], remap[b], d) for a, b, d in pairs if a in remap and b in remap]
+    keys = [f"{c.image.source}:{c.image.rel_path}" for c in cands]
+    labels = [c.image.label for c in cands]
+    pids = [c.image.patient_id for c in cands]
+    groups = group_ids(pids, [(a, b) for a, b, _ in pairs])
+
+    if config.caps:
+        keep = cap_groups(labels, groups, keys, config.caps, config.seed)
+        cands = [c for c, k in zip(cands, keep, strict=True) if k]
+        pairs_kept = {i for i, k in enumerate(keep) if k}
+        remap = {old: new for new, old in enumerate(sorted(pairs_kept))}
+        pairs = [(remap[a], remap[b], d) for a, b, d in pairs if a in remap and b in remap]
+        keys = [f"{c.image.source}:{c.image.rel_path}" for c in cands]
+        labels = [c.image.label for c in cands]
+        pids = [c.image.patient_id for c in cands]
+        groups = group_ids(pids, [(a, b) for a, b, _ in pairs])
+
+    if presplit is not None:
+        fixed = [c.image.split if c.image.split in ("test", "val") else None for c in cands]
+        has_val = any(f == "val" for f in fixed)
+        fractions = {} if has_val else {"val": config.val_fraction}
+        splits = assign_splits(labels, groups, keys, fractions=fractions, seed=config.seed, fixed=fixed)
+    else:
+        test = config.test_fraction
+        val = config.val_fraction * (1.0 - test)
+        splits = assign_splits(labels, groups, keys, fractions={"test": test, "val": val}, seed=config.seed)
+
+    rows = _manifest_rows(cands, splits, groups)
+    summary = _summary(rows, rejected, stats, n_exact, pairs, cands, config, presplit is not None)
+    _write_output(out_dir, cands, rows, rejected, summary)
+    return summary
+
+
+def _manifest_rows(cands: list[_Candidate], splits: list[str], groups: list[int]) -> list[dict]:
+    group_name: dict[int, str] = {}
+    for g in groups:  # cands are sorted by (source, path), so names do not depend on input order
+        group_name.setdefault(g, f"g{len(group_name):05d}")
+    rows = []
+    for c, split, g in zip(cands, splits, groups, strict=True):
+        img, chk = c.image, c.checked
+        ext = ".png" if chk.normalized_png is not None else Path(img.path.name).suffix.lower()
+        ext = ".jpeg" if ext == ".jpg" else ext
+        rows.append({
+            "path": f"{split}/{img.label}/{_safe_stem(img.path.name)}_{chk.sha256[:8]}{ext}",
+            "label": img.label,
+            "split": split,
+            "patient_id": img.patient_id,
+            "source": img.source,
+            "view": img.view,
+            "sex": img.sex,
+            "age": "" if math.isnan(img.age) else f"{img.age:g}",
+            "sha256": chk.sha256 if chk.normalized_png is None else _sha(chk.normalized_png),
+            "width": chk.width,
+            "height": chk.height,
+            "format": chk.format,
+            "mode": chk.mode,
+            "orig_path": img.rel_path,
+            "dup_group": group_name[g],
+        })
+    return rows
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _summary(rows, rejected, stats, n_exact, pairs, cands, config: BuildConfig, presplit: bool) -> dict:
+    split_of_patient: dict[str, set[str]] = {}
+    split_of_group: dict[str, set[str]] = {}
+    for r in rows:
+        split_of_patient.setdefault(r["patient_id"], set()).add(r["split"])
+        split_of_group.setdefault(r["dup_group"], set()).add(r["split"])
+    counts = {s: {lab: sum(1 for r in rows if r["split"] == s and r["label"] == lab) for lab in LABELS} for s in SPLITS}
+    per = {}
+    for key in ("source", "view", "format", "mode"):
+        c = Counter((r["split"], r["label"], r[key] or "unknown") for r in rows)
+        per[key] = {f"{s}/{lab}/{v}": n for (s, lab, v), n in sorted(c.items())}
+    patients = {s: {lab: len({r["patient_id"] for r in rows if r["split"] == s and r["label"] == lab})
+                    for lab in LABELS} for s in SPLITS}
+    near_pairs = [
+        {"a": f"{cands[a].image.source}:{cands[a].image.rel_path}",
+         "b": f"{cands[b].image.source}:{cands[b].image.rel_path}", "bits": d}
+        for a, b, d in pairs
+    ]
+    return {
+        "config": {**asdict(config), "views": list(config.views), "findings": list(config.findings),
+                   "presplit": presplit},
+        "images": len(rows),
+        "counts": counts,
+        "patients": patients,
+        "per": per,
+        "source_stats": stats,
+        "rejected": len(rejected),
+        "rejected_reasons": dict(sorted(Counter(_reason_kind(r[2]) for r in rejected).items())),
+        "leakage": {
+            "patients_in_several_splits": sorted(p for p, s in split_of_patient.items() if len(s) > 1),
+            "duplicate_groups_in_several_splits": sorted(g for g, s in split_of_group.items() if len(s) > 1),
+            "exact_duplicates_removed": n_exact,
+            "near_duplicate_pairs": near_pairs,
+        },
+    }
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(" (")[0].split(" of ")[0]
+
+
+def _check_output(out_dir: Path) -> None:
+    """Refuse to replace a folder that is not a dataset this package built (nothing of the user's is lost)."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise DataError(f"{out_dir}: exists and is not a folder; choose another --out.")
+    entries = [p.name for p in out_dir.iterdir() if not p.name.startswith(".")]
+    if entries and MANIFEST_NAME not in entries and set(entries) - set(_KEEP_IN_OUTPUT):
+        raise DataError(f"{out_dir}: exists, is not empty and is not a covidxray dataset (no {MANIFEST_NAME}); "
+                        "choose another --out or empty it yourself.")
+
+
+def _write_output(out_dir: Path, cands, rows, rejected, summary) -> None:
+    parent = out_dir.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise DataError(
+            f"{out_dir}: cannot write the dataset here ({exc.strerror or exc}); choose another --out."
+        ) from exc
+    try:
+        for c, row in zip(cands, rows, strict=True):
+            dest = tmp / row["path"]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if c.checked.normalized_png is not None:
+                dest.write_bytes(c.checked.normalized_png)
+            else:
+                shutil.copyfile(c.image.path, dest)
+        order = sorted(range(len(rows)), key=lambda i: rows[i]["path"])
+        _write_csv(tmp / MANIFEST_NAME, MANIFEST_COLUMNS, [rows[i] for i in order])
+        _write_csv(tmp / REJECTED_NAME, ["source", "item", "reason"],
+                   [dict(zip(("source", "item", "reason"), r, strict=True)) for r in sorted(rejected)])
+        (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        for name in _KEEP_IN_OUTPUT:
+            if (out_dir / name).is_file():
+                shutil.copyfile(out_dir / name, tmp / name)
+        _swap_in(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.write_text(buf.getvalue(), encoding="utf-8")
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by ``tmp`` with two renames; the old dataset is removed only after the new one is in."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=tmp.parent))
+        old.rmdir()
+        os.replace(out_dir, old)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        if old is not None:
+            os.replace(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,140 @@
+"""Patient-level, stratified, seeded splitting with duplicate groups kept together.
+
+The unit of splitting is a *group*: all images of one patient, joined with every image that is an exact or
+near duplicate of one of them (union-find). A group never straddles two splits, so neither a patient nor a
+re-uploaded copy of an image can leak from training into validation or test.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+class UnionFind:
+    """Disjoint sets over integer ids 0..n-1."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        """Root of ``i`` (with path halving)."""
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        """Merge the sets of ``a`` and ``b``; the smaller root wins so results do not depend on call order."""
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def near_duplicate_pairs(hashes: Sequence[bytes], max_distance: int) -> list[tuple[int, int, int]]:
+    """All pairs (i, j, distance) with i < j whose perceptual hashes differ in at most ``max_distance`` bits."""
+    if len(hashes) < 2 or max_distance < 0:
+        return []
+    bits = np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(len(hashes), -1)
+    pairs: list[tuple[int, int, int]] = []
+    chunk = 256
+    for start in range(0, len(hashes), chunk):
+        block = bits[start : start + chunk]
+        dist = _POPCOUNT[block[:, None, :] ^ bits[None, :, :]].sum(axis=2, dtype=np.int32)
+        rows, cols = np.nonzero(dist <= max_distance)
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            i = start + r
+            if i < c:
+                pairs.append((i, c, int(dist[r, c])))
+    return pairs
+
+
+def group_ids(patient_ids: Sequence[str], links: Sequence[tuple[int, int]]) -> list[int]:
+    """Group index per image: same patient or linked (duplicate) images share a group."""
+    uf = UnionFind(len(patient_ids))
+    first: dict[str, int] = {}
+    for i, pid in enumerate(patient_ids):
+        if pid in first:
+            uf.union(first[pid], i)
+        else:
+            first[pid] = i
+    for a, b in links:
+        uf.union(a, b)
+    return [uf.find(i) for i in range(len(patient_ids))]
+
+
+def _shuffled_groups(members: dict[int, list[int]], keys: Sequence[str], rng: np.random.Generator) -> list[int]:
+    """Group ids in a seeded random order that depends only on the images' stable keys, not on input order."""
+    ordered = sorted(members, key=lambda g: min(keys[i] for i in members[g]))
+    return [ordered[i] for i in rng.permutation(len(ordered))]
+
+
+def cap_groups(
+    labels: Sequence[str], groups: Sequence[int], keys: Sequence[str], caps: dict[str, int], seed: int
+) -> list[bool]:
+    """Keep at most ``caps[label]`` images of a class, choosing whole groups in a seeded order."""
+    keep = [True] * len(labels)
+    for label, cap in sorted(caps.items()):
+        members: dict[int, list[int]] = defaultdict(list)
+        for i, (lab, g) in enumerate(zip(labels, groups, strict=True)):
+            if lab == label:
+                members[g].append(i)
+        rng = np.random.default_rng([seed, 7])
+        total = 0
+        for g in _shuffled_groups(members, keys, rng):
+            size = len(members[g])
+            if total + size > cap:
+                for i in members[g]:
+                    keep[i] = False
+                continue
+            total += size
+    return keep
+
+
+def assign_splits(
+    labels: Sequence[str],
+    groups: Sequence[int],
+    keys: Sequence[str],
+    *,
+    fractions: dict[str, float],
+    seed: int,
+    fixed: Sequence[str | None] | None = None,
+) -> list[str]:
+    """Split name per image, stratified by label, whole groups at a time.
+
+    ``fractions`` maps split names to image shares, filled in the given order (e.g. test then val, the rest
+    to train). ``fixed`` gives images whose split is already decided (a pre-split import): only images with
+    ``None`` there are assigned, and only groups entirely undecided are moved.
+    """
+    n = len(labels)
+    fixed = list(fixed) if fixed is not None else [None] * n
+    result: list[str] = [f if f is not None else "train" for f in fixed]
+    for label in sorted(set(labels)):
+        members: dict[int, list[int]] = defaultdict(list)
+        for i in range(n):
+            if labels[i] == label and fixed[i] is None:
+                members[groups[i]].append(i)
+        total = sum(len(m) for m in members.values())
+        rng = np.random.default_rng([seed, sum(map(ord, label))])
+        order = _shuffled_groups(members, keys, rng)
+        targets = []
+        cumulative = 0.0
+        for name, frac in fractions.items():
+            cumulative += frac
+            targets.append((name, cumulative * total))
+        filled = 0
+        for g in order:
+            size = len(members[g])
+            name = "train"
+            for split_name, bound in targets:
+                if filled + size / 2 <= bound:
+                    name = split_name
+                    break
+            filled += size
+            for i in members[g]:
+                result[i] = name
+    return result
