@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   installs what it needs, then runs the whole pipeline (synthetic data unless real data is present)
+#   make test   installs what it needs, then runs the linter and the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint install reproduce-seed notebooks clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/covidxray demo
+
+test: install
+	$(BIN)/ruff check covidxray tests
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check covidxray tests
+
+# The long runs behind the README's tables and the rendered notebooks (need ../shared/data; minutes to hours).
+SHARED ?= ../shared/data
+reproduce-seed: install
+	$(BIN)/covidxray reproduce --presplit $(SHARED)/seed-dataset --metadata $(SHARED)/ieee8023-metadata/metadata-early.csv \
+		--weights hed --out runs/seed-original-split
+
+notebooks: install
+	$(BIN)/python -m covidxray.notebooks --execute --shared $(SHARED)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
