@@ -1,0 +1,329 @@
+"""Sanity checks of the heatmaps: do they depend on the learned weights, and do they look at the lungs?
+
+* :func:`randomization_check`: model-randomisation test (Adebayo et al. 2018). Heatmaps of the trained model
+  are compared with those of the same architecture with fresh random weights; a high rank correlation means
+  the method mostly shows image structure (edges), not what the model learned.
+* :func:`attention_distribution`: share of heatmap mass in the central thoracic box versus the image border,
+  where text, markers and collimation edges are (a shortcut that separates data sources rather than diseases).
+
+:func:`write_checks` runs both and writes them as JSON next to the overlays.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+from scipy.stats import pearsonr, spearmanr
+
+from covidxray.errors import ModelError
+from covidxray.explain import as_image_batch, atomic_write_bytes, heatmaps, resolve_method, safe_name
+
+LOW_CORRELATION = 0.5
+"""Mean Spearman correlation (trained vs random weights) below which the randomisation check passes."""
+BORDER_RATIO_LIMIT = 2.0
+"""Warn when the border band holds more than this multiple of its area share of the heatmap mass."""
+SHORTCUT_WARNING = (
+    "shortcut warning: the model looks at the image border, where text, markers and collimation edges are"
+)
+TOP_FRACTION = 0.1
+
+
+# ------------------------------------------------------------ randomisation
+
+
+def randomized_copy(model: keras.Model, seed: int = 0) -> keras.Model:
+    """Same architecture, fresh weights: kernels from a seeded Glorot uniform, the rest re-initialised."""
+    try:
+        clone = keras.models.clone_model(model)
+    except Exception as exc:
+        raise ModelError(f"cannot clone model {model.name!r} for the randomisation check: {exc}") from exc
+    for i, variable in enumerate(clone.weights):
+        if variable.name.endswith("kernel") and len(variable.shape) >= 2:
+            init = keras.initializers.GlorotUniform(seed=seed + i)
+            variable.assign(init(tuple(variable.shape), dtype=variable.dtype))
+    return clone
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _correlation(fn: object, a: np.ndarray, b: np.ndarray) -> float:
+    if np.ptp(a) == 0.0 or np.ptp(b) == 0.0:
+        return float("nan")
+    return float(fn(a, b)[0])
+
+
+def _top_iou(a: np.ndarray, b: np.ndarray, fraction: float = TOP_FRACTION) -> float:
+    k = max(1, int(round(fraction * a.size)))
+    top_a = set(np.argsort(-a, kind="stable")[:k].tolist())
+    top_b = set(np.argsort(-b, kind="stable")[:k].tolist())
+    return len(top_a & top_b) / len(top_a | top_b)
+
+
+def _mean(values: list[float]) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def compare_maps(trained: np.ndarray, random: np.ndarray) -> dict:
+    """Per-image Spearman and Pearson correlations, mean absolute difference and top-10 % overlap (IoU)."""
+    if trained.shape != random.shape:
+        raise ValueError(f"map shapes differ: {trained.shape} vs {random.shape}.")
+    spear, pear, mad, iou = [], [], [], []
+    for a, b in zip(trained.reshape(len(trained), -1), random.reshape(len(random), -1), strict=True):
+        spear.append(_correlation(spearmanr, a, b))
+        pear.append(_correlation(pearsonr, a, b))
+        mad.append(float(np.abs(a - b).mean()))
+        iou.append(_top_iou(a, b))
+    return {"spearman": spear, "pearson": pear, "mean_abs_diff": mad, "top10_iou": iou}
+
+
+def randomization_check(
+    model: keras.Model,
+    images: object,
+    method: str = "auto",
+    seed: int = 0,
+    *,
+    layer: str | None = None,
+    maps: np.ndarray | None = None,
+    batch_size: int = 32,
+    max_images: int | None = None,
+) -> dict:
+    """Model-randomisation sanity check: rank correlation of heatmaps from trained vs re-initialised weights.
+
+    ``maps`` are the trained model's heatmaps when already computed; ``max_images`` caps the cost with evenly
+    spaced images. A low mean Spearman correlation (< 0.5) means the heatmaps depend on the weights, as they
+    must; correlations of constant (e.g. all-zero) maps are undefined and left out of the mean (counted in
+    ``n_undefined``).
+    """
+    x = as_image_batch(images)
+    if maps is not None and len(maps) != len(x):
+        raise ValueError(f"{len(maps)} maps for {len(x)} images.")
+    if max_images is not None and len(x) > max_images:
+        keep = np.unique(np.linspace(0, len(x) - 1, max(1, max_images)).round().astype(int))
+        x = x[keep]
+        maps = None if maps is None else np.asarray(maps)[keep]
+    used, name = resolve_method(model, method, layer)
+    trained = heatmaps(model, x, used, name, batch_size=batch_size) if maps is None else np.asarray(maps)
+    random = heatmaps(randomized_copy(model, seed), x, used, name, batch_size=batch_size)
+    stats = compare_maps(np.asarray(trained, np.float64), np.asarray(random, np.float64))
+    rho = stats["spearman"]
+    mean_rho = _mean(rho)
+    n_undefined = sum(not math.isfinite(v) for v in rho)
+    if mean_rho is None:
+        passed = None
+        text = (
+            "undefined: the trained or the random heatmaps are constant (e.g. all zero) for every image, "
+            "so no rank correlation exists; look at the overlays."
+        )
+    elif mean_rho < LOW_CORRELATION:
+        passed = True
+        text = (
+            f"passed: mean Spearman correlation {mean_rho:.2f} < {LOW_CORRELATION}: the heatmaps change "
+            "when the "
+            "weights are randomised, so they reflect what the model learned."
+        )
+    else:
+        passed = False
+        text = (
+            f"failed: mean Spearman correlation {mean_rho:.2f} >= {LOW_CORRELATION}: heatmaps of a random "
+            "model look alike, so they mostly show image structure (edges, bright regions), not the "
+            "model's evidence."
+        )
+    return {
+        "method": used,
+        "layer": name,
+        "seed": int(seed),
+        "n_images": len(x),
+        "spearman_mean": mean_rho,
+        "spearman_median": _nan_to_none(float(np.nanmedian(rho))) if mean_rho is not None else None,
+        "spearman_per_image": [_nan_to_none(v) for v in rho],
+        "n_undefined": int(n_undefined),
+        "pearson_mean": _mean(stats["pearson"]),
+        "mean_abs_diff": _mean(stats["mean_abs_diff"]),
+        "top10_iou_mean": _mean(stats["top10_iou"]),
+        "random_all_zero": int(sum(float(m.max()) == 0.0 for m in random)),
+        "threshold": LOW_CORRELATION,
+        "passed": passed,
+        "interpretation": text,
+    }
+
+
+# ------------------------------------------------------------ attention
+
+
+def region_masks(
+    height: int, width: int, *, center_fraction: float = 0.6, border_fraction: float = 0.1
+) -> dict[str, np.ndarray]:
+    """Boolean (H, W) masks: central box, middle ring, border band and its four corner squares (a subset)."""
+    if not 0.0 < center_fraction <= 1.0 or not 0.0 < border_fraction < 0.5:
+        raise ValueError("need 0 < center_fraction <= 1 and 0 < border_fraction < 0.5.")
+    if center_fraction + 2.0 * border_fraction > 1.0 + 1e-9:
+        raise ValueError(
+            f"center box ({center_fraction}) and border bands (2 x {border_fraction}) overlap; "
+            "their sum must be <= 1."
+        )
+    rows, cols = np.arange(height)[:, None], np.arange(width)[None, :]
+    ch, cw = round(height * center_fraction), round(width * center_fraction)
+    top, left = (height - ch) // 2, (width - cw) // 2
+    center = (rows >= top) & (rows < top + ch) & (cols >= left) & (cols < left + cw)
+    bh, bw = max(1, round(height * border_fraction)), max(1, round(width * border_fraction))
+    edge_rows = (rows < bh) | (rows >= height - bh)
+    edge_cols = (cols < bw) | (cols >= width - bw)
+    border = (edge_rows | edge_cols) & ~center
+    corners = edge_rows & edge_cols & ~center
+    middle = ~center & ~border
+    return {"center": center, "middle": middle, "border": border, "corners": corners}
+
+
+def region_shares(
+    maps: object, *, center_fraction: float = 0.6, border_fraction: float = 0.1
+) -> pd.DataFrame:
+    """Per map: share of heatmap mass per region (center + middle + border = 1); NaN for an all-zero map."""
+    m = np.asarray(maps, dtype=np.float64)
+    if m.ndim != 3:
+        raise ValueError(f"maps must be (B, H, W), got shape {m.shape}.")
+    m = np.maximum(np.nan_to_num(m), 0.0)
+    masks = region_masks(
+        m.shape[1], m.shape[2], center_fraction=center_fraction, border_fraction=border_fraction
+    )
+    total = m.sum(axis=(1, 2))
+    out = {"empty": total <= 0.0}
+    for region, mask in masks.items():
+        mass = (m * mask).sum(axis=(1, 2))
+        out[f"{region}_share"] = np.divide(mass, total, out=np.full_like(total, np.nan), where=total > 0.0)
+    return pd.DataFrame(out)
+
+
+def _group_stats(shares: pd.DataFrame, area_border: float) -> dict:
+    used = shares[~shares["empty"]]
+    stats: dict = {"n_images": len(shares), "n_empty": int(shares["empty"].sum())}
+    for region in ("center", "middle", "border", "corners"):
+        stats[f"{region}_share"] = float(used[f"{region}_share"].mean()) if len(used) else None
+    border = stats["border_share"]
+    stats["border_ratio"] = border / area_border if border is not None else None
+    stats["border_heavy"] = bool(border is not None and border > BORDER_RATIO_LIMIT * area_border)
+    stats["n_border_heavy_images"] = int((used["border_share"] > BORDER_RATIO_LIMIT * area_border).sum())
+    return stats
+
+
+def attention_distribution(
+    maps: object,
+    df: pd.DataFrame | None = None,
+    *,
+    center_fraction: float = 0.6,
+    border_fraction: float = 0.1,
+) -> dict:
+    """Heatmap mass in the central box vs the border band and corners: overall, per class and per source.
+
+    Shares are means over non-empty maps of each map's mass fraction; ``warning`` is set when the border share
+    exceeds 2x the border's area share overall or in any class or source group.
+    """
+    m = np.asarray(maps, dtype=np.float64)
+    shares = region_shares(m, center_fraction=center_fraction, border_fraction=border_fraction)
+    masks = region_masks(
+        m.shape[1], m.shape[2], center_fraction=center_fraction, border_fraction=border_fraction
+    )
+    area = {region: float(mask.mean()) for region, mask in masks.items()}
+    limit = BORDER_RATIO_LIMIT * area["border"]
+    result: dict = {
+        "center_fraction": center_fraction,
+        "border_fraction": border_fraction,
+        "area_share": area,
+        "rule": (
+            "warn when the mean share of heatmap mass in the border band "
+            f"(outer {border_fraction:.0%} on each "
+            f"side) exceeds {BORDER_RATIO_LIMIT:g}x the band's share of the image area "
+            f"({area['border']:.3f} -> limit {limit:.3f}), overall or in any class or source"
+        ),
+        "overall": _group_stats(shares, area["border"]),
+    }
+    heavy = ["overall"] if result["overall"]["border_heavy"] else []
+    if df is not None:
+        if len(df) != len(m):
+            raise ValueError(f"df has {len(df)} rows but there are {len(m)} maps.")
+        for column, key in (("label", "per_class"), ("source", "per_source")):
+            if column not in df.columns:
+                continue
+            values = df[column].astype(str).to_numpy()
+            groups = {}
+            for value in sorted(set(values)):
+                groups[value] = _group_stats(shares[values == value].reset_index(drop=True), area["border"])
+                if groups[value]["border_heavy"]:
+                    heavy.append(f"{column}={value}")
+            result[key] = groups
+    result["warning"] = (
+        f"{SHORTCUT_WARNING} (border share above {limit:.2f} for: {', '.join(heavy)})" if heavy else None
+    )
+    return result
+
+
+# ------------------------------------------------------------ output
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return _nan_to_none(float(value))
+    return value
+
+
+def checks_filename(model_name: str) -> str:
+    """File name of a model's checks, e.g. ``scratch-gap__checks.json``."""
+    return f"{safe_name(model_name, 'model', 60)}__checks.json"
+
+
+def write_checks(
+    model: keras.Model,
+    images: object,
+    out_dir: str | Path,
+    *,
+    model_name: str,
+    df: pd.DataFrame | None = None,
+    maps: np.ndarray | None = None,
+    method: str = "auto",
+    layer: str | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    max_random_images: int | None = 64,
+    center_fraction: float = 0.6,
+    border_fraction: float = 0.1,
+) -> dict:
+    """Run both checks, write them to ``out_dir/<model>__checks.json`` (atomically), return the same dict.
+
+    ``maps`` (this model's heatmaps of ``images``, e.g. from :func:`covidxray.explain.heatmaps`) save a pass;
+    the randomisation check uses at most ``max_random_images`` of the images.
+    """
+    x = as_image_batch(images)
+    used, name = resolve_method(model, method, layer)
+    if maps is None:
+        maps = heatmaps(model, x, used, name, batch_size=batch_size)
+    result = {
+        "model": model_name,
+        "method": used,
+        "layer": name,
+        "n_images": len(x),
+        "randomization": randomization_check(
+            model, x, used, seed, layer=name, maps=maps, batch_size=batch_size, max_images=max_random_images
+        ),
+        "attention": attention_distribution(
+            maps, df, center_fraction=center_fraction, border_fraction=border_fraction
+        ),
+    }
+    result = _jsonable(result)
+    text = json.dumps(result, indent=2, allow_nan=False) + "\n"
+    atomic_write_bytes(Path(out_dir) / checks_filename(model_name), text.encode("utf-8"))
+    return result

@@ -1,0 +1,80 @@
+"""Small conveniences the notebooks and the demo share: where the data comes from, and tables about it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from covidxray import LABELS, paths
+from covidxray.errors import DataError
+from covidxray.manifest import SPLITS
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The two source folders a build reads, and a sentence saying what they are."""
+
+    chest_xray: Path
+    covid_xray: Path
+    description: str
+
+
+def resolve_sources(
+    mode: str = "auto",
+    *,
+    chest_xray: str | Path = paths.CHEST_XRAY_DIR,
+    covid_xray: str | Path = paths.COVID_XRAY_DIR,
+    seed_dataset: str | Path | None = None,
+    seed_metadata: str | Path | None = None,
+    work_dir: str | Path = paths.RUNS_DIR / "sources",
+) -> Sources:
+    """Pick the sources: ``folders`` (the user's downloads), ``seed`` (the 2020 images laid out as the two
+    public sources), ``synthetic`` (generated), or ``auto`` (folders when they hold data, else synthetic)."""
+    chest_xray, covid_xray, work_dir = Path(chest_xray), Path(covid_xray), Path(work_dir)
+    if mode == "auto":
+        mode = "folders" if paths.has_files(chest_xray) and paths.has_files(covid_xray) else "synthetic"
+    if mode == "folders":
+        return Sources(chest_xray, covid_xray, f"real downloads in {chest_xray}/ and {covid_xray}/")
+    if mode == "seed":
+        from covidxray.relayout import presplit_as_sources
+
+        if seed_dataset is None or seed_metadata is None:
+            raise DataError("mode 'seed' needs seed_dataset (the 2020 Dataset/ folder) and seed_metadata "
+                            "(the ieee8023 metadata.csv it was selected from).")
+        chest, covid = presplit_as_sources(seed_dataset, seed_metadata, work_dir / "seed")
+        return Sources(chest, covid, "the 2020 project's images, laid out again as the two public sources "
+                       "(Kermany normals; ieee8023 COVID images with their 2020 metadata)")
+    if mode == "synthetic":
+        from covidxray.synthetic import make_synthetic_sources
+
+        layout = make_synthetic_sources(work_dir / "synthetic")
+        return Sources(layout.chest_xray, layout.covid_xray,
+                       "the embedded SYNTHETIC data (procedural images; numbers say nothing about X-rays)")
+    raise DataError(f"unknown sources mode {mode!r}; use auto, folders, seed or synthetic.")
+
+
+def counts_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Images and patients per split and class, with totals: the first table a reader wants."""
+    rows = []
+    for split in SPLITS:
+        part = df[df["split"] == split]
+        row: dict[str, object] = {"split": split}
+        for label in LABELS:
+            sub = part[part["label"] == label]
+            row[f"{label} images"] = len(sub)
+            row[f"{label} patients"] = sub["patient_id"].nunique()
+        rows.append(row)
+    table = pd.DataFrame(rows).set_index("split")
+    table.loc["total"] = table.sum()
+    table.loc["total", [f"{lab} patients" for lab in LABELS]] = [
+        df.loc[df["label"] == lab, "patient_id"].nunique() for lab in LABELS
+    ]
+    return table
+
+
+def crosstab(df: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Images per class and value of ``column`` (source, format, mode, view): where classes differ trivially."""
+    values = df[column].replace("", "unknown").fillna("unknown")
+    return pd.crosstab(values, df["label"]).reindex(columns=list(LABELS), fill_value=0)
