@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from covidxray import __version__, paths
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from covidxray.errors import CovidXrayError, DataError
 
 
@@ -237,7 +240,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                        "evaluate and draw heatmaps. With real data in Chest_XRAY/ and Covid_XRAY/ it uses them.")
     p.add_argument("--out", type=Path, default=paths.RUNS_DIR / "demo")
     p.add_argument("--synthetic", action="store_true", help="use synthetic data even when real data is present")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)

@@ -25,13 +25,14 @@ def run_demo(
     out: str | Path,
     *,
     force_synthetic: bool = False,
-    epochs: int = 8,
+    epochs: int = 15,
     image_size: int = 64,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every stage into ``out`` and return the results (``table`` is the Markdown results table)."""
     out = Path(out)
-    sources = resolve_sources("synthetic" if force_synthetic else "auto", work_dir=out / "sources")
+    sources = resolve_sources("synthetic" if force_synthetic else "auto", work_dir=out / "sources",
+                              synthetic_patients=(160, 130))
     print(f"sources: {sources.description}")
     dataset = out / "dataset"
     build_dataset(dataset, chest_xray=sources.chest_xray, covid_xray=sources.covid_xray, progress=progress)

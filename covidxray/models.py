@@ -41,17 +41,25 @@ class _Seeds:
     def glorot(self) -> keras.initializers.Initializer:
         return keras.initializers.GlorotUniform(seed=self.next())
 
+    def he(self) -> keras.initializers.Initializer:
+        return keras.initializers.HeNormal(seed=self.next())
+
 
 def _head(x: keras.KerasTensor, seeds: _Seeds) -> keras.KerasTensor:
     x = keras.layers.Dense(1, kernel_initializer=seeds.glorot(), name="logit", dtype="float32")(x)
     return keras.layers.Activation("sigmoid", name="prob", dtype="float32")(x)
 
 
-def _scratch_convs(x: keras.KerasTensor, seeds: _Seeds) -> keras.KerasTensor:
-    """The original project's conv stack, up to and including ``last_conv`` (valid padding, ReLU)."""
+def _scratch_convs(x: keras.KerasTensor, seeds: _Seeds, *, he_init: bool = False) -> keras.KerasTensor:
+    """The original project's conv stack, up to and including ``last_conv`` (valid padding, ReLU).
+
+    ``he_init`` uses He-normal kernels (suited to ReLU) instead of Keras' Glorot default: without a dense
+    layer after the pooling, Glorot-initialised ReLU features start too small for the GAP head to learn.
+    """
 
     def conv(filters: int, name: str) -> keras.layers.Conv2D:
-        return keras.layers.Conv2D(filters, 3, activation="relu", kernel_initializer=seeds.glorot(), name=name)
+        init = seeds.he() if he_init else seeds.glorot()
+        return keras.layers.Conv2D(filters, 3, activation="relu", kernel_initializer=init, name=name)
 
     x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(x)
     x = conv(32, "conv1")(x)
@@ -76,7 +84,7 @@ def _scratch(inputs: keras.KerasTensor, dropout: float, seeds: _Seeds) -> keras.
 
 
 def _scratch_gap(inputs: keras.KerasTensor, dropout: float, seeds: _Seeds) -> keras.KerasTensor:
-    x = _scratch_convs(inputs, seeds)
+    x = _scratch_convs(inputs, seeds, he_init=True)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     if dropout:
         x = keras.layers.Dropout(dropout, seed=seeds.next(), name="dropout_gap")(x)

@@ -110,9 +110,9 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
 def _anatomy(rng: np.random.Generator) -> _Anatomy:
     """Draw a plausible body: sizes and grey levels vary per patient, not per class."""
     return _Anatomy(
-        cx=float(rng.uniform(-0.06, 0.06)),
-        cy=float(rng.uniform(-0.03, 0.03)),
-        body_w=float(rng.uniform(0.8, 0.93)),
+        cx=float(rng.uniform(-0.14, 0.14)),
+        cy=float(rng.uniform(-0.09, 0.09)),
+        body_w=float(rng.uniform(0.72, 0.95)),
         lung_w=float(rng.uniform(0.27, 0.33)),
         lung_h=float(rng.uniform(0.27, 0.32)),
         lung_top=float(rng.uniform(0.13, 0.19)),
@@ -209,6 +209,7 @@ def _render(rng: np.random.Generator, a: _Anatomy, *, covid: bool, size: tuple[i
     img = img * (1.0 - field) + a.lung_level * field
     img += (0.1 * ribs + 0.05 * (texture - 0.5)) * field + 0.06 * heart * body
     img = np.maximum(img, a.spine_level * spine)
+    img += 0.08 * (_lowfreq(rng, h, w, cells=5) - 0.5) * body  # soft tissue and positioning, per film
     if covid:
         centres = []
         for side in (-1.0, 1.0):  # bilateral

@@ -29,9 +29,11 @@ def resolve_sources(
     seed_dataset: str | Path | None = None,
     seed_metadata: str | Path | None = None,
     work_dir: str | Path = paths.RUNS_DIR / "sources",
+    synthetic_patients: tuple[int, int] = (60, 40),
 ) -> Sources:
     """Pick the sources: ``folders`` (the user's downloads), ``seed`` (the 2020 images laid out as the two
-    public sources), ``synthetic`` (generated), or ``auto`` (folders when they hold data, else synthetic)."""
+    public sources), ``synthetic`` (generated; ``synthetic_patients`` = normal and COVID patients), or ``auto``
+    (folders when they hold data, else synthetic)."""
     chest_xray, covid_xray, work_dir = Path(chest_xray), Path(covid_xray), Path(work_dir)
     if mode == "auto":
         mode = "folders" if paths.has_files(chest_xray) and paths.has_files(covid_xray) else "synthetic"
@@ -49,7 +51,8 @@ def resolve_sources(
     if mode == "synthetic":
         from covidxray.synthetic import make_synthetic_sources
 
-        layout = make_synthetic_sources(work_dir / "synthetic")
+        n_normal, n_covid = synthetic_patients
+        layout = make_synthetic_sources(work_dir / "synthetic", n_normal_patients=n_normal, n_covid_patients=n_covid)
         return Sources(layout.chest_xray, layout.covid_xray,
                        "the embedded SYNTHETIC data (procedural images; numbers say nothing about X-rays)")
     raise DataError(f"unknown sources mode {mode!r}; use auto, folders, seed or synthetic.")
