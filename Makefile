@@ -33,7 +33,7 @@ reproduce-seed: install
 		--weights hed --out runs/seed-original-split
 
 notebooks: install
-	$(BIN)/python -m covidxray.notebooks --execute --shared $(SHARED)
+	$(BIN)/python -m covidxray.notebooks --shared $(SHARED)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -60,3 +60,72 @@ def render_model_cams(
     return {"model": name, "method": method, "layer": layer, "images": len(df), "threshold": threshold,
             "mean_probability": float(np.mean(probs)) if len(probs) else float("nan"),
             "files": len(files), "checks": checks}
+
+
+def side_by_side(
+    runs: dict[str, str | Path],
+    data: str | Path = paths.DATASET_DIR,
+    *,
+    split: str | None = "test",
+    n: int = 4,
+    seed: int = 0,
+    path: str | Path | None = None,
+):
+    """One row per image (half covid, half normal, seeded), one column per model: the same X-ray explained by
+    each model, with its probability. Returns the matplotlib Figure (saved atomically when ``path`` is given)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from covidxray.pipeline import load_images
+    from covidxray.report import save_figure
+    from covidxray.train import load_run, predict_proba
+
+    df = pick_images(load_labeled(data, split=split), n, seed)
+    fig = Figure(figsize=(3.2 * (len(runs) + 1), 3.2 * len(df)), dpi=90)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(df), len(runs) + 1, squeeze=False)
+    for col, (name, run) in enumerate(runs.items(), start=1):
+        model, meta = load_run(run)
+        images = load_images(df["filepath"].tolist(), int(model.input_shape[1]))
+        probs = predict_proba(model, images)
+        method, layer = resolve_method(model, "auto", None)
+        maps = heatmaps(model, images, method=method, layer=layer)
+        for row in range(len(df)):
+            gray = images[row, ..., 0]
+            if col == 1:
+                axes[row, 0].imshow(gray, cmap="gray")
+                axes[row, 0].set_title(f"truth: {df['label'][row]}", fontsize=9)
+                axes[row, 0].set_axis_off()
+            ax = axes[row, col]
+            ax.imshow(gray, cmap="gray")
+            ax.imshow(maps[row], cmap="jet", alpha=0.45, vmin=0, vmax=1,
+                      extent=(-0.5, gray.shape[1] - 0.5, gray.shape[0] - 0.5, -0.5))
+            ax.set_title(f"{name} ({method})\np(covid) = {probs[row]:.2f}", fontsize=9)
+            ax.set_axis_off()
+    fig.tight_layout()
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def checks_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per model: randomisation correlation and where the heatmap mass is (overall, per class and source)."""
+    rows = []
+    for name, result in results.items():
+        rnd, att = result["checks"]["randomization"], result["checks"]["attention"]
+        row: dict[str, Any] = {
+            "model": name,
+            "method": result["method"],
+            "randomisation spearman (mean)": rnd.get("spearman_mean"),
+            "randomisation check passed": rnd.get("passed"),
+            "center mass": att["overall"]["center_share"],
+            "border mass": att["overall"]["border_share"],
+            "corner mass": att["overall"]["corners_share"],
+            "border area": att["area_share"]["border"],
+        }
+        for key, prefix in (("per_class", "border mass, "), ("per_source", "border mass, ")):
+            for group, stats in (att.get(key) or {}).items():
+                row[prefix + group] = stats["border_share"]
+        row["warning"] = att.get("warning") or ""
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("model")

@@ -81,3 +81,69 @@ def crosstab(df: pd.DataFrame, column: str) -> pd.DataFrame:
     """Images per class and value of ``column`` (source, format, mode, view): where classes differ trivially."""
     values = df[column].replace("", "unknown").fillna("unknown")
     return pd.crosstab(values, df["label"]).reindex(columns=list(LABELS), fill_value=0)
+
+
+def evaluate_runs(
+    data: str | Path,
+    runs: dict[str, str | Path],
+    *,
+    n_boot: int = 2000,
+    baseline: bool = True,
+    baseline_size: int = 32,
+) -> tuple[list[dict], dict[str, object], pd.DataFrame]:
+    """Evaluate trained runs once on the test split, with the trivial thumbnail baseline as the first row.
+
+    Returns the results-table rows, the test probabilities per model, and the test frame. Thresholds come
+    from each run (chosen on validation); the baseline's is chosen on validation here.
+    """
+    from covidxray.baseline import baseline_probabilities, fit_thumbnail_baseline
+    from covidxray.evaluate import evaluate_predictions
+    from covidxray.manifest import read_manifest, split_frame
+    from covidxray.metrics import choose_threshold
+    from covidxray.train import load_run, predict_dataframe
+
+    df = read_manifest(data)
+    train_df, val_df, test_df = (split_frame(df, s) for s in SPLITS)
+    rows: list[dict] = []
+    probs: dict[str, object] = {}
+    if baseline:
+        base = fit_thumbnail_baseline(train_df, size=baseline_size)
+        thr = choose_threshold(val_df["y"], baseline_probabilities(base, val_df, size=baseline_size))
+        p = baseline_probabilities(base, test_df, size=baseline_size)
+        rows.append(evaluate_predictions(test_df, p, threshold=thr, name="baseline: logistic regression",
+                                         weights=f"{baseline_size}x{baseline_size} thumbnails", n_boot=n_boot))
+        probs["baseline"] = p
+    for name, run in runs.items():
+        model, meta = load_run(run)
+        p = predict_dataframe(model, test_df, int(model.input_shape[1]))
+        config = meta.get("config", {})
+        rows.append(evaluate_predictions(test_df, p, threshold=float(meta.get("threshold", 0.5)), name=name,
+                                         weights=str(config.get("weights", "")), n_boot=n_boot,
+                                         out_dir=Path(run) / "eval-test"))
+        probs[name] = p
+    return rows, probs, test_df
+
+
+def ensure_demo_run(
+    run_dir: str | Path,
+    data: str | Path,
+    *,
+    model: str = "scratch-gap",
+    epochs: int = 5,
+    image_size: int = 64,
+    work_dir: str | Path = paths.RUNS_DIR / "sources",
+) -> Path:
+    """A trained run at ``run_dir``: the existing one, or a small one trained now (building a synthetic
+    dataset at ``data`` first when there is none), so the explanation notebook always runs top to bottom."""
+    from covidxray.build import build_dataset
+    from covidxray.train import TrainConfig, train
+
+    run_dir, data = Path(run_dir), Path(data)
+    if (run_dir / "model.keras").is_file():
+        return run_dir
+    if not (data / "manifest.csv").is_file():
+        sources = resolve_sources("synthetic", work_dir=work_dir, synthetic_patients=(160, 130))
+        build_dataset(data, chest_xray=sources.chest_xray, covid_xray=sources.covid_xray, progress=False)
+    train(TrainConfig(model=model, weights="none", epochs=epochs, image_size=image_size, batch_size=16, lr=1e-3),
+          data, run_dir, progress=False)
+    return run_dir
