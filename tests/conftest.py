@@ -53,3 +53,25 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "seed-dataset" / "MANIFEST.csv").is_file():
         pytest.skip("../shared/data is not beside this checkout")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, synthetic_sources) -> Path:
+    """A dataset built from the synthetic sources (once per session)."""
+    from covidxray.build import build_dataset
+
+    out = tmp_path_factory.mktemp("tiny") / "dataset"
+    build_dataset(out, chest_xray=synthetic_sources.chest_xray, covid_xray=synthetic_sources.covid_xray,
+                  progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_dataset) -> Path:
+    """A scratch-gap model trained for two epochs on 32 px images: fast, real, and enough for the plumbing."""
+    from covidxray.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("runs") / "scratch-gap"
+    train(TrainConfig(model="scratch-gap", weights="none", epochs=2, image_size=32, batch_size=16, lr=1e-3),
+          tiny_dataset, run, progress=False)
+    return run

@@ -1,0 +1,76 @@
+"""The command line: every verb answers --help, unbuilt stages say so, user errors are one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from covidxray.cli import build_parser, main
+
+VERBS = ["data", "train", "evaluate", "cam", "probe", "reproduce", "demo", "download"]
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: covidxray " + verb in capsys.readouterr().out
+
+
+def test_parser_knows_every_verb():
+    sub = next(a for a in build_parser()._actions if a.dest == "verb")
+    assert sorted(sub.choices) == sorted(VERBS)
+
+
+def test_unbuilt_stage_says_so_and_fails(capsys):
+    assert main(["probe", "--data", "x"]) != 0
+    assert "not built yet" in capsys.readouterr().err
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "covidxray", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("covidxray ")
+
+
+def test_data_from_synthetic_sources_is_idempotent(tmp_path, capsys):
+    args = ["data", "--synthetic", str(tmp_path / "src"), "--out", str(tmp_path / "ds"), "--quiet"]
+    assert main(args) == 0
+    first = (tmp_path / "ds" / "manifest.csv").read_bytes()
+    assert "leakage: 0 patients" in capsys.readouterr().out
+    assert main(args) == 0
+    assert (tmp_path / "ds" / "manifest.csv").read_bytes() == first
+
+
+def test_data_without_sources_explains_the_ways_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["data"]) == 2
+    err = capsys.readouterr().err
+    assert "covidxray download" in err and "--synthetic" in err
+    assert "Traceback" not in err
+
+
+def test_bad_cap_and_bad_presplit_are_clear_errors(tmp_path, capsys):
+    assert main(["data", "--presplit", str(tmp_path), "--out", str(tmp_path / "o"), "--cap", "dogs=3"]) == 2
+    assert "--cap 'dogs=3'" in capsys.readouterr().err
+    assert main(["data", "--presplit", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_train_and_evaluate_commands(tmp_path, tiny_dataset, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--model", "scratch", "--data", str(tiny_dataset), "--out", str(run), "--epochs", "1",
+                 "--image-size", "32", "--batch-size", "16", "--quiet"]) == 0
+    assert (run / "model.keras").is_file()
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(run), "--data", str(tiny_dataset), "--n-boot", "50"]) == 0
+    assert "| scratch |" in capsys.readouterr().out
+    assert (run / "eval-test" / "metrics.json").is_file()
+
+
+def test_evaluate_with_a_missing_model_is_one_line(tmp_path, tiny_dataset, capsys):
+    assert main(["evaluate", "--model", str(tmp_path / "nope"), "--data", str(tiny_dataset)]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "Traceback" not in err
