@@ -1,7 +1,8 @@
-"""Build the two-class dataset: sources -> checked images -> de-duplicated, patient-level split -> ``dataset/``.
+"""Build the two-class dataset: sources -> design -> checked images -> de-duplicated, patient-level split.
 
 Writes ``{out}/{train,val,test}/{normal,covid}/``, ``manifest.csv`` (one row per image), ``rejected.csv`` (files
-skipped, with the reason) and ``summary.json`` (counts and leakage checks). Sources are only read. The output
+skipped, with the reason) and ``summary.json`` (counts, leakage checks, the design with what it left out, and the
+confounders: age, source, format, mode and size per class, with warnings). Sources are only read. The output
 is written to a temporary sibling folder and swapped in, so a failed build leaves the previous dataset intact,
 and the same inputs always give a byte-identical manifest.
 """
@@ -18,6 +19,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,10 +27,22 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from covidxray import LABELS
+from covidxray.designs import apply_design, confounders, get_design
 from covidxray.errors import DataError, ImageError
 from covidxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, CheckedImage, check_image
 from covidxray.manifest import MANIFEST_COLUMNS, MANIFEST_NAME, REJECTED_NAME, SPLITS, SUMMARY_NAME
-from covidxray.sources import FRONTAL_VIEWS, SourceImage, SourceScan, read_ieee8023, read_kermany, read_presplit
+from covidxray.sources import (
+    FRONTAL_VIEWS,
+    NIH_VIEWS,
+    SourceImage,
+    SourceScan,
+    read_generic,
+    read_ieee8023,
+    read_kermany,
+    read_nih,
+    read_presplit,
+)
+from covidxray.sources.generic import default_source
 from covidxray.split import assign_splits, cap_groups, group_ids, near_duplicate_pairs
 
 _KEEP_IN_OUTPUT = ("README.md",)
@@ -48,6 +62,11 @@ class BuildConfig:
     views: tuple[str, ...] = FRONTAL_VIEWS
     """ieee8023 views to select; ("PA",) reproduces the 2020 project."""
     findings: tuple[str, ...] = ("COVID-19",)
+    nih_views: tuple[str, ...] = NIH_VIEWS
+    """NIH ``View Position`` values to select."""
+    nih_min_age: float | None = 18.0
+    """Youngest NIH patient (years) to select; None for no bound. Rows of unknown age are left out when bounded."""
+    nih_max_age: float | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
     near_duplicate_bits: int = 12
@@ -116,21 +135,39 @@ def collect_sources(
     covid_xray: str | Path | None = None,
     presplit: str | Path | None = None,
     metadata: str | Path | None = None,
+    nih: str | Path | None = None,
+    extra: Sequence[str | Path] = (),
     config: BuildConfig | None = None,
 ) -> tuple[list[SourceImage], list[tuple[str, str, str]], dict[str, int]]:
     """Read the given sources; return candidate images, skipped entries (source, item, reason) and counts."""
     config = config or BuildConfig()
+    extra = [Path(e) for e in extra]
     scans: list[tuple[str, SourceScan]] = []
     if presplit is not None:
-        if chest_xray is not None or covid_xray is not None:
-            raise DataError("give either --presplit or the two sources (--chest-xray, --covid-xray), not both.")
+        if chest_xray is not None or covid_xray is not None or nih is not None or extra:
+            raise DataError("give either --presplit or sources (--chest-xray, --covid-xray, --nih, --extra), not "
+                            "both: a pre-split folder keeps its own split. To re-split it with other sources, lay it "
+                            "out as sources first (covidxray.relayout.presplit_as_sources).")
         scans.append(("presplit", read_presplit(presplit, metadata=metadata)))
     else:
-        if chest_xray is None or covid_xray is None:
-            raise DataError("a dataset needs both sources: --chest-xray DIR (normals) and --covid-xray DIR (COVID).")
-        scans.append(("kermany", read_kermany(chest_xray)))
-        scans.append(("ieee8023", read_ieee8023(covid_xray, findings=config.findings, views=config.views,
-                                                metadata=metadata)))
+        if nih is None and not extra and (chest_xray is None or covid_xray is None):
+            raise DataError("a dataset needs both sources: --chest-xray DIR (normals) and --covid-xray DIR (COVID), "
+                            "or adult normals with --nih DIR / --extra CSV|DIR.")
+        if chest_xray is not None:
+            scans.append(("kermany", read_kermany(chest_xray)))
+        if covid_xray is not None:
+            scans.append(("ieee8023", read_ieee8023(covid_xray, findings=config.findings, views=config.views,
+                                                    metadata=metadata)))
+        elif metadata is not None:
+            raise DataError(f"{metadata}: --metadata needs --covid-xray (or --presplit) to apply to.")
+        if nih is not None:
+            scans.append(("nih", read_nih(nih, views=config.nih_views, min_age=config.nih_min_age,
+                                          max_age=config.nih_max_age)))
+        resolved = [e.resolve() for e in extra]
+        for e, r in zip(extra, resolved, strict=True):
+            if resolved.count(r) > 1:
+                raise DataError(f"{e}: given twice as --extra; give each extra source once.")
+            scans.append((default_source(e), read_generic(e)))
     images: list[SourceImage] = []
     skipped: list[tuple[str, str, str]] = []
     stats: dict[str, int] = {}
@@ -148,17 +185,27 @@ def build_dataset(
     covid_xray: str | Path | None = None,
     presplit: str | Path | None = None,
     metadata: str | Path | None = None,
+    nih: str | Path | None = None,
+    extra: Sequence[str | Path] = (),
+    design: str = "original",
     config: BuildConfig | None = None,
     progress: bool = True,
 ) -> dict:
-    """Build ``out_dir`` from the two sources (or a pre-split folder) and return the summary."""
+    """Build ``out_dir`` from the given sources (or a pre-split folder) under ``design``; return the summary.
+
+    ``nih`` is an NIH ChestX-ray14 folder (adult 'No Finding' frontal images by default, see BuildConfig);
+    ``extra`` are generic sources (CSV or class folders, see :mod:`covidxray.sources.generic`); ``design`` is
+    one of :data:`covidxray.designs.DESIGNS` and decides which of the images make up each class.
+    """
     config = config or BuildConfig()
     out_dir = Path(out_dir)
     _check_output(out_dir)
+    get_design(design)
     images, rejected, stats = collect_sources(chest_xray=chest_xray, covid_xray=covid_xray, presplit=presplit,
-                                              metadata=metadata, config=config)
+                                              metadata=metadata, nih=nih, extra=extra, config=config)
     if not images:
         raise DataError("no images found in the given sources; check the folders (see their README.md).")
+    images, design_report = apply_design(design, images)
     cands, bad = _check_all(images, config, progress)
     rejected.extend(bad)
     cands, n_exact = _drop_exact_duplicates(cands, rejected)
@@ -202,6 +249,8 @@ def build_dataset(
 
     rows = _manifest_rows(cands, splits, groups)
     summary = _summary(rows, rejected, stats, n_exact, pairs, cands, config, presplit is not None)
+    summary["design"] = design_report
+    summary["confounders"] = confounders(rows)
     _write_output(out_dir, cands, rows, rejected, summary)
     return summary
 
@@ -259,7 +308,7 @@ def _summary(rows, rejected, stats, n_exact, pairs, cands, config: BuildConfig, 
     ]
     return {
         "config": {**asdict(config), "views": list(config.views), "findings": list(config.findings),
-                   "presplit": presplit},
+                   "nih_views": list(config.nih_views), "presplit": presplit},
         "images": len(rows),
         "counts": counts,
         "patients": patients,

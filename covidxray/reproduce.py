@@ -3,22 +3,34 @@
 Every row is labeled with what it used (model, backbone weights, split, seeds, epochs, image size) and the
 machine and wall time are recorded, so a reader can tell exactly what a number means. The test split is read
 only here, after training has finished with validation-only model selection.
+
+The table carries the dataset's design and its confounder warnings. :func:`reproduce_designs` runs it for
+several designs (``original``: pediatric normals; ``adult-normals``) and :func:`cross_design_evaluation` tests
+each design's models on the other designs' test splits, so a reader sees how much of a score survives a change
+of normals.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import platform
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from covidxray.baseline import baseline_probabilities, fit_thumbnail_baseline
 from covidxray.build import BuildConfig, build_dataset
-from covidxray.evaluate import evaluate_predictions
-from covidxray.manifest import read_manifest, split_frame
+from covidxray.designs import get_design
+from covidxray.errors import DataError
+from covidxray.evaluate import evaluate_model, evaluate_predictions
+from covidxray.manifest import SUMMARY_NAME, read_manifest, split_frame
 from covidxray.metrics import choose_threshold, seed_summary
 from covidxray.report import plot_reliability, plot_roc_pr, results_table, write_json, write_text
 
@@ -44,10 +56,12 @@ class ReproduceConfig:
     views: tuple[str, ...] | None = None
     baseline_size: int = 32
     cache: str | None = "memory"
+    design: str = "original"
+    """Which images form each class (see covidxray.designs): original, adult-normals or all."""
 
 
-def _build(config: ReproduceConfig, out_root: Path, *, presplit, metadata, chest_xray, covid_xray, data,
-           progress: bool) -> Path:
+def _build(config: ReproduceConfig, out_root: Path, *, presplit, metadata, chest_xray, covid_xray, nih, extra,
+           data, progress: bool) -> Path:
     if data is not None:
         return Path(data)
     bcfg = BuildConfig(caps=dict(config.caps))
@@ -55,8 +69,31 @@ def _build(config: ReproduceConfig, out_root: Path, *, presplit, metadata, chest
         bcfg.views = tuple(config.views)
     dataset = out_root / "dataset"
     build_dataset(dataset, chest_xray=chest_xray, covid_xray=covid_xray, presplit=presplit, metadata=metadata,
-                  config=bcfg, progress=progress)
+                  nih=nih, extra=extra, design=config.design, config=bcfg, progress=progress)
     return dataset
+
+
+def dataset_summary(dataset: str | Path) -> dict[str, Any]:
+    """The dataset's summary.json ({} when there is none, e.g. a dataset built by an older version)."""
+    path = Path(dataset) / SUMMARY_NAME
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def design_notes(summary: Mapping[str, Any]) -> str:
+    """Markdown lines under a results table: the dataset's design, what it left out, its confounder warnings."""
+    design = summary.get("design") or {}
+    warnings = (summary.get("confounders") or {}).get("warnings")
+    if not design and warnings is None:
+        return ""
+    lines = [""]
+    if design:
+        lines.append(f"Design: **{design['name']}** ({design['description']}).")
+        lines.extend(f"- {note}" for note in design.get("notes", []))
+    if warnings is not None:
+        quiet = " (classes balanced on the checks: source, format, mode, view, sex, size, age)."
+        lines.append(f"Confounder warnings: {len(warnings)}" + (":" if warnings else quiet))
+        lines.extend(f"- {w['message']}" for w in warnings)
+    return "\n".join(lines) + "\n"
 
 
 def train_config(model: str, config: ReproduceConfig, seed: int):
@@ -77,17 +114,26 @@ def reproduce(
     metadata: str | Path | None = None,
     chest_xray: str | Path | None = None,
     covid_xray: str | Path | None = None,
+    nih: str | Path | None = None,
+    extra: Sequence[str | Path] = (),
+    design: str | None = None,
     data: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Build (unless ``data``), train every model with every seed, evaluate once on test, write the table."""
+    """Build (unless ``data``), train every model with every seed, evaluate once on test, write the table.
+
+    ``design`` (default: ``config.design``) picks the images of each class from the given sources; the table
+    ends with the dataset's design and confounder warnings.
+    """
     from covidxray.train import load_run, predict_dataframe, train, versions
 
+    if design is not None:
+        config = dataclasses.replace(config, design=get_design(design).name)
     t0 = time.perf_counter()
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     dataset = _build(config, out_root, presplit=presplit, metadata=metadata, chest_xray=chest_xray,
-                     covid_xray=covid_xray, data=data, progress=progress)
+                     covid_xray=covid_xray, nih=nih, extra=extra, data=data, progress=progress)
     df = read_manifest(dataset)
     train_df, val_df, test_df = (split_frame(df, s) for s in ("train", "val", "test"))
 
@@ -136,7 +182,8 @@ def reproduce(
         first["per_seed"] = [r["metrics"] for r in per_seed]
         rows.append(first)
 
-    table = results_table(rows)
+    summary = dataset_summary(dataset)
+    table = results_table(rows) + design_notes(summary)
     y = test_df["y"].to_numpy()
     plot_roc_pr(y, probs_by_model, path=out_root / "roc_pr.png")
     plot_reliability(y, probs_by_model, path=out_root / "reliability.png")
@@ -144,7 +191,10 @@ def reproduce(
               for s in ("train", "val", "test")}
     result = {
         "config": {**asdict(config), "models": list(config.models)},
-        "dataset": {"counts": counts, "presplit": presplit is not None},
+        "dataset": {"counts": counts, "presplit": presplit is not None,
+                    "design": (summary.get("design") or {}).get("name", config.design if data is None else None),
+                    "confounder_warnings": [w["message"] for w in
+                                            (summary.get("confounders") or {}).get("warnings", [])]},
         "rows": rows,
         "table": table,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "versions": versions()},
@@ -153,3 +203,151 @@ def reproduce(
     write_json(result, out_root / "results.json")
     write_text(table, out_root / "results.md")
     return result
+
+
+_CROSS_METRICS = ("accuracy", "specificity", "recall", "roc_auc", "n", "n_pos", "tn", "fp")
+
+
+def unseen_test_split(dataset: Path, trained_on: Path) -> tuple[pd.DataFrame, int]:
+    """The test split of ``dataset`` without any image (sha256) or patient the other dataset trained or validated on."""
+    test = split_frame(read_manifest(dataset), "test")
+    if dataset.resolve() == trained_on.resolve():
+        return test, 0
+    seen = read_manifest(trained_on)
+    seen = seen[seen["split"].isin(("train", "val"))]
+    overlap = test["sha256"].isin(set(seen["sha256"])) | test["patient_id"].isin(set(seen["patient_id"]))
+    return test[~overlap].reset_index(drop=True), int(overlap.sum())
+
+
+def _write_labeled_csv(df: pd.DataFrame, path: Path) -> Path:
+    """A ``path,label,patient_id,source`` CSV of ``df`` with paths relative to the CSV (covidxray.labeled reads it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rel = [Path(os.path.relpath(f, path.parent)).as_posix() for f in df["filepath"]]
+    out = pd.DataFrame({"path": rel, "label": df["label"], "patient_id": df["patient_id"], "source": df["source"]})
+    write_text(out.to_csv(index=False, lineterminator="\n"), path)
+    return path
+
+
+def _cell(result: Mapping[str, Any]) -> dict[str, Any]:
+    metrics = result["metrics"]
+    return {k: metrics.get(k) for k in _CROSS_METRICS}
+
+
+def cross_design_evaluation(
+    trained: Mapping[str, tuple[str | Path, Mapping[str, str | Path]]],
+    out_dir: str | Path,
+    *,
+    n_boot: int = 2000,
+    baseline_size: int | None = 32,
+) -> dict[str, Any]:
+    """Evaluate every design's trained runs on every design's test split (its own and the others').
+
+    ``trained`` maps a design name to (its built dataset, {model name: run folder}). Each run is tested with
+    ``evaluate_model`` and the threshold it chose on its own validation split; ``baseline_size`` adds the
+    thumbnail logistic regression trained on each design. On another design's test split, images and patients
+    the model was trained or validated on are left out (the designs share their COVID-19 images) and the count
+    is noted. Returns rows, a matrix {model: {trained on: {tested on: metrics}}}, notes and a Markdown table,
+    also written to ``out_dir``/results.md and results.json.
+    """
+    from covidxray.baseline import baseline_probabilities, fit_thumbnail_baseline
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    datasets = {d: Path(ds) for d, (ds, _) in trained.items()}
+    rows: list[dict[str, Any]] = []
+    matrix: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    left_out: dict[str, dict[str, int]] = {}
+    for train_design, (_, runs) in trained.items():
+        models: dict[str, Any] = {}
+        if baseline_size:
+            df = read_manifest(datasets[train_design])
+            base = fit_thumbnail_baseline(split_frame(df, "train"), size=baseline_size)
+            val = split_frame(df, "val")
+            models["baseline"] = (base, choose_threshold(val["y"], baseline_probabilities(base, val,
+                                                                                          size=baseline_size)))
+        models.update({name: Path(run) for name, run in runs.items()})
+        for test_design, test_dataset in datasets.items():
+            test, n_out = unseen_test_split(test_dataset, datasets[train_design])
+            left_out.setdefault(train_design, {})[test_design] = n_out
+            tag = f"{train_design}-on-{test_design}"
+            data: Path = test_dataset
+            if n_out:
+                data = _write_labeled_csv(test, out_dir / tag / "test-unseen.csv")
+            notes = f"tested on {test_design} test" + (" (own design)" if test_design == train_design else "")
+            notes += f" ({n_out} images seen in training left out)" if n_out else ""
+            for name, model in models.items():
+                if name == "baseline":
+                    base, thr = model
+                    p = baseline_probabilities(base, test, size=baseline_size)
+                    res = evaluate_predictions(test, p, threshold=thr, name="baseline: logistic regression",
+                                               weights=f"{baseline_size}x{baseline_size} thumbnails", n_boot=n_boot,
+                                               out_dir=out_dir / tag / "baseline")
+                else:
+                    res = evaluate_model(model, data, split=None if n_out else "test", n_boot=n_boot,
+                                         out_dir=out_dir / tag / name)
+                    res = {k: v for k, v in res.items() if k not in ("data", "markdown")}
+                res.update(model=f"{res['model']} (trained on {train_design})", notes=notes,
+                           trained_on=train_design, tested_on=test_design)
+                rows.append(res)
+                matrix.setdefault(name, {}).setdefault(train_design, {})[test_design] = _cell(res)
+    notes = _cross_notes(matrix, left_out)
+    table = results_table(rows) + "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    result = {"designs": list(trained), "rows": rows, "matrix": matrix, "left_out": left_out, "notes": notes,
+              "table": table}
+    write_json(result, out_dir / "results.json")
+    write_text(table, out_dir / "results.md")
+    return result
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f} %"
+
+
+def _cross_notes(matrix: Mapping[str, Any], left_out: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """One sentence per model and pair of designs: its score at home and away, and how many normals it calls COVID."""
+    notes = []
+    for name, by_train in matrix.items():
+        for train_design, by_test in by_train.items():
+            home = by_test.get(train_design)
+            for test_design, cell in by_test.items():
+                if test_design == train_design or home is None:
+                    continue
+                normals = (cell["tn"] or 0) + (cell["fp"] or 0)
+                called = f"{cell['fp']} of {normals}" if normals else "no normals"
+                notes.append(
+                    f"{name} trained on {train_design}: accuracy {_pct(home['accuracy'])} on its own test split, "
+                    f"{_pct(cell['accuracy'])} on the {test_design} test split; it calls "
+                    f"{_pct(1 - cell['specificity']) if normals else 'n/a'} of the {test_design} normals COVID "
+                    f"({called}; {_pct(1 - home['specificity'])} of its own)"
+                    + (f"; {left_out[train_design][test_design]} images it had seen left out" if
+                       left_out[train_design][test_design] else ""))
+    return notes
+
+
+def reproduce_designs(
+    config: ReproduceConfig,
+    out_root: str | Path,
+    *,
+    designs: Sequence[str] = ("original", "adult-normals"),
+    chest_xray: str | Path | None = None,
+    covid_xray: str | Path | None = None,
+    nih: str | Path | None = None,
+    extra: Sequence[str | Path] = (),
+    metadata: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run :func:`reproduce` once per design (``out_root/<design>/``), then the cross-design evaluation of the
+    first seed's runs (``out_root/cross/``). Returns {"designs": {name: reproduce result}, "cross": ...}."""
+    out_root = Path(out_root)
+    names = [get_design(d).name for d in designs]
+    if len(set(names)) != len(names):
+        raise DataError(f"designs {list(designs)}: each design once, please.")
+    results = {d: reproduce(config, out_root / d, chest_xray=chest_xray, covid_xray=covid_xray, nih=nih,
+                            extra=extra, metadata=metadata, design=d, progress=progress) for d in names}
+    out: dict[str, Any] = {"designs": results}
+    if len(names) > 1:
+        trained = {d: (out_root / d / "dataset", {m: out_root / d / "runs" / f"{m}-s0" for m in config.models})
+                   for d in names}
+        out["cross"] = cross_design_evaluation(trained, out_root / "cross", n_boot=config.n_boot,
+                                               baseline_size=config.baseline_size)
+    return out

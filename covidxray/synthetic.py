@@ -11,7 +11,11 @@ Two writers reproduce the real sources' layouts, names, formats and metadata sch
 * ``make_synthetic_sources``: Kermany/Kaggle ``chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}`` and
   ieee8023 ``metadata.csv`` + ``images/`` + ``volumes/`` (with the rows a default selection must drop:
   lateral views, CT, other findings);
-* ``make_synthetic_presplit``: the 2020 project's pre-split ``{train,test}/{Covid,Normal}`` folder.
+* ``make_synthetic_presplit``: the 2020 project's pre-split ``{train,test}/{Covid,Normal}`` folder;
+* ``make_synthetic_nih``: NIH ChestX-ray14 ``Data_Entry_2017.csv`` + ``images/`` (adults and children, normal
+  and abnormal films, several follow-ups per patient);
+* ``make_synthetic_labeled``: a generic ``labels.csv`` set with both classes from one source, balanced, or with
+  planted differences (format, size, age) that a model could read instead of the disease.
 
 Everything is deterministic given ``seed``: the same call writes byte-identical files.
 """
@@ -290,10 +294,13 @@ def chest_image(rng: np.random.Generator, *, covid: bool, size: tuple[int, int])
 
 
 def _save(path: Path, gray: np.ndarray, kind: str, rng: np.random.Generator | None = None) -> None:
-    """Write ``gray`` as one of ``IMAGE_KINDS``; RGB ones get a faint tint, like scanned journal figures."""
+    """Write ``gray`` as one of ``IMAGE_KINDS`` or ``png_gray``; RGB ones get a faint tint, like journal figures."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "jpeg_gray":
         Image.fromarray(gray).save(path, format="JPEG", quality=90)
+        return
+    if kind == "png_gray":
+        Image.fromarray(gray).save(path, format="PNG")
         return
     tint = rng.uniform(0.94, 1.0, size=3) if rng is not None else np.ones(3)
     rgb = np.clip(gray[..., None].astype(np.float32) * tint + 0.5, 0, 255).astype(np.uint8)
@@ -572,3 +579,87 @@ def make_synthetic_presplit(root: str | Path, *, n_per_class: int = 30, test_fra
                 name = _stem(irng, i % 4, 1000 + i, 0, str(i % 9), "PA") + _ext(irng, kind)
             _save(root / split / cls / name, img, kind, irng)
     return root
+
+
+NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+              "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+"""The NIH label list's header as written (unquoted column names with commas: a CSV reader sees 11 columns)."""
+NIH_FINDINGS: tuple[str, ...] = ("Atelectasis", "Effusion", "Infiltration", "Cardiomegaly|Effusion", "Nodule")
+PLANTS: tuple[str, ...] = ("format", "size", "age")
+"""Differences ``make_synthetic_labeled`` can plant in the COVID class."""
+
+
+def make_synthetic_nih(root: str | Path, n_patients: int = 30, seed: int = 0, *, size: int = 128) -> Path:
+    """Write an NIH ChestX-ray14 layout under ``root`` (``Data_Entry_2017.csv`` + ``images/*.png``); returns root.
+
+    Patient ``i`` (NIH id ``1000 + 7 i``) has ``1 + i % 3`` films (follow-ups 0, 1, 2); the second film of a
+    patient has a finding, all others are 'No Finding'. Every fifth patient (``i % 5 == 4``) is a child
+    (3-16 years), the others adults (18-77). Films alternate PA and AP. Images are 8-bit grayscale PNGs of
+    ``size`` x ``size`` px, like NIH's 1024 x 1024 ones; idempotent (byte-identical on rerun).
+    """
+    if n_patients < 1:
+        raise ValueError("n_patients must be at least 1")
+    root = Path(root)
+    _check_writable(root)
+    _reset(root, ("images", "Data_Entry_2017.csv"))
+    lines = [NIH_HEADER]
+    for i in range(n_patients):
+        pid = 1000 + 7 * i
+        age = 3 + i % 14 if i % 5 == 4 else 18 + (i * 13) % 60
+        sex = "F" if i % 2 == 0 else "M"
+        prng = _rng(seed, 5, i)
+        anatomy = _anatomy(prng)
+        for k in range(1 + i % 3):
+            finding = NIH_FINDINGS[i % len(NIH_FINDINGS)] if k == 1 else "No Finding"
+            view = "PA" if (i + k) % 2 == 0 else "AP"
+            name = f"{pid:08d}_{k:03d}.png"
+            irng = _rng(seed, 5, i, k)
+            img = _render(irng, anatomy if k == 0 else _follow_up(anatomy, irng), covid=finding != "No Finding",
+                          size=(size, size))
+            _save(root / "images" / name, img, "png_gray")
+            lines.append(f"{name},{finding},{k},{pid},{age},{sex},{view},2500,2048,0.143,0.143")
+    (root / "Data_Entry_2017.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def make_synthetic_labeled(root: str | Path, *, n_per_class: int = 20, seed: int = 0,
+                           plant: Iterable[str] = ()) -> Path:
+    """Write a generic labeled set, ``root/labels.csv`` + ``root/images/``; returns the CSV's path.
+
+    Both classes come from one source (``synthetic``), with the same ages, sexes, views and image sizes, as
+    8-bit grayscale PNGs: a design with nothing to read but the (synthetic) disease. ``plant`` adds
+    differences to the COVID class: ``format`` (RGB JPEG instead of grayscale PNG), ``size`` (half the width
+    and height), ``age`` (30 years older).
+    """
+    plant = tuple(plant)
+    unknown = sorted(set(plant) - set(PLANTS))
+    if unknown:
+        raise ValueError(f"unknown plant(s) {unknown}; use any of {list(PLANTS)}")
+    if n_per_class < 1:
+        raise ValueError("n_per_class must be at least 1")
+    root = Path(root)
+    _check_writable(root)
+    _reset(root, ("images", "labels.csv"))
+    rows = []
+    for label in ("normal", "covid"):
+        covid = label == "covid"
+        for i in range(n_per_class):
+            h, w = _size(_rng(seed, 6, i))
+            age = 25 + (i * 17) % 55
+            kind = "png_gray"
+            if covid and "size" in plant:
+                h, w = h // 2, w // 2
+            if covid and "age" in plant:
+                age += 30
+            if covid and "format" in plant:
+                kind = "jpeg_rgb"
+            irng = _rng(seed, 6, 1 + covid, i)
+            rel = f"images/{label}-{i:03d}" + (".jpeg" if kind.startswith("jpeg") else ".png")
+            _save(root / rel, _render(irng, _anatomy(irng), covid=covid, size=(h, w)), kind, irng)
+            rows.append({"path": rel, "label": label, "patient_id": f"{label}-{i:03d}", "source": "synthetic",
+                         "age": str(age), "sex": "F" if i % 2 == 0 else "M", "view": "PA" if i % 2 == 0 else "AP"})
+    with (root / "labels.csv").open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return root / "labels.csv"

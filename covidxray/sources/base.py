@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,3 +37,31 @@ class SourceScan:
     """(relative path or metadata row, reason)."""
     stats: dict[str, int] = field(default_factory=dict)
     """Counts a reader wants to report (rows read, rows selected, ...)."""
+
+
+_AGE_UNITS = {"": 1.0, "Y": 1.0, "M": 1.0 / 12.0, "W": 7.0 / 365.25, "D": 1.0 / 365.25}
+_AGE_PATTERN = re.compile(r"^(?P<value>\d+(?:\.\d+)?)\s*(?P<unit>[YMWD]?)$", re.IGNORECASE)
+MAX_AGE = 130.0
+"""Ages at or above this are data-entry errors (NIH's list has a few ages over 400) and read as unknown."""
+
+
+def parse_age(text: str) -> float:
+    """Age in years from ``"58"``, ``"58.5"``, ``"058Y"``, ``"6M"``, ``"10D"``; NaN when blank.
+
+    Raises ValueError for text that is not an age, so readers can say which row is wrong; an age at or
+    over :data:`MAX_AGE` is returned as NaN (a known data-entry error, not a reason to drop the image).
+    """
+    text = (text or "").strip()
+    if not text:
+        return math.nan
+    match = _AGE_PATTERN.match(text)
+    if match is None:
+        raise ValueError(f"age {text!r} is not a number of years (e.g. 45, 45.5, 045Y, 6M)")
+    age = float(match.group("value")) * _AGE_UNITS[match.group("unit").upper()]
+    return age if age < MAX_AGE else math.nan
+
+
+def parse_sex(text: str) -> str:
+    """``"M"``, ``"F"`` or ``""`` from the spellings sources use (M, male, F, female, any case)."""
+    value = (text or "").strip().upper()
+    return {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}.get(value, "")
