@@ -35,8 +35,18 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--presplit", type=Path, help="a folder already split as train|test/Covid|Normal (kept as is)")
     src.add_argument("--metadata", type=Path, help="an ieee8023 metadata.csv to use instead of the one in the folder "
                      "(with --presplit: gives COVID images their patient ids)")
+    src.add_argument("--nih", type=Path, help="NIH ChestX-ray14 folder (images/ + Data_Entry_2017.csv): adult normals")
+    src.add_argument("--extra", type=Path, action="append", default=[], metavar="CSV|DIR",
+                     help="any other labeled set: a CSV (path,label[,patient_id,source,age,sex,view]) or a folder "
+                     "of normal/ and covid/ subfolders; repeatable")
     src.add_argument("--synthetic", type=Path, metavar="DIR",
                      help="generate the embedded synthetic sources into DIR and build from them")
+    p.add_argument("--design", choices=["original", "adult-normals", "all"], default="original",
+                   help="original: Kermany (pediatric) normals vs ieee8023 COVID, as in 2020; adult-normals: normals "
+                   "from adult sources only (e.g. --nih); all: every image given")
+    p.add_argument("--nih-min-age", type=float, default=18.0, help="youngest NIH patient kept (years)")
+    p.add_argument("--nih-max-age", type=float, default=None, help="oldest NIH patient kept (years)")
+    p.add_argument("--nih-views", default="PA,AP", help="NIH views kept, comma-separated")
     p.add_argument("--out", type=Path, default=paths.DATASET_DIR, help="output folder (default: dataset)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of each class held out for test")
@@ -58,7 +68,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     config = BuildConfig(seed=args.seed, test_fraction=args.test_fraction, val_fraction=args.val_fraction,
                          caps=_caps(args.cap), near_duplicate_bits=args.near_dup_bits,
-                         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
+                         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, nih_min_age=args.nih_min_age,
+                         nih_max_age=args.nih_max_age,
+                         nih_views=tuple(v.strip() for v in args.nih_views.split(",") if v.strip()))
     if args.views:
         config.views = tuple(v.strip() for v in args.views.split(",") if v.strip())
     chest, covid = args.chest_xray, args.covid_xray
@@ -68,10 +80,19 @@ def cmd_data(args: argparse.Namespace) -> int:
         layout = make_synthetic_sources(args.synthetic, seed=args.seed)
         chest, covid = layout.chest_xray, layout.covid_xray
     elif args.presplit is None and chest is None and covid is None:
-        chest, covid = default_sources()
+        if args.nih is None and not args.extra:
+            chest, covid = default_sources()
+        else:
+            chest = paths.CHEST_XRAY_DIR if paths.has_files(paths.CHEST_XRAY_DIR) else None
+            covid = paths.COVID_XRAY_DIR if paths.has_files(paths.COVID_XRAY_DIR) else None
     summary = build_dataset(args.out, chest_xray=chest, covid_xray=covid, presplit=args.presplit,
-                            metadata=args.metadata, config=config, progress=not args.quiet)
+                            metadata=args.metadata, nih=args.nih, extra=args.extra, design=args.design,
+                            config=config, progress=not args.quiet)
     print_summary(summary, args.out)
+    from covidxray.designs import format_design
+
+    for line in format_design(summary):
+        print(line)
     return 0
 
 
@@ -205,6 +226,11 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metadata", type=Path, help="ieee8023 metadata.csv (patient ids for --presplit)")
     p.add_argument("--chest-xray", type=Path)
     p.add_argument("--covid-xray", type=Path)
+    p.add_argument("--nih", type=Path, help="NIH ChestX-ray14 folder (adult normals)")
+    p.add_argument("--extra", type=Path, action="append", default=[], metavar="CSV|DIR")
+    p.add_argument("--design", action="append", default=[], choices=["original", "adult-normals", "all"],
+                   help="design preset; give it twice (original and adult-normals) for both designs side by side "
+                   "plus the cross-design evaluation")
     p.add_argument("--data", type=Path, default=None, help="an already built dataset folder")
     p.add_argument("--views", default=None, help="ieee8023 views, e.g. PA")
     p.add_argument("--cap", action="append", default=[], metavar="LABEL=N")
@@ -227,9 +253,19 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                              weights=args.weights, epochs=args.epochs, image_size=args.image_size,
                              seeds=args.seeds, n_boot=args.n_boot, caps=_caps(args.cap),
                              views=tuple(v.strip() for v in args.views.split(",")) if args.views else None)
+    if len(args.design) > 1:
+        from covidxray.reproduce import reproduce_designs
+
+        both = reproduce_designs(config, args.out, designs=args.design, chest_xray=args.chest_xray,
+                                 covid_xray=args.covid_xray, nih=args.nih, extra=args.extra, metadata=args.metadata,
+                                 progress=not args.quiet)
+        for name, result in both["designs"].items():
+            print(f"## {name}\n\n{result['table']}")
+        print(f"## cross-design evaluation\n\n{both['cross']['table']}")
+        return 0
     result = reproduce(config, args.out, presplit=args.presplit, metadata=args.metadata,
-                       chest_xray=args.chest_xray, covid_xray=args.covid_xray, data=args.data,
-                       progress=not args.quiet)
+                       chest_xray=args.chest_xray, covid_xray=args.covid_xray, nih=args.nih, extra=args.extra,
+                       design=args.design[0] if args.design else None, data=args.data, progress=not args.quiet)
     print(result["table"])
     return 0
 

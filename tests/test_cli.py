@@ -74,3 +74,19 @@ def test_evaluate_with_a_missing_model_is_one_line(tmp_path, tiny_dataset, capsy
     assert main(["evaluate", "--model", str(tmp_path / "nope"), "--data", str(tiny_dataset)]) == 2
     err = capsys.readouterr().err
     assert "nope" in err and "Traceback" not in err
+
+
+def test_data_with_nih_and_the_adult_normals_design(tmp_path, synthetic_sources, capsys):
+    from covidxray.manifest import read_manifest
+    from covidxray.synthetic import make_synthetic_nih
+
+    nih = make_synthetic_nih(tmp_path / "nih", n_patients=30)
+    out = tmp_path / "ds"
+    assert main(["data", "--chest-xray", str(synthetic_sources.chest_xray), "--covid-xray",
+                 str(synthetic_sources.covid_xray), "--nih", str(nih), "--design", "adult-normals",
+                 "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "adult-normals" in printed
+    df = read_manifest(out)
+    assert set(df.loc[df["label"] == "normal", "source"]) == {"nih"}
+    assert "kermany" not in set(df["source"])
