@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,32 @@ NOTEBOOKS: tuple[str, ...] = (
     "Class_Activation_Maps.ipynb",
 )
 """In pipeline order: each one uses what the previous ones wrote."""
+
+
+_TF_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} \d\d:\d\d:\d\d|"
+                       r"To enable the following instructions|WARNING:tensorflow:.*retracing)")
+
+
+def strip_tf_noise(path: str | Path) -> None:
+    """Drop TensorFlow's C++ start-up log lines (oneDNN, CUDA probing, graph attribute notices) from the
+    notebook's stderr outputs: TensorFlow 2.21 writes them whatever TF_CPP_MIN_LOG_LEVEL says, and they carry
+    no information about the run. Every other output is kept as it is."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                lines = [ln for ln in out["text"].splitlines(keepends=True) if not _TF_NOISE.match(ln)]
+                if not "".join(lines).strip():
+                    continue
+                out["text"] = "".join(lines)
+            kept.append(out)
+        cell["outputs"] = kept
+    nbformat.write(nb, str(path))
 
 
 def run_notebook(
@@ -37,6 +64,7 @@ def run_notebook(
     papermill.execute_notebook(str(notebook), str(output), parameters=parameters or {}, kernel_name="python3",
                                cwd=None if cwd is None else str(cwd), progress_bar=False,
                                execution_timeout=timeout)
+    strip_tf_noise(output)
     return Path(output)
 
 

@@ -147,3 +147,16 @@ def ensure_demo_run(
     train(TrainConfig(model=model, weights="none", epochs=epochs, image_size=image_size, batch_size=16, lr=1e-3),
           data, run_dir, progress=False)
     return run_dir
+
+
+def layer_table(model) -> pd.DataFrame:
+    """The model's layers as a plain table (name, type, output shape, parameters, trainable), for notebooks."""
+    rows = []
+    for layer in model.layers:
+        shape = getattr(getattr(layer, "output", None), "shape", None)
+        rows.append({"layer": layer.name, "type": type(layer).__name__,
+                     "output shape": "" if shape is None else str(tuple(shape)),
+                     "parameters": layer.count_params() if layer.built else 0, "trainable": layer.trainable})
+    table = pd.DataFrame(rows).set_index("layer")
+    table.attrs["total"] = int(table["parameters"].sum())
+    return table
