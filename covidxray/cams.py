@@ -1,7 +1,9 @@
 """``covidxray cam``: heatmaps of one trained model over a labeled image set, with the two sanity checks.
 
 Loads the run, picks the images (default: the test split), predicts, computes the maps once, and writes the
-overlays, the summary grid and ``<model>__checks.json`` into ``Class_Activation_Images/``.
+overlays, the summary grid and ``<model>__checks.json`` into ``Class_Activation_Images/``. External images that
+cannot be used are skipped and listed in ``<model>__skipped.csv``; the files are written to a temporary folder
+and moved into place only when all of them are done.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import numpy as np
 import pandas as pd
 
 from covidxray import paths
-from covidxray.explain import heatmaps, render_cams, resolve_method
+from covidxray.evaluate import check_model_input, staged_output, write_skipped
+from covidxray.explain import heatmaps, render_cams, resolve_method, safe_name
 from covidxray.explain_checks import write_checks
-from covidxray.labeled import load_labeled
+from covidxray.labeled import decodable, read_labeled
 
 
 def pick_images(df: pd.DataFrame, limit: int | None, seed: int = 0) -> pd.DataFrame:
@@ -39,27 +42,35 @@ def render_model_cams(
     name: str | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Write overlays, grid and checks for one model; return the checks and the list of files."""
+    """Write overlays, grid and checks for one model; return the checks, the files and the files skipped."""
     from covidxray.pipeline import load_images
     from covidxray.train import load_run, predict_proba
 
     model, meta = load_run(model_path)
+    image_size = check_model_input(model, meta["model_path"])
     config = meta.get("config", {})
     name = name or config.get("model") or Path(model_path).stem
-    df = pick_images(load_labeled(data, split=split), limit, seed)
-    image_size = int(model.input_shape[1])
-    images = load_images(df["filepath"].tolist(), image_size)
-    probs = predict_proba(model, images)
-    threshold = float(meta.get("threshold", 0.5))
     method, layer = resolve_method(model, method, layer)
-    maps = heatmaps(model, images, method=method, layer=layer)
-    files = render_cams(model, images, df, out_dir, model_name=name, threshold=threshold, method=method,
-                        probs=probs, layer=layer, maps=maps)
-    checks = write_checks(model, images, out_dir, model_name=name, df=df, maps=maps, method=method, layer=layer,
-                          seed=seed)
+    labeled = read_labeled(data, split=split)
+    with staged_output(out_dir) as tmp, decodable(labeled) as usable:
+        df = pick_images(usable.frame, limit, seed)
+        images = load_images(df["filepath"].tolist(), image_size)
+        probs = predict_proba(model, images)
+        threshold = float(meta.get("threshold", 0.5))
+        maps = heatmaps(model, images, method=method, layer=layer)
+        files = render_cams(model, images, df, tmp, model_name=name, threshold=threshold, method=method,
+                            probs=probs, layer=layer, maps=maps)
+        checks = write_checks(model, images, tmp, model_name=name, df=df, maps=maps, method=method, layer=layer,
+                              seed=seed)
+        write_skipped(usable.skipped, tmp / skipped_filename(name))
     return {"model": name, "method": method, "layer": layer, "images": len(df), "threshold": threshold,
             "mean_probability": float(np.mean(probs)) if len(probs) else float("nan"),
-            "files": len(files), "checks": checks}
+            "files": len(files), "checks": checks, "skipped": [list(s) for s in usable.skipped]}
+
+
+def skipped_filename(model_name: str) -> str:
+    """File listing the images a model's heatmaps left out, e.g. ``scratch-gap__skipped.csv``."""
+    return f"{safe_name(model_name, 'model', 60)}__skipped.csv"
 
 
 def side_by_side(
@@ -80,28 +91,29 @@ def side_by_side(
     from covidxray.report import save_figure
     from covidxray.train import load_run, predict_proba
 
-    df = pick_images(load_labeled(data, split=split), n, seed)
-    fig = Figure(figsize=(3.2 * (len(runs) + 1), 3.2 * len(df)), dpi=90)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(df), len(runs) + 1, squeeze=False)
-    for col, (name, run) in enumerate(runs.items(), start=1):
-        model, meta = load_run(run)
-        images = load_images(df["filepath"].tolist(), int(model.input_shape[1]))
-        probs = predict_proba(model, images)
-        method, layer = resolve_method(model, "auto", None)
-        maps = heatmaps(model, images, method=method, layer=layer)
-        for row in range(len(df)):
-            gray = images[row, ..., 0]
-            if col == 1:
-                axes[row, 0].imshow(gray, cmap="gray")
-                axes[row, 0].set_title(f"truth: {df['label'][row]}", fontsize=9)
-                axes[row, 0].set_axis_off()
-            ax = axes[row, col]
-            ax.imshow(gray, cmap="gray")
-            ax.imshow(maps[row], cmap="jet", alpha=0.45, vmin=0, vmax=1,
-                      extent=(-0.5, gray.shape[1] - 0.5, gray.shape[0] - 0.5, -0.5))
-            ax.set_title(f"{name} ({method})\np(covid) = {probs[row]:.2f}", fontsize=9)
-            ax.set_axis_off()
+    with decodable(read_labeled(data, split=split)) as usable:
+        df = pick_images(usable.frame, n, seed)
+        fig = Figure(figsize=(3.2 * (len(runs) + 1), 3.2 * len(df)), dpi=90)
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(len(df), len(runs) + 1, squeeze=False)
+        for col, (name, run) in enumerate(runs.items(), start=1):
+            model, meta = load_run(run)
+            images = load_images(df["filepath"].tolist(), check_model_input(model, meta["model_path"]))
+            probs = predict_proba(model, images)
+            method, layer = resolve_method(model, "auto", None)
+            maps = heatmaps(model, images, method=method, layer=layer)
+            for row in range(len(df)):
+                gray = images[row, ..., 0]
+                if col == 1:
+                    axes[row, 0].imshow(gray, cmap="gray")
+                    axes[row, 0].set_title(f"truth: {df['label'][row]}", fontsize=9)
+                    axes[row, 0].set_axis_off()
+                ax = axes[row, col]
+                ax.imshow(gray, cmap="gray")
+                ax.imshow(maps[row], cmap="jet", alpha=0.45, vmin=0, vmax=1,
+                          extent=(-0.5, gray.shape[1] - 0.5, gray.shape[0] - 0.5, -0.5))
+                ax.set_title(f"{name} ({method})\np(covid) = {probs[row]:.2f}", fontsize=9)
+                ax.set_axis_off()
     fig.tight_layout()
     if path is not None:
         save_figure(fig, path)

@@ -1,11 +1,21 @@
 """Evaluation of a trained model on any labeled data: metrics with intervals, curves, calibration, files.
 
 The test split of a built dataset, or an external folder/CSV (see :mod:`covidxray.labeled`). Intervals resample
-patients where patient ids exist. Every result is written as JSON, a Markdown table, predictions CSV and plots.
+patients where patient ids exist. Every result is written as JSON, a Markdown table, predictions CSV and plots;
+an external evaluation is compared metric by metric with the run's own (internal) test evaluation. Output is
+written to a temporary folder beside the destination and moved into place only when complete.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +23,9 @@ import numpy as np
 import pandas as pd
 
 from covidxray import LABELS
-from covidxray.labeled import load_labeled
-from covidxray.metrics import summarize
+from covidxray.errors import DataError, ModelError
+from covidxray.labeled import decodable, read_labeled
+from covidxray.metrics import METRIC_NAMES, format_metric, summarize
 from covidxray.report import (
     plot_confusion,
     plot_reliability,
@@ -23,6 +34,69 @@ from covidxray.report import (
     write_json,
     write_text,
 )
+
+REFERENCE_DIR = "eval-test"
+"""A run's own test evaluation (``RUN/eval-test/metrics.json``): the reference of an external evaluation."""
+SKIPPED_FILE = "skipped.csv"
+
+
+@contextmanager
+def staged_output(out_dir: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``out_dir`` to write into, moved into place when the block succeeds.
+
+    Files already in ``out_dir`` that the block does not write are kept; a failure anywhere leaves ``out_dir``
+    as it was and removes the temporary folder (and any parent folders created for it), so no half-written
+    output is left behind. A DataError naming the folder when it cannot be written, before any work is done.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: exists and is not a folder; choose another output folder (--out).")
+    parent = out_dir.absolute().parent
+    created: list[Path] = []
+    try:
+        for folder in reversed([parent, *parent.parents]):
+            if not folder.exists():
+                folder.mkdir()
+                created.append(folder)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    except OSError as exc:
+        _remove_empty(created)
+        raise DataError(f"{out_dir}: cannot write output here ({exc.strerror or exc}); choose another output "
+                        "folder (--out) or make this one writable.") from exc
+    try:
+        yield tmp
+        if not out_dir.exists():
+            os.replace(tmp, out_dir)
+        else:
+            for file in sorted(p for p in tmp.rglob("*") if not p.is_dir()):
+                dest = out_dir / file.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(file, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def check_model_input(model: Any, model_path: str | Path) -> int:
+    """The image size of a model that takes (n, size, size, 3) images; a ModelError naming the file otherwise."""
+    shape = getattr(model, "input_shape", None)
+    ok = (isinstance(shape, tuple) and len(shape) == 4 and isinstance(shape[1], int) and shape[1] == shape[2]
+          and shape[3] == 3)
+    if not ok:
+        raise ModelError(f"{model_path}: the model takes inputs of shape {shape}, not square RGB images "
+                         "(n, size, size, 3); it is not a covidxray chest X-ray model. Pass a run folder or "
+                         "model.keras written by `covidxray train`.")
+    return int(shape[1])
 
 
 def evaluate_predictions(
@@ -51,7 +125,8 @@ def evaluate_predictions(
             if (mask := (df["source"] == source).to_numpy()).any()
         }
     if out_dir is not None:
-        write_evaluation(out_dir, df, probs, result)
+        with staged_output(out_dir) as tmp:
+            write_evaluation(tmp, df, probs, result)
     return result
 
 
@@ -59,22 +134,94 @@ def write_evaluation(out_dir: str | Path, df: pd.DataFrame, probs: np.ndarray, r
     """metrics.json, results.md, predictions.csv, confusion/ROC-PR/reliability PNGs in ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    names = df["path"] if "path" in df.columns else df["filepath"]
     preds = pd.DataFrame({
-        "filepath": [Path(p).name for p in df["filepath"]],
+        "filepath": [Path(str(p)).name for p in names],
         "label": df["label"].to_numpy() if "label" in df.columns else [LABELS[i] for i in df["y"]],
         "patient_id": df["patient_id"].to_numpy() if "patient_id" in df.columns else "",
         "p_covid": np.round(probs, 6),
         "pred": np.where(probs >= result["threshold"], LABELS[1], LABELS[0]),
     })
     write_text(preds.to_csv(index=False, lineterminator="\n"), out_dir / "predictions.csv")
-    write_json(result, out_dir / "metrics.json")
-    write_text(results_table([result]), out_dir / "results.md")
+    write_json({k: v for k, v in result.items() if k != "markdown"}, out_dir / "metrics.json")
+    write_text(result.get("markdown") or results_table([result]), out_dir / "results.md")
     y = df["y"].to_numpy()
     name = result.get("model", "model")
     plot_confusion(result["confusion_matrix"], title=f"{name} (threshold {result['threshold']:.2f})",
                    path=out_dir / "confusion.png")
     plot_roc_pr(y, {name: probs}, path=out_dir / "roc_pr.png")
     plot_reliability(y, {name: probs}, path=out_dir / "reliability.png")
+
+
+def read_reference(path: str | Path) -> dict[str, Any]:
+    """A metrics.json written by an evaluation (or the folder holding one); DataError when unusable."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: no reference evaluation there. Evaluate the run on its test split first "
+                        "(`covidxray evaluate --model RUN`) or pass another metrics.json.") from exc
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable reference evaluation ({exc}); rerun `covidxray evaluate --model RUN` "
+                        "to rewrite it.") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+        raise DataError(f"{path}: not a metrics.json written by `covidxray evaluate` (no 'metrics' entry); "
+                        "pass the run's eval-test/metrics.json.")
+    data["path"] = str(path)
+    return data
+
+
+def change_vs(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, float | None]:
+    """Per metric: this evaluation's value minus the reference's (None where either is undefined)."""
+    out: dict[str, float | None] = {}
+    for name in METRIC_NAMES:
+        new, old = result["metrics"].get(name), reference["metrics"].get(name)
+        defined = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (new, old))
+        out[name] = float(new) - float(old) if defined else None
+    return out
+
+
+def _default_reference(meta: dict[str, Any], out_dir: Path) -> Path | None:
+    candidate = Path(meta["run_dir"]) / REFERENCE_DIR / "metrics.json"
+    if not candidate.is_file() or candidate.parent.resolve() == out_dir.resolve():
+        return None
+    return candidate
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    """Results table, per-source rows, the change against the internal test and the files skipped."""
+    text = results_table([result])
+    n, n_pos = result["metrics"]["n"], result["metrics"]["n_pos"]
+    if n_pos in (0, n):
+        only = LABELS[1] if n_pos else LABELS[0]
+        text += (f"\nThe data holds only {only} images: ROC-AUC, PR-AUC and the rates of the other class are "
+                 "undefined (n/a).\n")
+    if result.get("per_source"):
+        rows = [{**r, "model": f"{result['model']} · {source}", "weights": result.get("weights", "")}
+                for source, r in result["per_source"].items()]
+        text += "\nPer source:\n\n" + results_table(rows, footnote=False)
+    if result.get("change_vs_internal"):
+        ref = result["reference"]
+        lines = [f"\nChange against the internal test evaluation ({ref['path']}, n = {ref['n']}):\n",
+                 "| metric | internal | here | change |", "|---|---|---|---|"]
+        for name, change in result["change_vs_internal"].items():
+            pct = name not in ("roc_auc", "pr_auc", "brier", "ece")
+            delta = "n/a" if change is None else (f"{change * 100:+.1f} points" if pct else f"{change:+.3f}")
+            lines.append(f"| {name} | {format_metric(ref['metrics'].get(name), percent=pct)} | "
+                         f"{format_metric(result['metrics'].get(name), percent=pct)} | {delta} |")
+        text += "\n".join(lines) + "\n"
+    skipped = result.get("skipped") or {}
+    if skipped.get("count"):
+        reasons = "; ".join(f"{reason}: {n}" for reason, n in skipped["reasons"].items())
+        text += (f"\nSkipped {skipped['count']} file(s), not in the metrics ({reasons}); each file and reason is "
+                 f"in {SKIPPED_FILE}.\n")
+    return text
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(" (")[0]
 
 
 def evaluate_model(
@@ -86,24 +233,46 @@ def evaluate_model(
     n_boot: int = 2000,
     threshold: float | None = None,
     seed: int = 0,
+    reference: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Load a run (or .keras file), predict on ``data`` and summarise; the threshold defaults to the run's."""
+    """Load a run (or .keras file), predict on ``data`` and summarise; the threshold defaults to the run's.
+
+    External images that cannot be used are skipped and listed (``skipped`` in the result, ``skipped.csv``).
+    ``reference`` is the metrics.json of the run's own test evaluation (default: ``RUN/eval-test/metrics.json``
+    when it exists and is not the folder written now); the result then has ``change_vs_internal`` per metric.
+    """
     from covidxray.train import load_run, predict_dataframe
 
     model, meta = load_run(model_path)
-    df = load_labeled(data, split=split)
-    image_size = int(model.input_shape[1])
-    probs = predict_dataframe(model, df, image_size)
+    image_size = check_model_input(model, meta["model_path"])
+    labeled = read_labeled(data, split=split)
     thr = float(threshold if threshold is not None else meta.get("threshold", 0.5))
     config = meta.get("config", {})
     name = config.get("model", Path(model_path).stem)
     if out_dir is None:
-        base = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
-        out_dir = base / f"eval-{split or 'all'}"
-    result = evaluate_predictions(df, probs, threshold=thr, name=name, weights=str(config.get("weights", "")),
-                                  n_boot=n_boot, seed=seed, out_dir=out_dir)
-    result["data"] = str(data)
-    result["split"] = split
-    write_json(result, Path(out_dir) / "metrics.json")
-    result["markdown"] = results_table([result])
+        out_dir = Path(meta["run_dir"]) / f"eval-{split or 'all'}"
+    out_dir = Path(out_dir)
+    ref_path = Path(reference) if reference is not None else _default_reference(meta, out_dir)
+    ref = read_reference(ref_path) if ref_path is not None else None
+    with staged_output(out_dir) as tmp, decodable(labeled) as usable:
+        df = usable.frame
+        probs = predict_dataframe(model, df, image_size)
+        result = evaluate_predictions(df, probs, threshold=thr, name=name, weights=str(config.get("weights", "")),
+                                      n_boot=n_boot, seed=seed)
+        result.update({"data": str(data), "split": split, "kind": usable.kind})
+        result["skipped"] = {"count": len(usable.skipped),
+                             "reasons": dict(sorted(Counter(_reason_kind(r) for _, r in usable.skipped).items()))}
+        if ref is not None:
+            result["reference"] = {"path": ref["path"], "data": ref.get("data"), "split": ref.get("split"),
+                                   "n": ref["metrics"].get("n"), "metrics": ref["metrics"]}
+            result["change_vs_internal"] = change_vs(result, ref)
+        result["markdown"] = _markdown(result)
+        write_evaluation(tmp, df, probs, result)
+        write_skipped(usable.skipped, tmp / SKIPPED_FILE)
     return result
+
+
+def write_skipped(skipped: list[tuple[str, str]], path: str | Path) -> Path:
+    """The files left out, one line each with the reason (a header alone when none was)."""
+    table = pd.DataFrame(skipped, columns=["file", "reason"])
+    return write_text(table.to_csv(index=False, lineterminator="\n"), path)

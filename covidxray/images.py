@@ -50,19 +50,39 @@ class CheckedImage:
 
 
 def is_junk(path: Path) -> bool:
-    """True for OS and archive litter: ``__MACOSX/`` entries, ``._*`` resource forks, ``.DS_Store``, hidden files."""
-    if any(part == "__MACOSX" for part in path.parts):
+    """True for OS and archive litter: ``__MACOSX/`` entries, ``._*`` resource forks, ``.DS_Store``, ``Thumbs.db``,
+    hidden files and anything in a hidden folder (``path`` relative to the folder walked)."""
+    if any(part == "__MACOSX" or (part.startswith(".") and part not in (".", "..")) for part in path.parts):
         return True
-    name = path.name
-    return name.startswith(".") or name.lower() in JUNK_NAMES
+    return path.name.lower() in JUNK_NAMES
+
+
+def skip_reason(path: Path, rel: Path | None = None) -> str | None:
+    """Why a file found while walking a source folder is not a candidate image; None when it is one.
+
+    ``rel`` is the path relative to the folder walked (litter is recognised by its parts). Source readers
+    record the reason next to the file, so nothing is dropped without a line in ``rejected.csv``. Call it on
+    entries that are not folders; a symlink loop or a link to nothing is reported, not followed.
+    """
+    rel = Path(path.name) if rel is None else rel
+    if is_junk(rel):
+        return "OS or archive litter (__MACOSX, ._*, .DS_Store, Thumbs.db, hidden file), ignored"
+    if path.is_symlink() and not path.exists():
+        return "broken symbolic link or symlink loop"
+    if not path.is_file():
+        return "not a regular file"
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"not an image file extension ({path.suffix or 'none'})"
+    return None
 
 
 def to_grayscale_uint8(img: Image.Image) -> Image.Image:
     """Convert any Pillow image to 8-bit grayscale, rescaling 16-bit and float data by their range."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
+        finite = np.isfinite(arr)
+        lo, hi = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0.0, 0.0)
+        scaled = np.zeros_like(arr) if hi <= lo else (np.where(finite, arr, lo) - lo) * (255.0 / (hi - lo))
         return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
@@ -97,25 +117,12 @@ def check_image(
         raise ImageError(path, f"cannot be read ({exc.strerror or exc})") from exc
     sha = hashlib.sha256(data).hexdigest()
     with warnings.catch_warnings():
+        # Pillow warns about odd metadata (corrupt EXIF, oversized tags) and carries on: the image itself is
+        # judged below, so the warnings only flood the build's output. A decompression bomb becomes an error.
+        warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError as exc:
-            raise ImageError(path, "not an image Pillow can read (wrong extension or corrupt header)") from exc
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError(path, f"too large to decode safely ({exc})") from exc
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageError(path, f"corrupt header ({exc})") from exc
-        width, height = img.size
-        if width * height > max_pixels:
-            raise ImageError(path, f"{width}x{height} pixels is over the limit of {max_pixels}; raise --max-pixels")
-        fmt, mode = img.format or "unknown", img.mode
-        try:
-            img.load()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise ImageError(path, f"truncated or corrupt image data ({exc})") from exc
-    orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
-    upright = ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
+        img, fmt, mode = _decode(path, data, max_pixels)
+        upright, orientation = _upright(path, img)
     width, height = upright.size
     if min(width, height) < min_side:
         raise ImageError(path, f"{width}x{height} pixels is smaller than {min_side} px on a side")
@@ -137,6 +144,37 @@ def check_image(
         dhash=difference_hash(gray),
         normalized_png=normalized,
     )
+
+
+def _decode(path: Path, data: bytes, max_pixels: int) -> tuple[Image.Image, str, str]:
+    """Open and fully decode ``data``; the size limit is checked before the pixels are decoded."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise ImageError(path, "not an image Pillow can read (wrong extension or corrupt header)") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(path, f"too large to decode safely ({exc}); raise --max-pixels") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(path, f"corrupt header ({exc})") from exc
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(path, f"{width}x{height} pixels is over the limit of {max_pixels}; raise --max-pixels")
+    fmt, mode = img.format or "unknown", img.mode
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise ImageError(path, f"truncated or corrupt image data ({exc})") from exc
+    return img, fmt, mode
+
+
+def _upright(path: Path, img: Image.Image) -> tuple[Image.Image, int | None]:
+    """The image turned as its EXIF orientation says, and that orientation (1 or None: already upright)."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+        upright = ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
+    except (OSError, SyntaxError, ValueError, EOFError, KeyError, TypeError) as exc:
+        raise ImageError(path, f"corrupt EXIF metadata ({exc})") from exc
+    return upright, orientation
 
 
 def load_grayscale(path: str | Path) -> np.ndarray:

@@ -1,18 +1,24 @@
 """Read any labeled chest X-ray set for evaluation: a built dataset, class subfolders, or a CSV of paths.
 
 Every form comes back as one table with columns filepath (absolute), y (1 = covid), label, patient_id and
-source, so evaluation code never cares where the images came from.
+source, so evaluation code never cares where the images came from. Files that are not used (litter, broken
+links, and with :func:`decodable` also unreadable images) are listed with the reason, never dropped silently.
 """
 
 from __future__ import annotations
 
 import csv
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 
 from covidxray import LABELS
-from covidxray.errors import DataError
+from covidxray.errors import DataError, ImageError
+from covidxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, check_image, skip_reason
 from covidxray.manifest import MANIFEST_NAME, read_manifest, split_frame
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
@@ -24,6 +30,20 @@ COLUMNS: list[str] = ["filepath", "y", "label", "patient_id", "source"]
 """Columns every table from load_labeled has (a dataset keeps its other manifest columns after them)."""
 
 DEFAULT_SOURCE = "external"
+
+KINDS: tuple[str, str, str] = ("dataset", "folders", "csv")
+"""What ``data`` was: a built dataset (images already checked by the build), class folders, or a CSV."""
+
+
+@dataclass
+class LabeledSet:
+    """A labeled image table (see :data:`COLUMNS`), what it was read from, and the files left out of it."""
+
+    frame: pd.DataFrame
+    kind: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(file, reason) of each file found but not used."""
+
 
 _LAYOUTS = (
     "Use a built dataset folder (with manifest.csv), a folder with covid/ and normal/ subfolders "
@@ -84,23 +104,29 @@ def _class_root(folder: Path, split: str | None) -> Path:
     raise DataError(f"{folder}: no manifest.csv and no covid/ or normal/ subfolder found. {_LAYOUTS}")
 
 
-def _from_class_folders(folder: Path, split: str | None) -> pd.DataFrame:
+def _from_class_folders(folder: Path, split: str | None) -> LabeledSet:
     root = _class_root(folder.resolve(), split)
     filepaths: list[str] = []
     labels: list[str] = []
+    skipped: list[tuple[str, str]] = []
     for label, dirs in _class_dirs(root).items():
         for d in dirs:
             for f in sorted(d.rglob("*")):
-                hidden = any(part.startswith(".") for part in f.relative_to(d).parts)
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not hidden:
+                if f.is_dir():
+                    continue
+                reason = skip_reason(f, f.relative_to(d))
+                if reason is None:
                     filepaths.append(str(f))
                     labels.append(label)
+                else:
+                    skipped.append((str(f), reason))
     if not filepaths:
         raise DataError(
-            f"{root}: the class folders hold no images (looked for {sorted(IMAGE_SUFFIXES)}). "
-            "Copy the images into covid/ and normal/."
+            f"{root}: the class folders hold no images (looked for {sorted(IMAGE_SUFFIXES)}"
+            f"{f'; skipped {len(skipped)} other file(s)' if skipped else ''}). Copy the images into covid/ and normal/."
         )
-    return _frame(filepaths, labels, list(filepaths), [DEFAULT_SOURCE] * len(filepaths))
+    frame = _frame(filepaths, labels, list(filepaths), [DEFAULT_SOURCE] * len(filepaths))
+    return LabeledSet(frame, "folders", skipped)
 
 
 def _from_csv(path: Path, split: str | None) -> pd.DataFrame:
@@ -143,7 +169,8 @@ def _from_csv(path: Path, split: str | None) -> pd.DataFrame:
             file = Path(rel)
             file = file if file.is_absolute() else base / file
             if not file.is_file():
-                missing_files.append(f"line {line}: {file}")
+                loop = " (broken symbolic link or symlink loop)" if file.is_symlink() else ""
+                missing_files.append(f"line {line}: {file}{loop}")
                 continue
             filepaths.append(str(file))
             labels.append(label)
@@ -163,8 +190,8 @@ def _from_csv(path: Path, split: str | None) -> pd.DataFrame:
     return _frame(filepaths, labels, patients, sources)
 
 
-def load_labeled(data: str | Path, split: str | None = "test") -> pd.DataFrame:
-    """Table of labeled images for evaluation, from a dataset folder, class subfolders or a CSV.
+def read_labeled(data: str | Path, split: str | None = "test") -> LabeledSet:
+    """Labeled images for evaluation from a dataset folder, class subfolders or a CSV, with the files skipped.
 
     ``split`` selects the split of a built dataset (None = all rows), picks ``<folder>/<split>/`` when class
     folders sit one level deeper under several split folders, and filters a CSV that has a ``split`` column.
@@ -173,8 +200,59 @@ def load_labeled(data: str | Path, split: str | None = "test") -> pd.DataFrame:
     path = Path(data)
     if path.is_dir():
         if (path / MANIFEST_NAME).is_file():
-            return _from_manifest(path, split)
+            return LabeledSet(_from_manifest(path, split), "dataset")
         return _from_class_folders(path, split)
     if path.is_file():
-        return _from_csv(path, split)
+        return LabeledSet(_from_csv(path, split), "csv")
     raise DataError(f"{path}: no such file or folder. {_LAYOUTS}")
+
+
+def load_labeled(data: str | Path, split: str | None = "test") -> pd.DataFrame:
+    """The table of :func:`read_labeled` alone (columns :data:`COLUMNS`, plus a dataset's manifest columns)."""
+    return read_labeled(data, split).frame
+
+
+@contextmanager
+def decodable(
+    labeled: LabeledSet, *, check: bool | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = DEFAULT_MIN_SIDE,
+) -> Iterator[LabeledSet]:
+    """The set restricted to images the input pipeline decodes as the dataset build would; a context manager.
+
+    External images (``check`` defaults to True unless the set is a built dataset, whose files the build
+    checked) go through :func:`covidxray.images.check_image` once: unusable ones (empty, truncated, not an
+    image, too small or large, blank) move to ``skipped`` with the reason, and those TensorFlow would decode
+    differently from the build (16-bit, CMYK, EXIF-rotated, other formats) are read from normalised 8-bit PNG
+    copies in a temporary folder removed on exit. ``path`` names each row's original file. A DataError when
+    no image is left.
+    """
+    frame = labeled.frame.reset_index(drop=True).copy()
+    if "path" not in frame.columns:
+        frame["path"] = frame["filepath"]
+    if check is None:
+        check = labeled.kind != "dataset"
+    if not check:
+        yield replace(labeled, frame=frame, skipped=list(labeled.skipped))
+        return
+    skipped = list(labeled.skipped)
+    with tempfile.TemporaryDirectory(prefix="covidxray-images-") as tmp:
+        keep: list[int] = []
+        filepaths = frame["filepath"].astype(str).tolist()
+        for i, file in enumerate(filepaths):
+            try:
+                info = check_image(file, max_pixels=max_pixels, min_side=min_side)
+            except ImageError as exc:
+                skipped.append((file, exc.reason))
+                continue
+            keep.append(i)
+            if info.normalized_png is not None:
+                copy = Path(tmp) / f"{i:06d}.png"
+                copy.write_bytes(info.normalized_png)
+                filepaths[i] = str(copy)
+        frame["filepath"] = filepaths
+        frame = frame.iloc[keep].reset_index(drop=True)
+        if frame.empty:
+            shown = "; ".join(f"{f}: {r}" for f, r in skipped[:3])
+            raise DataError(f"none of the {len(labeled.frame)} image(s) can be used ({shown}). Replace the "
+                            "files or point --data at other images.")
+        yield replace(labeled, frame=frame, skipped=skipped)
