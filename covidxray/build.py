@@ -247,12 +247,26 @@ def build_dataset(
         val = config.val_fraction * (1.0 - test)
         splits = assign_splits(labels, groups, keys, fractions={"test": test, "val": val}, seed=config.seed)
 
+    _check_training_classes(labels, splits, presplit, rejected)
     rows = _manifest_rows(cands, splits, groups)
     summary = _summary(rows, rejected, stats, n_exact, pairs, cands, config, presplit is not None)
     summary["design"] = design_report
     summary["confounders"] = confounders(rows)
     _write_output(out_dir, cands, rows, rejected, summary)
     return summary
+
+
+def _check_training_classes(labels: list[str], splits: list[str], presplit, rejected: list) -> None:
+    """Refuse a dataset whose training split lacks a class: no model can learn from it, so nothing is written."""
+    present = {lab for lab, split in zip(labels, splits, strict=True) if split == "train"}
+    for label in LABELS:
+        if label in present:
+            continue
+        where = (f"{Path(presplit) / 'train' / label.capitalize()}" if presplit is not None
+                 else f"the {label} source")
+        raise DataError(f"no {label} image in the training split: {where} is empty or all its files were rejected "
+                        f"({len(rejected)} rejected in all). Add images of that class or fix the files; nothing "
+                        "was written.")
 
 
 def _manifest_rows(cands: list[_Candidate], splits: list[str], groups: list[int]) -> list[dict]:

@@ -244,8 +244,6 @@ def test_build_and_pipeline(row_source, tmp_path):
     _pipeline_reads_everything(out)
 
 
-@pytest.mark.xfail(strict=True, reason="covidxray/sources/presplit.py and kermany.py skip litter and broken links "
-                   "without recording them; see docs/robustness.md (change 1)")
 @pytest.mark.parametrize("row_source", sorted(RECORDED_LATER), indirect=True)
 def test_build_records_ignored_entries(row_source, tmp_path):
     source, file, row = row_source
@@ -317,8 +315,6 @@ def test_external_csv_with_odd_paths(tmp_path, model_run):
 # ------------------------------------------------------------------------------------------------- folder rows
 
 
-@pytest.mark.xfail(strict=True, reason="the build keeps a dataset whose train split has no covid image; see "
-                   "docs/robustness.md (change 2)")
 def test_empty_class_folder_build(tmp_path):
     source = presplit_source(tmp_path / "src")
     for f in (source / "train" / "Covid").iterdir():
@@ -460,8 +456,6 @@ def test_metadata_rows(tmp_path, change):
     assert summary["counts"]["train"]["normal"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason="covidxray/sources/ieee8023.py drops rows with a blank view or finding "
-                   "without recording them; see docs/robustness.md (change 4)")
 def test_metadata_blank_view_or_finding_is_recorded(tmp_path):
     chest, covid, touched = ieee_sources(tmp_path / "src", "blank view or finding")
     _build_sources(chest, covid, tmp_path / "dataset")

@@ -48,7 +48,11 @@ def test_kermany_reader_tolerates_zip_nesting_and_junk(tmp_path):
                     "chest_xray/train/NORMAL/IM-0115-0002.jpeg"]
     assert {i.patient_id for i in scan.images} == {"kermany:IM-0115", "kermany:NORMAL2-IM-1427"}
     assert all(i.label == "normal" and i.source == "kermany" for i in scan.images)
-    assert [s[0] for s in scan.skipped] == ["chest_xray/train/NORMAL/notes.txt"]
+    skipped = dict(scan.skipped)
+    assert set(skipped) == {"chest_xray/train/NORMAL/notes.txt", "chest_xray/train/NORMAL/.DS_Store",
+                            "chest_xray/train/NORMAL/._IM-0115-0001.jpeg"}
+    assert skipped["chest_xray/train/NORMAL/notes.txt"].startswith("not an image file extension")
+    assert "litter" in skipped["chest_xray/train/NORMAL/.DS_Store"]
 
 
 def test_kermany_reader_only_nested(tmp_path):
@@ -88,7 +92,10 @@ def test_ieee8023_early_schema_default_and_pa_selection(tmp_path):
     scan = read_ieee8023(root)
     assert sorted(i.rel_path for i in scan.images) == ["images/a.jpeg", "images/b.png", "images/c.jpg"]
     assert {i.patient_id for i in scan.images} == {"ieee8023:1", "ieee8023:2"}
-    assert scan.skipped == [("metadata.csv: missing.jpeg", "listed in metadata.csv but not on disk")]
+    assert sorted(scan.skipped) == [
+        ("metadata.csv: g.jpeg", "blank finding (cannot tell COVID-19 from other rows)"),
+        ("metadata.csv: missing.jpeg", "listed in metadata.csv but not on disk"),
+    ]
     pa = read_ieee8023(root, views=("PA",))
     assert [i.rel_path for i in pa.images] == ["images/a.jpeg"]
     assert pa.images[0].age == 60 and pa.images[0].sex == "M"

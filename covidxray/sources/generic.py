@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from covidxray.errors import DataError
-from covidxray.images import IMAGE_EXTENSIONS, is_junk
+from covidxray.images import IMAGE_EXTENSIONS, is_junk, skip_reason
 from covidxray.sources.base import SourceImage, SourceScan, parse_age, parse_sex
 
 CSV_COLUMNS: tuple[str, ...] = ("path", "label", "patient_id", "source", "age", "sex", "view")
@@ -77,10 +77,11 @@ def _read_folder(folder: Path, source: str) -> SourceScan:
     for class_dir, label in class_dirs:
         for file in sorted(class_dir.rglob("*")):
             rel = file.relative_to(folder)
-            if is_junk(rel) or not file.is_file():
+            if file.is_dir():
                 continue
-            if file.suffix.lower() not in IMAGE_EXTENSIONS:
-                scan.skipped.append((rel.as_posix(), f"not an image file extension ({file.suffix or 'none'})"))
+            reason = skip_reason(file, rel)
+            if reason is not None:
+                scan.skipped.append((rel.as_posix(), reason))
                 continue
             scan.images.append(SourceImage(path=file, rel_path=rel.as_posix(), label=label,
                                            patient_id=f"{source}:{rel.as_posix()}", source=source))

@@ -104,9 +104,15 @@ def read_ieee8023(
         filename = rec["filename"]
         if not filename or not rec["patientid"]:
             continue
+        if not rec["finding"]:
+            scan.skipped.append((f"metadata.csv: {filename}", "blank finding (cannot tell COVID-19 from other rows)"))
+            continue
         if not finding_matches(rec["finding"], findings):
             continue
         if has_modality and rec["modality"].lower() != modality.lower():
+            continue
+        if not rec["view"]:
+            scan.skipped.append((f"metadata.csv: {filename}", "blank view (cannot tell a frontal from a lateral film)"))
             continue
         if rec["view"].lower() not in wanted_views:
             continue

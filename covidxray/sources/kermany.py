@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from covidxray.errors import DataError
-from covidxray.images import IMAGE_EXTENSIONS, is_junk
+from covidxray.images import skip_reason
 from covidxray.sources.base import SourceImage, SourceScan
 
 SOURCE = "kermany"
@@ -71,10 +71,11 @@ def read_kermany(folder: str | Path) -> SourceScan:
             continue
         for path in sorted(normal_dir.rglob("*")):
             rel = path.relative_to(folder).as_posix()
-            if is_junk(path.relative_to(folder)) or not path.is_file():
+            if path.is_dir():
                 continue
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                scan.skipped.append((rel, f"not an image file extension ({path.suffix or 'none'})"))
+            reason = skip_reason(path, path.relative_to(folder))
+            if reason is not None:
+                scan.skipped.append((rel, reason))
                 continue
             pid = kermany_patient_id(path.name) or path.stem
             scan.images.append(

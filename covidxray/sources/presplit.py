@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from covidxray.errors import DataError
-from covidxray.images import IMAGE_EXTENSIONS, is_junk
+from covidxray.images import skip_reason
 from covidxray.sources.base import SourceImage, SourceScan
 from covidxray.sources.ieee8023 import _age, metadata_by_filename
 from covidxray.sources.kermany import kermany_patient_id
@@ -40,10 +40,11 @@ def read_presplit(folder: str | Path, *, metadata: str | Path | None = None) -> 
                 continue
             for path in sorted(class_dir.rglob("*")):
                 rel = path.relative_to(folder)
-                if is_junk(rel) or not path.is_file():
+                if path.is_dir():
                     continue
-                if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                    scan.skipped.append((rel.as_posix(), f"not an image file extension ({path.suffix or 'none'})"))
+                reason = skip_reason(path, rel)
+                if reason is not None:
+                    scan.skipped.append((rel.as_posix(), reason))
                     continue
                 scan.images.append(_presplit_image(path, rel.as_posix(), label, split_dir.name.lower(), meta))
     if not found_split:
