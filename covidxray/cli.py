@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from covidxray import __version__, paths
@@ -180,6 +180,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the intervals")
     p.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the run's, from val)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference", type=Path, default=None,
+                   help="metrics.json to compare with (default: RUN/eval-test/metrics.json when it exists)")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -188,7 +190,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from covidxray.evaluate import evaluate_model
 
     result = evaluate_model(args.model, args.data, split=args.split, out_dir=args.out, n_boot=args.n_boot,
-                            threshold=args.threshold, seed=args.seed)
+                            threshold=args.threshold, seed=args.seed, reference=args.reference)
     print(result["markdown"])
     return 0
 
@@ -316,20 +318,25 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def _add_probe(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("probe", help="shortcut probes (not built yet)",
-                       description="Shortcut probes: can the label be read from the image border or from trivial "
-                       "image statistics? Not built yet.")
+    p = sub.add_parser("probe", help="shortcut probes: can the label be read without looking at the lungs?",
+                       description="Source probe: the scratch CNN trained on images whose central thoracic region is "
+                       "blacked out. Statistics probe: logistic regression on width, height, aspect ratio, intensity "
+                       "and file format. Accuracy far above chance is printed as a shortcut warning.")
     p.add_argument("--data", type=Path, default=paths.DATASET_DIR)
-    p.add_argument("--out", type=Path, default=None)
-    p.set_defaults(func=_not_built("probe", "the shortcut probes (source probe, image-statistics probe)"))
+    p.add_argument("--out", type=Path, default=paths.RUNS_DIR / "probes")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_probe)
 
 
-def _not_built(verb: str, what: str) -> Callable[[argparse.Namespace], int]:
-    def run(_: argparse.Namespace) -> int:
-        print(f"covidxray {verb}: {what} are not built yet in this version.", file=sys.stderr)
-        return 3
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Run both probes on a built dataset."""
+    from covidxray.probes import run_probes
 
-    return run
+    result = run_probes(args.data, args.out, image_size=args.image_size, epochs=args.epochs, seed=args.seed)
+    print(result["markdown"])
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,9 +25,10 @@ def test_parser_knows_every_verb():
     assert sorted(sub.choices) == sorted(VERBS)
 
 
-def test_unbuilt_stage_says_so_and_fails(capsys):
-    assert main(["probe", "--data", "x"]) != 0
-    assert "not built yet" in capsys.readouterr().err
+def test_probe_on_a_missing_dataset_is_one_line(tmp_path, capsys):
+    assert main(["probe", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "none" in err and "Traceback" not in err
 
 
 def test_module_entry_point():
