@@ -159,7 +159,7 @@ def reproduce(
             tcfg = train_config(model, config, seed)
             run_dir = out_root / "runs" / f"{model}-s{seed}"
             t = time.perf_counter()
-            summary = train(tcfg, dataset, run_dir, progress=progress)
+            summary = train(tcfg, dataset, run_dir, progress=progress, resume=True)
             keras_model, meta = load_run(run_dir)
             p = predict_dataframe(keras_model, test_df, config.image_size)
             thr = float(meta.get("threshold", 0.5))
