@@ -8,7 +8,7 @@ channels explicitly; model-specific scaling (x/255, VGG16 mean subtraction) live
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -29,10 +29,12 @@ class AugmentConfig:
 
     ``width_shift``/``height_shift`` are fractions of the image size, ``zoom`` the +- fraction of independent
     x/y scaling (ImageDataGenerator's ``zoom_range=0.1`` -> [0.9, 1.1]). ``shear`` is an angle range in DEGREES,
-    because that is how ImageDataGenerator reads ``shear_range``: the original 0.2 is a tiny +-0.2 degree shear,
-    reproduced as ``keras.layers.RandomShear(x_factor=tan(0.2 deg))``. Empty borders are filled with the nearest
-    pixel, ImageDataGenerator's default. Unlike ImageDataGenerator, which composes one affine transform, the Keras
-    layers resample once per transform (a little extra smoothing).
+    because that is how ImageDataGenerator reads ``shear_range``: the original 0.2 is a tiny +-0.2 degree shear.
+    Empty borders are filled with the nearest pixel, ImageDataGenerator's default. ``augmenter`` composes all of
+    it into ONE affine resampling per image, as ImageDataGenerator does (one bilinear pass, no extra smoothing,
+    about 3x cheaper than chaining the Keras layers, 9x with ``make_dataset`` augmenting one channel before
+    replicating it: augmentation competes with the model for the same cores); ``layers`` gives the equivalent
+    chain of Keras layers.
     """
 
     width_shift: float = 0.2
@@ -56,7 +58,10 @@ class AugmentConfig:
         return asdict(self)
 
     def layers(self, seed: int = 0) -> list[keras.layers.Layer]:
-        """The Keras preprocessing layers that apply this augmentation, each seeded from ``seed``."""
+        """The same augmentation as a chain of Keras preprocessing layers, each seeded from ``seed``.
+
+        For use inside a model; one resampling per layer (the input pipeline uses the cheaper ``augmenter``).
+        """
         out: list[keras.layers.Layer] = []
         if self.horizontal_flip:
             out.append(keras.layers.RandomFlip("horizontal", seed=seed))
@@ -69,6 +74,49 @@ class AugmentConfig:
         if self.zoom:
             out.append(keras.layers.RandomZoom(self.zoom, self.zoom, fill_mode="nearest", seed=seed + 3))
         return out
+
+    def augmenter(self, seed: int = 0) -> Callable[[tf.Tensor], tf.Tensor]:
+        """A function (B, H, W, C) float images -> the same, each image through one random affine transform.
+
+        Draws come from a ``tf.random.Generator`` seeded with ``seed`` whose state advances with every call, so a
+        fresh draw per batch and epoch, reproducible run to run when the calls are made in a fixed order (a
+        sequential ``Dataset.map``). Output pixel (x, y) samples the input at ``A (p - c) + c + t`` (c: the image
+        centre; A: shear times zoom; t: the shift), mirrored in x for flipped images; bilinear, nearest fill.
+        """
+        rng = tf.random.Generator.from_seed(seed)
+        cfg = self
+
+        def draw(n: tf.Tensor, bound: float) -> tf.Tensor:
+            if not bound:
+                return tf.zeros([n], tf.float32)
+            return rng.uniform([n], -abs(bound), abs(bound), dtype=tf.float32)
+
+        def apply(images: tf.Tensor) -> tf.Tensor:
+            shape = tf.shape(images)
+            n = shape[0]
+            h, w = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+            tx = draw(n, cfg.width_shift) * w
+            ty = draw(n, cfg.height_shift) * h
+            shear = draw(n, math.radians(cfg.shear))
+            zx, zy = 1.0 + draw(n, cfg.zoom), 1.0 + draw(n, cfg.zoom)
+            flip = (rng.uniform([n], 0.0, 1.0, dtype=tf.float32) < 0.5) if cfg.horizontal_flip \
+                else tf.zeros([n], tf.bool)
+            cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0
+            a0, a1 = zx, -tf.sin(shear) * zy
+            b0, b1 = tf.zeros_like(zx), tf.cos(shear) * zy
+            a2 = cx + tx - (a0 * cx + a1 * cy)
+            b2 = cy + ty - (b0 * cx + b1 * cy)
+            sign = tf.where(flip, -1.0, 1.0)
+            a2 = tf.where(flip, a0 * (w - 1.0) + a2, a2)
+            b2 = tf.where(flip, b0 * (w - 1.0) + b2, b2)
+            zeros = tf.zeros_like(zx)
+            transforms = tf.stack([sign * a0, a1, a2, sign * b0, b1, b2, zeros, zeros], axis=1)
+            out = tf.raw_ops.ImageProjectiveTransformV3(
+                images=images, transforms=transforms, output_shape=shape[1:3], fill_value=0.0,
+                interpolation="BILINEAR", fill_mode="NEAREST")
+            return tf.clip_by_value(out, 0.0, 255.0)
+
+        return apply
 
 
 def decode_gray(path: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -164,16 +212,17 @@ def make_dataset(
     if training:
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
-    ds = ds.map(lambda x, y: (gray_to_model_input(x), y), num_parallel_calls=AUTOTUNE, deterministic=True)
     if training and augment is not None and not augment.is_identity:
-        aug_layers = augment.layers(seed)
+        transform = augment.augmenter(seed)
 
         def apply(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            for layer in aug_layers:
-                x = layer(x, training=True)
-            return tf.clip_by_value(x, 0.0, 255.0), y
+            # One channel: the three model channels are equal, so augmenting before replicating is exact and
+            # three times cheaper.
+            return tf.image.grayscale_to_rgb(transform(tf.cast(x, tf.float32))), y
 
-        # Sequential on purpose: the layers draw from stateful seed generators, and parallel calls would race
-        # for them (nondeterministic). Each call transforms a whole batch, so this is not a bottleneck.
+        # Sequential on purpose: the draws come from one stateful generator, and parallel calls would race for
+        # it (nondeterministic). Each call transforms a whole batch, so this is not a bottleneck.
         ds = ds.map(apply, num_parallel_calls=None)
+    else:
+        ds = ds.map(lambda x, y: (gray_to_model_input(x), y), num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds.prefetch(AUTOTUNE)

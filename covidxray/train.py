@@ -12,10 +12,21 @@ A run folder holds everything needed to judge and reproduce a model:
 
 A resumed run restores the weights and the optimizer state; its shuffling and augmentation streams restart,
 seeded by ``seed + epoch``, so it is reproducible but not bit-identical to an uninterrupted run.
+
+VGG16 with everything before ``block5_conv3`` (or a later layer) frozen and no fine-tuning stage trains on
+cached activations of the frozen part (``cached_features``, see covidxray.features): the frozen part runs once
+per validation image and ``feature_views`` times per training image instead of once per image per epoch, and
+only the tail (``block5_conv3`` and the head) is fitted. ``model.keras`` is still the full model taking images.
+For such a run ``checkpoint/epoch_*.keras`` holds the tail (its weights and optimizer state) and
+``state.json`` says ``"cached": true``; resuming rebuilds the frozen part from the weights spec, recomputes the
+cache (same seed, same views) and continues with the batches an uninterrupted run would have seen (order and
+view draws are seeded by (``seed``, epoch)); only the dropout draws restart, so it too is reproducible but not
+bit-identical.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -24,7 +35,7 @@ import platform
 import sys
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -38,6 +49,16 @@ import covidxray
 from covidxray import LABELS
 from covidxray.backbones import VGG16_CONV_LAYERS, load_vgg16_backbone_weights
 from covidxray.errors import DataError, ModelError
+from covidxray.features import (
+    FeatureBatches,
+    FeatureStore,
+    assemble,
+    can_cache,
+    extract_features,
+    frozen_part,
+    predict_cached,
+    tail_part,
+)
 from covidxray.manifest import read_manifest, split_frame
 from covidxray.models import MODEL_NAMES, build_model, compile_model, set_trainable_from
 from covidxray.pipeline import AugmentConfig, make_dataset, raise_unreadable
@@ -62,6 +83,15 @@ class TrainConfig:
     named after its files and the image size). ``batch_size`` is the global batch (split across GPUs).
     ``deterministic`` enables TensorFlow op determinism (same seed, same machine -> same metrics);
     ``mixed_precision`` applies on GPU only.
+
+    ``cached_features`` trains the vgg16 tail on cached activations of the frozen backbone when the first
+    trainable layer is ``block5_conv3`` or later and ``finetune_epochs`` is 0 (False: the plain end-to-end path;
+    same model, several times slower). ``feature_views`` is how many views of each training image are cached:
+    1 caches the image itself only, so augmentation does not apply to that path; each further view is one
+    random augmentation (and one more frozen-backbone pass per training image); with ``augment`` off only the
+    image itself is cached. ``jit_compile``: XLA for the training step and the feature extraction; None means
+    Keras' "auto" (on a GPU without op determinism or tf.distribute, off on a CPU-only machine, where XLA does
+    not pay).
     """
 
     model: str = "vgg16"
@@ -88,6 +118,9 @@ class TrainConfig:
     deterministic: bool = True
     mixed_precision: bool = False
     threshold_method: str = "youden"
+    cached_features: bool = True
+    feature_views: int = 1
+    jit_compile: bool | None = None
 
     def resolved(self) -> TrainConfig:
         """A copy with defaults that depend on the model filled in, checked for consistency."""
@@ -107,6 +140,8 @@ class TrainConfig:
             problems.append(f"threshold_method must be one of {list(THRESHOLD_METHODS)}")
         if self.epochs < 1 or self.batch_size < 1 or self.finetune_epochs < 0 or self.patience < 0:
             problems.append("epochs and batch_size must be >= 1, finetune_epochs and patience >= 0")
+        if self.feature_views < 1:
+            problems.append("feature_views must be >= 1")
         if self.finetune_epochs and self.model != "vgg16":
             problems.append("finetune_epochs (unfreezing more of VGG16) applies to the vgg16 model only")
         if self.finetune_epochs and self.finetune_from not in VGG16_CONV_LAYERS:
@@ -356,16 +391,22 @@ class _State:
     stopped_early: bool = False
     checkpoint: str | None = None
     sessions: int = 0
+    cached: bool = False
     history: list[dict] = field(default_factory=list)
 
 
 class _RunCallback(keras.callbacks.Callback):
-    """Per epoch: log a history row, save the best model on val, early-stop, write the checkpoint."""
+    """Per epoch: log a history row, save the best model on val, early-stop, write the checkpoint.
 
-    def __init__(self, run: _Run, stage: int) -> None:
+    ``export`` is the model saved as ``model.keras`` when it differs from the one being fitted (the full model
+    around a tail trained on cached activations).
+    """
+
+    def __init__(self, run: _Run, stage: int, export: keras.Model | None = None) -> None:
         super().__init__()
         self.run = run
         self.stage = stage
+        self.export = export
         self.started = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -383,7 +424,7 @@ class _RunCallback(keras.callbacks.Callback):
         better = (value < state.best if MONITORS[cfg.monitor] == "min" else value > state.best) \
             if state.best is not None else True
         if math.isfinite(value) and better:
-            _save_model(self.model, run.out_dir / MODEL_FILE)
+            _save_model(self.export or self.model, run.out_dir / MODEL_FILE)
             state.best, state.best_epoch, state.wait = value, epoch + 1, 0
         else:
             state.wait += 1
@@ -400,6 +441,8 @@ class _Run:
         self.cfg, self.data_dir, self.out_dir, self.progress = cfg, data_dir, out_dir, progress
         self.ckpt_dir = out_dir / CHECKPOINT_DIR
         self.state: _State | None = None
+        self.feature_stats: dict | None = None
+        self.val_store: FeatureStore | None = None
 
     def save_checkpoint(self, model: keras.Model) -> None:
         name = f"epoch_{self.state.epoch:04d}.keras"
@@ -475,13 +518,14 @@ def _strategy(cfg: TrainConfig) -> tuple[tf.distribute.Strategy, bool]:
 
 
 def _fit(run: _Run, model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, stage: int,
-         end: int, paths: list[str]) -> None:
+         end: int, paths: list[str], export: keras.Model | None = None,
+         callbacks: list[keras.callbacks.Callback] | None = None) -> None:
     state = run.state
     verbose = (1 if sys.stdout.isatty() else 2) if run.progress else 0
     _say(run.progress, f"stage {stage}: epochs {state.epoch + 1}..{end}")
     try:
         model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=state.epoch,
-                  callbacks=[_RunCallback(run, stage)], verbose=verbose, shuffle=False)
+                  callbacks=[*(callbacks or []), _RunCallback(run, stage, export)], verbose=verbose, shuffle=False)
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
         raise_unreadable(paths, exc)
     except tf.errors.AlreadyExistsError as exc:
@@ -490,12 +534,82 @@ def _fit(run: _Run, model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.da
                         "folder) and retry, or use cache='memory'.") from exc
 
 
+@contextlib.contextmanager
+def _dtype_policy(mixed: bool) -> Iterator[None]:
+    """Keras' global dtype policy set to mixed_float16 (when ``mixed``) for the block, restored afterwards."""
+    previous = keras.mixed_precision.global_policy()
+    if mixed:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _distribute(strategy: tf.distribute.Strategy, ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Shard by data across replicas when there are several."""
+    if strategy.num_replicas_in_sync <= 1:
+        return ds
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
+
+
+def _around_tail(cfg: TrainConfig, tail: keras.Model) -> keras.Model:
+    """The full model around a tail loaded from a checkpoint: frozen part rebuilt from the weights spec."""
+    model = build_model(cfg.model, image_size=cfg.image_size, weights="none", trainable_from=cfg.trainable_from,
+                        dropout=cfg.dropout, seed=cfg.seed)
+    load_vgg16_backbone_weights(model, cfg.weights)
+    return assemble(frozen_part(model, cfg.trainable_from), tail, name=model.name)
+
+
+def _feature_data(run: _Run, model: keras.Model, train_df: pd.DataFrame, val_df: pd.DataFrame, paths: list[str],
+                  stores: list[FeatureStore], strategy: tf.distribute.Strategy
+                  ) -> tuple[tf.data.Dataset, tf.data.Dataset, keras.callbacks.Callback]:
+    """Cache the frozen part's activations for train (``feature_views`` views) and val; their datasets and the
+    callback that tells the training batches the epoch.
+
+    The caches go to ``cfg.cache`` when that is a folder, to memory otherwise (or, past the memory limit, to a
+    temporary file in the checkpoint folder); they are appended to ``stores`` for the caller to release.
+    """
+    cfg, state = run.cfg, run.state
+    augment = cfg.augment_config()
+    views = cfg.feature_views if augment is not None and not augment.is_identity else 1
+    on_disk = cfg.cache not in (None, "memory")
+    directory = Path(cfg.cache) if on_disk else run.ckpt_dir
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    jit = bool(cfg.jit_compile) if cfg.jit_compile is not None else gpu and not cfg.deterministic
+    frozen = frozen_part(model, cfg.trainable_from)
+    _say(run.progress, f"caching the frozen backbone's activations: {len(train_df)} train images x {views} "
+                       f"view(s), {len(val_df)} val images")
+    stats = {}
+    try:
+        # train: float16 (the bulk); val: float32, so val metrics, selection and threshold match the full model
+        for split, df, n_views, dtype in (("train", train_df, views, np.float16), ("val", val_df, 1, np.float32)):
+            store, info = extract_features(frozen, df, image_size=cfg.image_size, views=n_views, augment=augment,
+                                           seed=cfg.seed, batch_size=cfg.batch_size, directory=directory,
+                                           on_disk=on_disk, name=f"features-{split}", jit_compile=jit, dtype=dtype)
+            stores.append(store)
+            stats[split] = {**info.to_dict(), "views": n_views, "bytes": store.nbytes, "on_disk": store.on_disk}
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
+        raise_unreadable(paths, exc)
+    run.feature_stats = stats
+    train_store, val_store = stores[-2], stores[-1]
+    run.val_store = val_store
+    batches = FeatureBatches(train_store, train_df["y"].to_numpy(), batch_size=cfg.batch_size, training=True,
+                             seed=cfg.seed, first_epoch=state.epoch)
+    val_ds = FeatureBatches(val_store, val_df["y"].to_numpy(), batch_size=cfg.batch_size, training=False).dataset()
+    return _distribute(strategy, batches.dataset()), _distribute(strategy, val_ds), batches.callback()
+
+
 def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, progress: bool = True,
           resume: bool = False) -> dict:
     """Train ``config`` on ``data_dir``'s manifest, writing the run folder ``out_dir``; returns the summary.
 
     Uses the ``train`` split for fitting and ``val`` for early stopping, checkpoint selection and the decision
-    threshold; the ``test`` split is dropped on reading and never decoded. ``resume=True`` continues from
+    threshold; the ``test`` split is dropped on reading and never decoded. On the cached-features path the
+    frozen backbone runs once per val image: selection, ``val_predictions.csv`` and the threshold use its
+    cached float32 activations with the best model's tail. ``resume=True`` continues from
     ``out_dir/checkpoint`` (a finished run is returned unchanged unless the config asks for more epochs).
     """
     t_start = time.perf_counter()
@@ -524,32 +638,40 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, pro
     strategy, mixed = _strategy(cfg)
     if cfg.mixed_precision and not mixed:
         _say(progress, "mixed precision needs a GPU; training in float32")
-    data_seed = cfg.seed + (state.epoch if state else 0)
-    train_ds = make_dataset(train_df, image_size=cfg.image_size, batch_size=cfg.batch_size, training=True,
-                            augment=cfg.augment_config(), seed=data_seed, cache=_cache_for(cfg, train_df, "train"))
-    val_ds = make_dataset(val_df, image_size=cfg.image_size, batch_size=cfg.batch_size, training=False,
-                          cache=_cache_for(cfg, val_df, "val"))
-    if strategy.num_replicas_in_sync > 1:
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        train_ds, val_ds = train_ds.with_options(options), val_ds.with_options(options)
+    jit = "auto" if cfg.jit_compile is None else bool(cfg.jit_compile)
 
-    previous_policy = keras.mixed_precision.global_policy()
-    if mixed:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    data_seed = cfg.seed + (state.epoch if state else 0)
+    image_datasets: list[tf.data.Dataset] = []
+
+    def image_data() -> list[tf.data.Dataset]:
+        """The image datasets, made on first use (the cached path needs none) and shared by both stages."""
+        if not image_datasets:
+            train_ds = make_dataset(train_df, image_size=cfg.image_size, batch_size=cfg.batch_size, training=True,
+                                    augment=cfg.augment_config(), seed=data_seed,
+                                    cache=_cache_for(cfg, train_df, "train"))
+            val_ds = make_dataset(val_df, image_size=cfg.image_size, batch_size=cfg.batch_size, training=False,
+                                  cache=_cache_for(cfg, val_df, "val"))
+            image_datasets.extend([_distribute(strategy, train_ds), _distribute(strategy, val_ds)])
+        return image_datasets
+
+    stores: list[FeatureStore] = []
     try:
-        with strategy.scope():
+        with _dtype_policy(mixed), strategy.scope():
             if state is None:
                 model = build_model(cfg.model, image_size=cfg.image_size, weights="none",
                                     trainable_from=cfg.trainable_from, dropout=cfg.dropout, seed=cfg.seed)
                 weights = (load_vgg16_backbone_weights(model, cfg.weights) if cfg.model == "vgg16"
                            else {"spec": cfg.weights, "path": None, "layers": 0})
-                compile_model(model, cfg.lr)
-                state = _State(config=cfg.to_dict(), weights=weights)
+                cached = bool(cfg.cached_features and cfg.model == "vgg16" and not cfg.finetune_epochs
+                              and can_cache(model, cfg.trainable_from))
+                fit_model = tail_part(model, cfg.trainable_from) if cached else model
+                compile_model(fit_model, cfg.lr, jit_compile=jit)
+                state = _State(config=cfg.to_dict(), weights=weights, cached=cached)
                 resumed_from = None
             else:
                 _say(progress, f"resuming {out_dir} after epoch {state.epoch}")
-                model = keras.models.load_model(run.ckpt_dir / str(state.checkpoint))
+                fit_model = keras.models.load_model(run.ckpt_dir / str(state.checkpoint))
+                model = _around_tail(cfg, fit_model) if state.cached else fit_model
                 resumed_from = state.epoch
             state.config = cfg.to_dict()
             state.sessions += 1
@@ -557,22 +679,28 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, pro
 
             if state.stage == 1:
                 if not state.stopped_early and state.epoch < cfg.epochs:
-                    _fit(run, model, train_ds, val_ds, 1, cfg.epochs, paths)
+                    if state.cached:
+                        train_ds, val_ds, epochs = _feature_data(run, model, train_df, val_df, paths, stores,
+                                                                 strategy)
+                        _fit(run, fit_model, train_ds, val_ds, 1, cfg.epochs, paths, export=model,
+                             callbacks=[epochs])
+                    else:
+                        _fit(run, model, *image_data(), 1, cfg.epochs, paths)
                 if cfg.finetune_epochs > 0:
                     model = keras.models.load_model(out_dir / MODEL_FILE, compile=False)
                     set_trainable_from(model, cfg.finetune_from)
-                    compile_model(model, cfg.finetune_lr)
-                    state.stage, state.stage1_end = 2, state.epoch
+                    compile_model(model, cfg.finetune_lr, jit_compile=jit)
+                    state.stage, state.stage1_end, state.cached = 2, state.epoch, False
                     state.wait, state.stopped_early = 0, False
                     run.save_checkpoint(model)
             if state.stage == 2:
                 end = (state.stage1_end or 0) + cfg.finetune_epochs
                 if not state.stopped_early and state.epoch < end:
-                    _fit(run, model, train_ds, val_ds, 2, end, paths)
+                    _fit(run, model, *image_data(), 2, end, paths)
+        return _finish(run, train_df, val_df, mixed, strategy, resumed_from, time.perf_counter() - t_start)
     finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
-
-    return _finish(run, train_df, val_df, mixed, strategy, resumed_from, time.perf_counter() - t_start)
+        for store in stores:
+            store.close()
 
 
 def _finish(run: _Run, train_df: pd.DataFrame, val_df: pd.DataFrame, mixed: bool,
@@ -583,7 +711,11 @@ def _finish(run: _Run, train_df: pd.DataFrame, val_df: pd.DataFrame, mixed: bool
     if not (out_dir / MODEL_FILE).is_file():
         raise ModelError(f"{out_dir}: no epoch gave a finite {cfg.monitor}; lower the learning rate (lr={cfg.lr}).")
     best, _ = load_run(out_dir)
-    prob = predict_dataframe(best, val_df, cfg.image_size, cfg.batch_size)
+    if state.cached and run.val_store is not None:
+        # The frozen part's val activations are cached (float32): only the best model's tail runs again.
+        prob = predict_cached(tail_part(best, cfg.trainable_from), run.val_store, cfg.batch_size)
+    else:
+        prob = predict_dataframe(best, val_df, cfg.image_size, cfg.batch_size)
     threshold = choose_threshold(val_df["y"].to_numpy(), prob, cfg.threshold_method)
     preds = pd.DataFrame({
         "path": val_df["path"] if "path" in val_df.columns else val_df["filepath"],
@@ -606,6 +738,9 @@ def _finish(run: _Run, train_df: pd.DataFrame, val_df: pd.DataFrame, mixed: bool
         "session_seconds": session_seconds,
         "sessions": state.sessions,
     }
+    if run.feature_stats is not None:
+        timing["features"] = run.feature_stats
+        timing["feature_seconds"] = float(sum(v["seconds"] for v in run.feature_stats.values()))
     _write_json(out_dir / "timing.json", timing)
     summary = {
         "run_dir": str(out_dir),

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from covidxray.errors import DataError, ImageError
@@ -131,3 +132,31 @@ def test_no_cache_and_bad_frames(frame: pd.DataFrame) -> None:
         make_dataset(frame.drop(columns="y"), image_size=SIZE)
     with pytest.raises(DataError):
         make_dataset(frame.iloc[:0], image_size=SIZE)
+
+
+def test_augmenter_flip_only_mirrors_or_keeps_each_image() -> None:
+    x = np.random.default_rng(0).uniform(0, 255, (16, 20, 24, 1)).astype(np.float32)
+    flip = AugmentConfig(width_shift=0.0, height_shift=0.0, shear=0.0, zoom=0.0, horizontal_flip=True)
+    out = flip.augmenter(seed=1)(tf.constant(x)).numpy()
+    mirrored = [np.allclose(o, i[:, ::-1], atol=1e-3) for o, i in zip(out, x, strict=True)]
+    kept = [np.allclose(o, i, atol=1e-3) for o, i in zip(out, x, strict=True)]
+    assert all(m != k for m, k in zip(mirrored, kept, strict=True)) and any(mirrored) and any(kept)
+
+
+def test_augmenter_shifts_along_the_right_axes() -> None:
+    rows = np.broadcast_to(np.linspace(0, 255, 20)[:, None, None], (4, 20, 24, 1)).astype(np.float32)
+    cols = np.broadcast_to(np.linspace(0, 255, 24)[None, :, None], (4, 20, 24, 1)).astype(np.float32)
+    width = AugmentConfig(width_shift=0.3, height_shift=0.0, shear=0.0, zoom=0.0, horizontal_flip=False)
+    height = AugmentConfig(width_shift=0.0, height_shift=0.3, shear=0.0, zoom=0.0, horizontal_flip=False)
+    # a width shift moves columns only, so horizontal stripes stay put (nearest fill), and vice versa
+    np.testing.assert_allclose(width.augmenter(0)(tf.constant(rows)).numpy(), rows, atol=1e-3)
+    assert not np.allclose(width.augmenter(0)(tf.constant(cols)).numpy(), cols, atol=1.0)
+    np.testing.assert_allclose(height.augmenter(0)(tf.constant(cols)).numpy(), cols, atol=1e-3)
+    assert not np.allclose(height.augmenter(0)(tf.constant(rows)).numpy(), rows, atol=1.0)
+
+
+def test_augmented_training_batches_keep_equal_channels(frame: pd.DataFrame) -> None:
+    ds = make_dataset(frame, image_size=SIZE, batch_size=6, augment=AugmentConfig(), training=True, seed=2)
+    for x, _ in ds:
+        x = x.numpy()
+        assert x.shape[-1] == 3 and np.array_equal(x[..., 0], x[..., 1]) and np.array_equal(x[..., 0], x[..., 2])
