@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install reproduce-seed notebooks clean
+.PHONY: demo test lint install bench reproduce-seed notebooks clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +20,15 @@ demo: install
 	$(BIN)/covidxray demo
 
 test: install
-	$(BIN)/ruff check covidxray tests
+	$(BIN)/ruff check covidxray tests bench
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check covidxray tests
+	$(BIN)/ruff check covidxray tests bench
+
+# Side-by-side benchmark against the 2020-style pipeline (about half an hour on 2 idle cores; --quick: 2 minutes).
+bench: install
+	$(BIN)/python -m bench
 
 # The long runs behind the README's tables and the rendered notebooks (need ../shared/data; minutes to hours).
 SHARED ?= ../shared/data

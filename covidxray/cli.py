@@ -144,6 +144,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", default="memory", help="image cache: memory, none, or a folder")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.add_argument("--mixed-precision", action="store_true", help="float16 compute (GPU only)")
+    p.add_argument("--no-cached-features", action="store_true",
+                   help="VGG16: run the frozen backbone on every step instead of caching its activations once")
+    p.add_argument("--feature-views", type=int, default=1,
+                   help="VGG16 cache: augmented views cached per training image (1: no augmentation)")
+    p.add_argument("--jit-compile", choices=["auto", "on", "off"], default="auto", help="XLA compilation (GPU)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -155,7 +160,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(model=args.model, weights=args.weights, image_size=args.image_size,
                          batch_size=args.batch_size, epochs=args.epochs, seed=args.seed, patience=args.patience,
                          trainable_from=args.trainable_from, finetune_epochs=args.finetune_epochs,
-                         cache=None if args.cache == "none" else args.cache, mixed_precision=args.mixed_precision)
+                         cache=None if args.cache == "none" else args.cache, mixed_precision=args.mixed_precision,
+                         cached_features=not args.no_cached_features, feature_views=args.feature_views,
+                         jit_compile={"auto": None, "on": True, "off": False}[args.jit_compile])
     if args.lr is not None:
         config.lr = args.lr
     if args.no_augment:

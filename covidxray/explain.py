@@ -495,8 +495,9 @@ def render_cams(
     """
     x = as_image_batch(images)
     if probs is None:
-        p = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
-        p = p.reshape(len(x), -1)[:, -1]
+        from covidxray.train import predict_proba
+
+        p = predict_proba(model, x, batch_size=batch_size)
     else:
         p = np.asarray(probs, dtype=np.float64).reshape(-1)
     _check_frame(df, len(x), p)
