@@ -160,3 +160,25 @@ def layer_table(model) -> pd.DataFrame:
     table = pd.DataFrame(rows).set_index("layer")
     table.attrs["total"] = int(table["parameters"].sum())
     return table
+
+
+def design_table(summaries: dict[str, dict]) -> pd.DataFrame:
+    """Designs side by side: images per class, where each class comes from, its age, and the confounder warnings."""
+    columns = {}
+    for name, summary in summaries.items():
+        conf = summary.get("confounders") or {}
+        col: dict[str, object] = {}
+        for label in LABELS:
+            n = sum(summary["counts"][s][label] for s in SPLITS)
+            by_class = (conf.get("by_class") or {}).get(label, {})
+            sources = by_class.get("source") or {}
+            age = by_class.get("age") or {}
+            col[f"{label}: images"] = n
+            col[f"{label}: sources"] = ", ".join(f"{k} {v:.0%}" for k, v in sorted(sources.items()))
+            col[f"{label}: median age"] = age.get("median") if age.get("known") else "unknown"
+        warnings = conf.get("warnings") or []
+        col["confounder warnings"] = len(warnings)
+        for i, warning in enumerate(warnings, start=1):
+            col[f"warning {i}"] = warning["message"]
+        columns[name] = col
+    return pd.DataFrame(columns).fillna("")

@@ -24,8 +24,12 @@ def test_each_notebook_has_one_parameters_cell(name):
 
 
 def test_notebooks_run_top_to_bottom_on_synthetic_data(tmp_path):
+    from covidxray.synthetic import make_synthetic_nih
+
+    nih = make_synthetic_nih(tmp_path / "nih", n_patients=30)
     params = {
-        "Create_Data.ipynb": {"SOURCES": "synthetic", "SYNTHETIC_PATIENTS": [40, 30]},
+        "Create_Data.ipynb": {"SOURCES": "synthetic", "SYNTHETIC_PATIENTS": [40, 30], "NIH": str(nih),
+                              "PROBE_EPOCHS": 1, "PROBE_IMAGE_SIZE": 32},
         "Train_Scratch_CNN.ipynb": {"EPOCHS": 2, "IMAGE_SIZE": 32, "BATCH_SIZE": 16, "N_BOOT": 50},
         "Train_VGG16.ipynb": {"WEIGHTS": "hed", "EPOCHS": 1, "IMAGE_SIZE": 32, "BATCH_SIZE": 16, "N_BOOT": 50},
         "Class_Activation_Maps.ipynb": {"LIMIT": 4},
@@ -37,6 +41,8 @@ def test_notebooks_run_top_to_bottom_on_synthetic_data(tmp_path):
                   if o.get("output_type") == "error"]
         assert not errors, f"{name}: {errors}"
     assert (tmp_path / "dataset" / "manifest.csv").is_file()
+    assert (tmp_path / "dataset-adult-normals" / "manifest.csv").is_file()
+    assert (tmp_path / "runs" / "probes" / "adult-normals" / "probes.json").is_file()
     assert (tmp_path / "runs" / "scratch" / "model.keras").is_file()
     assert (tmp_path / "runs" / "vgg16" / "model.keras").is_file()
     checks = json.loads((tmp_path / "Class_Activation_Images" / "vgg16__checks.json").read_text())
