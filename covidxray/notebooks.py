@@ -69,11 +69,13 @@ def run_notebook(
 
 
 def shared_parameters(shared: str) -> dict[str, dict[str, Any]]:
-    """The parameters of the rendered run: the 2020 images, patient-level split, hed VGG16 weights."""
+    """The parameters of the rendered run: the 2020 images split by patient, NIH adult normals for the second
+    design, hed VGG16 weights."""
     seed = f"{shared}/seed-dataset"
     meta = f"{shared}/ieee8023-metadata/metadata-early.csv"
     return {
-        "Create_Data.ipynb": {"SOURCES": "seed", "SEED_DATASET": seed, "SEED_METADATA": meta, "VIEWS": ["PA"]},
+        "Create_Data.ipynb": {"SOURCES": "seed", "SEED_DATASET": seed, "SEED_METADATA": meta, "VIEWS": ["PA"],
+                              "NIH": f"{shared}/nih14-sample"},
         "Train_Scratch_CNN.ipynb": {},
         "Train_VGG16.ipynb": {"WEIGHTS": "hed"},
         "Class_Activation_Maps.ipynb": {},
