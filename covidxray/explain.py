@@ -14,9 +14,7 @@ Sanity checks of the maps (randomisation test, border attention) live in :mod:`c
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -317,32 +315,16 @@ def cam_filename(model_name: str, image_name: str, truth: str, pred: str, prob: 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temp file in the same folder and os.replace (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from covidxray.report import _atomic_write
+
+    return _atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def save_figure(fig: Figure, path: str | Path, *, dpi: int = 100) -> Path:
     """Save ``fig`` as PNG atomically with the Agg renderer."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from covidxray.report import save_figure as save
+
+    return save(fig, path, dpi=dpi)
 
 
 # ------------------------------------------------------------ figures

@@ -78,7 +78,7 @@ def shared_parameters(shared: str) -> dict[str, dict[str, Any]]:
                               "NIH": f"{shared}/nih14-sample"},
         "Train_Scratch_CNN.ipynb": {},
         "Train_VGG16.ipynb": {"WEIGHTS": "hed"},
-        "Class_Activation_Maps.ipynb": {},
+        "Class_Activation_Maps.ipynb": {"LIMIT": 8},
     }
 
 
