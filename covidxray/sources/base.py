@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pandas as pd
+
+from covidxray.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -65,3 +71,22 @@ def parse_sex(text: str) -> str:
     """``"M"``, ``"F"`` or ``""`` from the spellings sources use (M, male, F, female, any case)."""
     value = (text or "").strip().upper()
     return {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}.get(value, "")
+
+
+def read_table(
+    csv_path: Path, required: Sequence[str], fix: str, *, text: str | None = None
+) -> pd.DataFrame:
+    """Read a label CSV as stripped text columns, drop pandas' ``Unnamed:`` trailing-comma columns and check the
+    required ones; errors name the file and say ``fix``. ``text`` is the already decoded content, if any."""
+    try:
+        df = pd.read_csv(io.StringIO(text) if text is not None else csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{csv_path}: not a readable CSV ({exc}); {fix}") from exc
+    df.columns = [str(c).strip() for c in df.columns]
+    df = df.loc[:, [c for c in df.columns if c and not c.startswith("Unnamed:")]]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{csv_path}: missing required column(s) {missing} (has {list(df.columns)[:8]}...). {fix}")
+    for column in df.columns:
+        df[column] = df[column].str.strip()
+    return df

@@ -7,7 +7,6 @@ UTF-8, so the reader falls back to cp1252 and latin-1. Default selection: COVID-
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from covidxray.errors import DataError
-from covidxray.sources.base import SourceImage, SourceScan
+from covidxray.sources.base import SourceImage, SourceScan, read_table
 
 SOURCE = "ieee8023"
 REQUIRED_COLUMNS: tuple[str, ...] = ("patientid", "finding", "view", "filename")
@@ -42,21 +41,8 @@ def read_metadata(csv_path: str | Path) -> pd.DataFrame:
         except UnicodeDecodeError:
             continue
     assert text is not None  # latin-1 decodes any bytes
-    try:
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"{csv_path}: not a readable CSV ({exc}); re-download metadata.csv.") from exc
-    df.columns = [str(c).strip() for c in df.columns]
-    df = df.loc[:, [c for c in df.columns if c and not c.startswith("Unnamed:")]]
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise DataError(
-            f"{csv_path}: missing required column(s) {missing} (has {list(df.columns)[:8]}...). "
-            "Use the metadata.csv that ships with ieee8023/covid-chestxray-dataset."
-        )
-    for column in df.columns:
-        df[column] = df[column].str.strip()
-    return df
+    return read_table(csv_path, REQUIRED_COLUMNS, "Use the metadata.csv that ships with "
+                      "ieee8023/covid-chestxray-dataset (re-download it if it is damaged).", text=text)
 
 
 def finding_matches(finding: str, wanted: Iterable[str]) -> bool:

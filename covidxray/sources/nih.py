@@ -17,7 +17,7 @@ import pandas as pd
 
 from covidxray.errors import DataError
 from covidxray.images import is_junk
-from covidxray.sources.base import SourceImage, SourceScan, parse_age, parse_sex
+from covidxray.sources.base import SourceImage, SourceScan, parse_age, parse_sex, read_table
 
 SOURCE = "nih"
 LABELS_CSV_NAMES: tuple[str, ...] = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
@@ -45,21 +45,8 @@ def find_labels_csv(folder: Path) -> Path:
 
 def read_labels(csv_path: Path) -> pd.DataFrame:
     """Read an NIH label list as text columns, whatever the trailing-comma variant; check the required columns."""
-    try:
-        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{csv_path}: not a readable CSV ({exc}); re-download Data_Entry_2017.csv.") from exc
-    df.columns = [str(c).strip() for c in df.columns]
-    df = df.loc[:, [c for c in df.columns if c and not c.startswith("Unnamed:")]]
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise DataError(
-            f"{csv_path}: missing required column(s) {missing} (has {list(df.columns)[:6]}...). "
-            "Use the Data_Entry_2017.csv that ships with NIH ChestX-ray14."
-        )
-    for column in df.columns:
-        df[column] = df[column].str.strip()
-    return df
+    return read_table(csv_path, REQUIRED_COLUMNS, "Use the Data_Entry_2017.csv that ships with NIH ChestX-ray14 "
+                      "(re-download it if it is damaged).")
 
 
 def nih_patient_id(value: str) -> str:
