@@ -625,6 +625,10 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, pro
     df = read_manifest(data_dir)
     df = df[df["split"] != "test"].reset_index(drop=True)
     train_df, val_df = split_frame(df, "train"), split_frame(df, "val")
+    if train_df["y"].nunique() < 2:
+        only = "covid" if int(train_df["y"].iloc[0]) == 1 else "normal"
+        raise DataError(f"{data_dir / 'manifest.csv'}: the train split holds only {only} images (one class); a model "
+                        "cannot learn from it. Rebuild the dataset with images of both classes (`covidxray data`).")
     assert set(train_df["split"]) == {"train"} and set(val_df["split"]) == {"val"}, "test data must not be used"
     paths = list(train_df["filepath"]) + list(val_df["filepath"])
 
