@@ -91,3 +91,13 @@ def baseline_probabilities(model: Pipeline, df: pd.DataFrame, size: int = 32) ->
         return np.zeros(0, dtype=np.float64)
     covid = int(np.flatnonzero(model.classes_ == 1)[0])
     return model.predict_proba(thumbnails(df["filepath"], size))[:, covid].astype(np.float64)
+
+
+def fit_baseline_with_threshold(
+    train_df: pd.DataFrame, val_df: pd.DataFrame, size: int = 32, seed: int = 0
+) -> tuple[Pipeline, float]:
+    """The baseline fitted on train and its decision threshold chosen on validation (Youden's J), as for the CNNs."""
+    from covidxray.metrics import choose_threshold
+
+    model = fit_thumbnail_baseline(train_df, size=size, seed=seed)
+    return model, choose_threshold(val_df["y"], baseline_probabilities(model, val_df, size=size))

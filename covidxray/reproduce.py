@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covidxray.baseline import baseline_probabilities, fit_thumbnail_baseline
+from covidxray.baseline import baseline_probabilities, fit_baseline_with_threshold
 from covidxray.build import BuildConfig, build_dataset
 from covidxray.designs import get_design
 from covidxray.errors import DataError
 from covidxray.evaluate import evaluate_model, evaluate_predictions
 from covidxray.manifest import SUMMARY_NAME, read_manifest, split_frame
-from covidxray.metrics import choose_threshold, seed_summary
+from covidxray.metrics import seed_summary
 from covidxray.report import plot_reliability, plot_roc_pr, results_table, write_json, write_text
 
 DEFAULT_LR = {"scratch": 1e-3, "scratch-gap": 1e-3, "vgg16": 1e-4}
@@ -141,8 +141,7 @@ def reproduce(
     probs_by_model: dict[str, np.ndarray] = {}
 
     t = time.perf_counter()
-    base = fit_thumbnail_baseline(train_df, size=config.baseline_size)
-    base_thr = choose_threshold(val_df["y"], baseline_probabilities(base, val_df, size=config.baseline_size))
+    base, base_thr = fit_baseline_with_threshold(train_df, val_df, size=config.baseline_size)
     base_p = baseline_probabilities(base, test_df, size=config.baseline_size)
     row = evaluate_predictions(test_df, base_p, threshold=base_thr, name="baseline: logistic regression",
                                weights=f"{config.baseline_size}x{config.baseline_size} thumbnails",
@@ -249,7 +248,7 @@ def cross_design_evaluation(
     is noted. Returns rows, a matrix {model: {trained on: {tested on: metrics}}}, notes and a Markdown table,
     also written to ``out_dir``/results.md and results.json.
     """
-    from covidxray.baseline import baseline_probabilities, fit_thumbnail_baseline
+    from covidxray.baseline import baseline_probabilities, fit_baseline_with_threshold
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -261,10 +260,8 @@ def cross_design_evaluation(
         models: dict[str, Any] = {}
         if baseline_size:
             df = read_manifest(datasets[train_design])
-            base = fit_thumbnail_baseline(split_frame(df, "train"), size=baseline_size)
-            val = split_frame(df, "val")
-            models["baseline"] = (base, choose_threshold(val["y"], baseline_probabilities(base, val,
-                                                                                          size=baseline_size)))
+            models["baseline"] = fit_baseline_with_threshold(split_frame(df, "train"), split_frame(df, "val"),
+                                                             size=baseline_size)
         models.update({name: Path(run) for name, run in runs.items()})
         for test_design, test_dataset in datasets.items():
             test, n_out = unseen_test_split(test_dataset, datasets[train_design])

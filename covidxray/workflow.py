@@ -96,10 +96,9 @@ def evaluate_runs(
     Returns the results-table rows, the test probabilities per model, and the test frame. Thresholds come
     from each run (chosen on validation); the baseline's is chosen on validation here.
     """
-    from covidxray.baseline import baseline_probabilities, fit_thumbnail_baseline
+    from covidxray.baseline import baseline_probabilities, fit_baseline_with_threshold
     from covidxray.evaluate import evaluate_predictions
     from covidxray.manifest import read_manifest, split_frame
-    from covidxray.metrics import choose_threshold
     from covidxray.train import load_run, predict_dataframe
 
     df = read_manifest(data)
@@ -107,8 +106,7 @@ def evaluate_runs(
     rows: list[dict] = []
     probs: dict[str, object] = {}
     if baseline:
-        base = fit_thumbnail_baseline(train_df, size=baseline_size)
-        thr = choose_threshold(val_df["y"], baseline_probabilities(base, val_df, size=baseline_size))
+        base, thr = fit_baseline_with_threshold(train_df, val_df, size=baseline_size)
         p = baseline_probabilities(base, test_df, size=baseline_size)
         rows.append(evaluate_predictions(test_df, p, threshold=thr, name="baseline: logistic regression",
                                          weights=f"{baseline_size}x{baseline_size} thumbnails", n_boot=n_boot))
