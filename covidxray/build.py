@@ -217,25 +217,11 @@ def build_dataset(
         c = cands[i]
         rejected.append((c.image.source, c.image.rel_path, "near duplicate of an image with the other label"))
     if cross:
-        keep_idx = [i for i in range(len(cands)) if i not in cross]
-        remap = {old: new for new, old in enumerate(keep_idx)}
-        cands = [cands[i] for i in keep_idx]
-        pairs = [(remap[a], remap[b], d) for a, b, d in pairs if a in remap and b in remap]
-    keys = [f"{c.image.source}:{c.image.rel_path}" for c in cands]
-    labels = [c.image.label for c in cands]
-    pids = [c.image.patient_id for c in cands]
-    groups = group_ids(pids, [(a, b) for a, b, _ in pairs])
-
+        cands, pairs = _keep(cands, pairs, [i not in cross for i in range(len(cands))])
+    keys, labels, groups = _grouping(cands, pairs)
     if config.caps:
-        keep = cap_groups(labels, groups, keys, config.caps, config.seed)
-        cands = [c for c, k in zip(cands, keep, strict=True) if k]
-        pairs_kept = {i for i, k in enumerate(keep) if k}
-        remap = {old: new for new, old in enumerate(sorted(pairs_kept))}
-        pairs = [(remap[a], remap[b], d) for a, b, d in pairs if a in remap and b in remap]
-        keys = [f"{c.image.source}:{c.image.rel_path}" for c in cands]
-        labels = [c.image.label for c in cands]
-        pids = [c.image.patient_id for c in cands]
-        groups = group_ids(pids, [(a, b) for a, b, _ in pairs])
+        cands, pairs = _keep(cands, pairs, cap_groups(labels, groups, keys, config.caps, config.seed))
+        keys, labels, groups = _grouping(cands, pairs)
 
     if presplit is not None:
         fixed = [c.image.split if c.image.split in ("test", "val") else None for c in cands]
@@ -254,6 +240,21 @@ def build_dataset(
     summary["confounders"] = confounders(rows)
     _write_output(out_dir, cands, rows, rejected, summary)
     return summary
+
+
+def _keep(cands: list[_Candidate], pairs: list, keep: list[bool]) -> tuple[list[_Candidate], list]:
+    """The kept candidates, and the duplicate pairs between them renumbered to the new positions."""
+    remap = {old: new for new, old in enumerate(i for i, k in enumerate(keep) if k)}
+    kept = [c for c, k in zip(cands, keep, strict=True) if k]
+    return kept, [(remap[a], remap[b], d) for a, b, d in pairs if a in remap and b in remap]
+
+
+def _grouping(cands: list[_Candidate], pairs: list) -> tuple[list[str], list[str], list[int]]:
+    """Stable keys, labels and split groups (same patient or duplicates) of the candidates."""
+    keys = [f"{c.image.source}:{c.image.rel_path}" for c in cands]
+    labels = [c.image.label for c in cands]
+    groups = group_ids([c.image.patient_id for c in cands], [(a, b) for a, b, _ in pairs])
+    return keys, labels, groups
 
 
 def _check_training_classes(labels: list[str], splits: list[str], presplit, rejected: list) -> None:
