@@ -3,8 +3,9 @@
 Writes ``{out}/{train,val,test}/{normal,covid}/``, ``manifest.csv`` (one row per image), ``rejected.csv`` (files
 skipped, with the reason) and ``summary.json`` (counts, leakage checks, the design with what it left out, and the
 confounders: age, source, format, mode and size per class, with warnings). Sources are only read. The output
-is written to a temporary sibling folder and swapped in, so a failed build leaves the previous dataset intact,
-and the same inputs always give a byte-identical manifest.
+is claimed through :mod:`covidxray.outputs`: a folder holding anything the tool did not write is refused before any
+work, the new build is staged inside it and swapped in entry by entry, so a failed build leaves the previous dataset
+intact, and the same inputs always give a byte-identical manifest.
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import math
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ from covidxray.designs import apply_design, confounders, get_design
 from covidxray.errors import DataError, ImageError
 from covidxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, CheckedImage, check_image
 from covidxray.manifest import MANIFEST_COLUMNS, MANIFEST_NAME, REJECTED_NAME, SPLITS, SUMMARY_NAME
+from covidxray.outputs import OutputDir, claim_output, json_text
 from covidxray.sources import (
     FRONTAL_VIEWS,
     NIH_VIEWS,
@@ -44,8 +44,6 @@ from covidxray.sources import (
 )
 from covidxray.sources.generic import default_source
 from covidxray.split import assign_splits, cap_groups, group_ids, near_duplicate_pairs
-
-_KEEP_IN_OUTPUT = ("README.md",)
 
 
 @dataclass
@@ -199,8 +197,17 @@ def build_dataset(
     """
     config = config or BuildConfig()
     out_dir = Path(out_dir)
-    _check_output(out_dir)
     get_design(design)
+    sources = [chest_xray, covid_xray, presplit, metadata, nih, *extra]
+    with claim_output(out_dir, "data", sources=sources) as out:
+        summary = _build(out, chest_xray=chest_xray, covid_xray=covid_xray, presplit=presplit, metadata=metadata,
+                         nih=nih, extra=extra, design=design, config=config, progress=progress)
+    return summary
+
+
+def _build(out: OutputDir, *, chest_xray, covid_xray, presplit, metadata, nih, extra, design: str,
+           config: BuildConfig, progress: bool) -> dict:
+    """The build proper, writing into the claimed output ``out``."""
     images, rejected, stats = collect_sources(chest_xray=chest_xray, covid_xray=covid_xray, presplit=presplit,
                                               metadata=metadata, nih=nih, extra=extra, config=config)
     if not images:
@@ -238,7 +245,7 @@ def build_dataset(
     summary = _summary(rows, rejected, stats, n_exact, pairs, cands, config, presplit is not None)
     summary["design"] = design_report
     summary["confounders"] = confounders(rows)
-    _write_output(out_dir, cands, rows, rejected, summary)
+    _write_output(out, cands, rows, rejected, summary)
     return summary
 
 
@@ -344,47 +351,22 @@ def _reason_kind(reason: str) -> str:
     return reason.split(" (")[0].split(" of ")[0]
 
 
-def _check_output(out_dir: Path) -> None:
-    """Refuse to replace a folder that is not a dataset this package built (nothing of the user's is lost)."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise DataError(f"{out_dir}: exists and is not a folder; choose another --out.")
-    entries = [p.name for p in out_dir.iterdir() if not p.name.startswith(".")]
-    if entries and MANIFEST_NAME not in entries and set(entries) - set(_KEEP_IN_OUTPUT):
-        raise DataError(f"{out_dir}: exists, is not empty and is not a covidxray dataset (no {MANIFEST_NAME}); "
-                        "choose another --out or empty it yourself.")
-
-
-def _write_output(out_dir: Path, cands, rows, rejected, summary) -> None:
-    parent = out_dir.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
-    except OSError as exc:
-        raise DataError(
-            f"{out_dir}: cannot write the dataset here ({exc.strerror or exc}); choose another --out."
-        ) from exc
-    try:
-        for c, row in zip(cands, rows, strict=True):
-            dest = tmp / row["path"]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if c.checked.normalized_png is not None:
-                dest.write_bytes(c.checked.normalized_png)
-            else:
-                shutil.copyfile(c.image.path, dest)
-        order = sorted(range(len(rows)), key=lambda i: rows[i]["path"])
-        _write_csv(tmp / MANIFEST_NAME, MANIFEST_COLUMNS, [rows[i] for i in order])
-        _write_csv(tmp / REJECTED_NAME, ["source", "item", "reason"],
-                   [dict(zip(("source", "item", "reason"), r, strict=True)) for r in sorted(rejected)])
-        (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
-        for name in _KEEP_IN_OUTPUT:
-            if (out_dir / name).is_file():
-                shutil.copyfile(out_dir / name, tmp / name)
-        _swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _write_output(out: OutputDir, cands, rows, rejected, summary) -> None:
+    """Write the whole dataset into a staging folder, then swap it in place of the previous build."""
+    stage = out.stage()
+    for c, row in zip(cands, rows, strict=True):
+        dest = stage / row["path"]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if c.checked.normalized_png is not None:
+            dest.write_bytes(c.checked.normalized_png)
+        else:
+            shutil.copyfile(c.image.path, dest)
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["path"])
+    _write_csv(stage / MANIFEST_NAME, MANIFEST_COLUMNS, [rows[i] for i in order])
+    _write_csv(stage / REJECTED_NAME, ["source", "item", "reason"],
+               [dict(zip(("source", "item", "reason"), r, strict=True)) for r in sorted(rejected)])
+    (stage / SUMMARY_NAME).write_text(json_text(summary), encoding="utf-8")
+    out.commit_stage()
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
@@ -393,20 +375,3 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     path.write_text(buf.getvalue(), encoding="utf-8")
-
-
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``tmp`` with two renames; the old dataset is removed only after the new one is in."""
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=tmp.parent))
-        old.rmdir()
-        os.replace(out_dir, old)
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:
-        if old is not None:
-            os.replace(old, out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -59,8 +58,9 @@ from covidxray.features import (
     predict_cached,
     tail_part,
 )
-from covidxray.manifest import read_manifest, split_frame
+from covidxray.manifest import MANIFEST_NAME, SUMMARY_NAME, read_manifest, split_frame
 from covidxray.models import MODEL_NAMES, build_model, compile_model, set_trainable_from
+from covidxray.outputs import OutputDir, claim_output, command_line, fingerprint
 from covidxray.pipeline import AugmentConfig, make_dataset, raise_unreadable
 
 MODEL_FILE = "model.keras"
@@ -174,25 +174,6 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------- small helpers
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and an atomic rename, so a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf8")
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: object) -> None:
-    _write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf8"))
@@ -200,10 +181,28 @@ def _read_json(path: Path) -> dict:
         raise ModelError(f"{path}: unreadable ({exc}); the run folder is damaged: retrain or re-download it.") from exc
 
 
-def _save_model(model: keras.Model, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.partial.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+def dataset_record(data_dir: str | Path) -> dict:
+    """Which dataset a run trains on: its folder, the fingerprint of its manifest and its size."""
+    manifest = Path(data_dir) / MANIFEST_NAME
+    if not manifest.is_file():
+        raise DataError(f"{manifest}: not found; build the dataset first (`covidxray data --out {data_dir}`).")
+    summary_path = Path(data_dir) / SUMMARY_NAME
+    design = None
+    if summary_path.is_file():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            design = (json.loads(summary_path.read_text(encoding="utf-8")).get("design") or {}).get("name")
+    return {"path": Path(data_dir).as_posix(), "fingerprint": fingerprint(manifest), "design": design}
+
+
+def _check_same_dataset(out_dir: Path, recorded: dict | None, current: dict) -> None:
+    """Refuse to resume or reuse a run trained on another dataset (or on one it cannot name)."""
+    if recorded and recorded.get("fingerprint") == current["fingerprint"]:
+        return
+    was = (f"{recorded.get('path')} (manifest fingerprint {recorded.get('fingerprint')})" if recorded
+           else "a dataset it does not record")
+    raise ModelError(f"{out_dir}: this run was trained on {was}, not on {current['path']} (manifest fingerprint "
+                     f"{current['fingerprint']}); it cannot be resumed or reused. Start fresh with another --out, "
+                     "or delete the run folder.")
 
 
 def _say(progress: bool, message: str) -> None:
@@ -393,6 +392,8 @@ class _State:
     sessions: int = 0
     cached: bool = False
     history: list[dict] = field(default_factory=list)
+    dataset: dict | None = None
+    """The dataset trained on (see :func:`dataset_record`); a resume on another dataset is refused."""
 
 
 class _RunCallback(keras.callbacks.Callback):
@@ -424,7 +425,7 @@ class _RunCallback(keras.callbacks.Callback):
         better = (value < state.best if MONITORS[cfg.monitor] == "min" else value > state.best) \
             if state.best is not None else True
         if math.isfinite(value) and better:
-            _save_model(self.export or self.model, run.out_dir / MODEL_FILE)
+            run.out.put(MODEL_FILE, (self.export or self.model).save)
             state.best, state.best_epoch, state.wait = value, epoch + 1, 0
         else:
             state.wait += 1
@@ -437,28 +438,27 @@ class _RunCallback(keras.callbacks.Callback):
 class _Run:
     """One training session on a run folder."""
 
-    def __init__(self, cfg: TrainConfig, data_dir: Path, out_dir: Path, progress: bool) -> None:
-        self.cfg, self.data_dir, self.out_dir, self.progress = cfg, data_dir, out_dir, progress
-        self.ckpt_dir = out_dir / CHECKPOINT_DIR
+    def __init__(self, cfg: TrainConfig, data_dir: Path, out: OutputDir, progress: bool) -> None:
+        self.cfg, self.data_dir, self.out, self.progress = cfg, data_dir, out, progress
+        self.out_dir = out.path
+        self.ckpt_dir = self.out_dir / CHECKPOINT_DIR
         self.state: _State | None = None
         self.feature_stats: dict | None = None
         self.val_store: FeatureStore | None = None
 
     def save_checkpoint(self, model: keras.Model) -> None:
         name = f"epoch_{self.state.epoch:04d}.keras"
-        _save_model(model, self.ckpt_dir / name)
+        self.out.put(f"{CHECKPOINT_DIR}/{name}", model.save)
         self.state.checkpoint = name
-        _write_json(self.ckpt_dir / STATE_FILE, asdict(self.state))
-        for old in self.ckpt_dir.glob("epoch_*.keras"):
-            if old.name != name:
-                old.unlink()
+        self.out.write_json(f"{CHECKPOINT_DIR}/{STATE_FILE}", asdict(self.state), sort_keys=False)
+        for old in self.out.files():
+            if old.startswith(f"{CHECKPOINT_DIR}/epoch_") and old != f"{CHECKPOINT_DIR}/{name}":
+                self.out.remove(old)
         self.write_history()
 
     def write_history(self) -> None:
-        _write_json(self.out_dir / "history.json", self.state.history)
-        tmp = self.out_dir / ".history.csv.tmp"
-        pd.DataFrame(self.state.history).to_csv(tmp, index=False)
-        os.replace(tmp, self.out_dir / "history.csv")
+        self.out.write_json("history.json", self.state.history, sort_keys=False)
+        self.out.put("history.csv", lambda tmp: pd.DataFrame(self.state.history).to_csv(tmp, index=False))
 
 
 def _cache_for(cfg: TrainConfig, df: pd.DataFrame, split: str) -> str | None:
@@ -576,7 +576,7 @@ def _feature_data(run: _Run, model: keras.Model, train_df: pd.DataFrame, val_df:
     augment = cfg.augment_config()
     views = cfg.feature_views if augment is not None and not augment.is_identity else 1
     on_disk = cfg.cache not in (None, "memory")
-    directory = Path(cfg.cache) if on_disk else run.ckpt_dir
+    directory = Path(cfg.cache) if on_disk else run.out.scratch()
     gpu = bool(tf.config.list_physical_devices("GPU"))
     jit = bool(cfg.jit_compile) if cfg.jit_compile is not None else gpu and not cfg.deterministic
     frozen = frozen_part(model, cfg.trainable_from)
@@ -612,11 +612,26 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, pro
     cached float32 activations with the best model's tail. ``resume=True`` continues from
     ``out_dir/checkpoint`` (a finished run is returned unchanged unless the config asks for more epochs).
     """
-    t_start = time.perf_counter()
     cfg = config.resolved()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    run = _Run(cfg, data_dir, out_dir, progress)
-    state = _load_state(run, cfg, resume) if out_dir.exists() else None
+    dataset = dataset_record(data_dir)
+    with claim_output(out_dir, "train", sources=[data_dir]) as out:
+        run = _Run(cfg, data_dir, out, progress)
+        try:
+            return _train(run, cfg, dataset, resume)
+        except BaseException:
+            if run.state is None or not run.state.checkpoint:
+                out.discard()
+            raise
+
+
+def _train(run: _Run, cfg: TrainConfig, dataset: dict, resume: bool) -> dict:
+    """Train into the claimed run folder ``run.out``: a new run, or the continuation of its checkpoint."""
+    t_start = time.perf_counter()
+    data_dir, out_dir, progress = run.data_dir, run.out_dir, run.progress
+    state = _load_state(run, cfg, resume)
+    if state is not None:
+        _check_same_dataset(out_dir, state.dataset, dataset)
     if state is not None and not _remaining(state, cfg) and (out_dir / "summary.json").is_file():
         how = " (stopped early)" if state.stopped_early else ""
         _say(progress, f"{out_dir}: finished at epoch {state.epoch}{how}; nothing left to train")
@@ -632,9 +647,9 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, pro
     assert set(train_df["split"]) == {"train"} and set(val_df["split"]) == {"val"}, "test data must not be used"
     paths = list(train_df["filepath"]) + list(val_df["filepath"])
 
-    run.ckpt_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "config.json", cfg.to_dict())
-    _write_json(out_dir / "versions.json", versions())
+    run.out.write_json("config.json", cfg.to_dict(), sort_keys=False)
+    run.out.write_json("versions.json", versions())
+    run.out.write_json("provenance.json", {"dataset": dataset, "command": command_line()})
 
     keras.utils.set_random_seed(cfg.seed + (state.epoch if state else 0))
     if cfg.deterministic:
@@ -670,7 +685,7 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, pro
                               and can_cache(model, cfg.trainable_from))
                 fit_model = tail_part(model, cfg.trainable_from) if cached else model
                 compile_model(fit_model, cfg.lr, jit_compile=jit)
-                state = _State(config=cfg.to_dict(), weights=weights, cached=cached)
+                state = _State(config=cfg.to_dict(), weights=weights, cached=cached, dataset=dataset)
                 resumed_from = None
             else:
                 _say(progress, f"resuming {out_dir} after epoch {state.epoch}")
@@ -729,10 +744,8 @@ def _finish(run: _Run, train_df: pd.DataFrame, val_df: pd.DataFrame, mixed: bool
         "prob": prob,
         "pred": (prob >= threshold["threshold"]).astype(int),
     })
-    tmp = out_dir / ".val_predictions.csv.tmp"
-    preds.to_csv(tmp, index=False)
-    os.replace(tmp, out_dir / "val_predictions.csv")
-    _write_json(out_dir / "threshold.json", threshold)
+    run.out.put("val_predictions.csv", lambda tmp: preds.to_csv(tmp, index=False))
+    run.out.write_json("threshold.json", threshold)
     run.write_history()
     epoch_seconds = [float(r["seconds"]) for r in state.history]
     timing = {
@@ -745,7 +758,7 @@ def _finish(run: _Run, train_df: pd.DataFrame, val_df: pd.DataFrame, mixed: bool
     if run.feature_stats is not None:
         timing["features"] = run.feature_stats
         timing["feature_seconds"] = float(sum(v["seconds"] for v in run.feature_stats.values()))
-    _write_json(out_dir / "timing.json", timing)
+    run.out.write_json("timing.json", timing)
     summary = {
         "run_dir": str(out_dir),
         "model_path": str(out_dir / MODEL_FILE),
@@ -766,6 +779,7 @@ def _finish(run: _Run, train_df: pd.DataFrame, val_df: pd.DataFrame, mixed: bool
         "replicas": strategy.num_replicas_in_sync,
         "deterministic": cfg.deterministic,
         "train_seconds": timing["train_seconds"],
+        "dataset": state.dataset,
     }
-    _write_json(out_dir / "summary.json", summary)
+    run.out.write_json("summary.json", summary, sort_keys=False)
     return summary

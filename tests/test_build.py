@@ -105,7 +105,7 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path, synthetic_sources):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
-    with pytest.raises(DataError, match="not a covidxray dataset"):
+    with pytest.raises(DataError, match="covidxray did not write"):
         build_dataset(out, chest_xray=synthetic_sources.chest_xray, covid_xray=synthetic_sources.covid_xray,
                       progress=False)
     assert (out / "thesis.tex").read_text() == "precious"
