@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 
 from covidxray import paths
-from covidxray.evaluate import check_model_input, staged_output, write_skipped
+from covidxray.evaluate import check_model_input, write_skipped
 from covidxray.explain import heatmaps, render_cams, resolve_method, safe_name
 from covidxray.explain_checks import write_checks
 from covidxray.labeled import decodable, read_labeled
+from covidxray.outputs import staged_output
 
 
 def pick_images(df: pd.DataFrame, limit: int | None, seed: int = 0) -> pd.DataFrame:
@@ -52,7 +53,8 @@ def render_model_cams(
     name = name or config.get("model") or Path(model_path).stem
     method, layer = resolve_method(model, method, layer)
     labeled = read_labeled(data, split=split)
-    with staged_output(out_dir) as tmp, decodable(labeled) as usable:
+    prefix = f"{safe_name(name, 'model', 60)}__"
+    with staged_output(out_dir, "cam", sources=[data], prefix=prefix) as tmp, decodable(labeled) as usable:
         df = pick_images(usable.frame, limit, seed)
         images = load_images(df["filepath"].tolist(), image_size)
         probs = predict_proba(model, images)
@@ -87,6 +89,7 @@ def side_by_side(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from covidxray.outputs import claim_output
     from covidxray.pipeline import load_images
     from covidxray.report import save_figure
     from covidxray.train import load_run, predict_proba
@@ -116,7 +119,9 @@ def side_by_side(
                 ax.set_axis_off()
     fig.tight_layout()
     if path is not None:
-        save_figure(fig, path)
+        path = Path(path)
+        with claim_output(path.parent, "cam", sources=[data]) as out:
+            out.put(path.name, lambda tmp: save_figure(fig, tmp))
     return fig
 
 

@@ -10,8 +10,10 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from covidxray import paths
 from covidxray.build import build_dataset
 from covidxray.cams import render_model_cams
+from covidxray.outputs import claim_output
 from covidxray.reproduce import ReproduceConfig, reproduce
 from covidxray.workflow import resolve_sources
 
@@ -31,7 +33,12 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run every stage into ``out`` and return the results (``table`` is the Markdown results table)."""
     out = Path(out)
-    sources = resolve_sources("synthetic" if force_synthetic else "auto", work_dir=out / "sources",
+    with claim_output(out, "demo", sources=[paths.CHEST_XRAY_DIR, paths.COVID_XRAY_DIR]):
+        return _demo(out, force_synthetic=force_synthetic, epochs=epochs, image_size=image_size, progress=progress)
+
+
+def _demo(out: Path, *, force_synthetic: bool, epochs: int, image_size: int, progress: bool) -> dict[str, Any]:
+    sources = resolve_sources("synthetic" if force_synthetic else "auto", work_dir=out,
                               synthetic_patients=(160, 130))
     print(f"sources: {sources.description}")
     dataset = out / "dataset"

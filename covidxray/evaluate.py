@@ -3,19 +3,14 @@
 The test split of a built dataset, or an external folder/CSV (see :mod:`covidxray.labeled`). Intervals resample
 patients where patient ids exist. Every result is written as JSON, a Markdown table, predictions CSV and plots;
 an external evaluation is compared metric by metric with the run's own (internal) test evaluation. Output is
-written to a temporary folder beside the destination and moved into place only when complete.
+staged inside the claimed output folder and swapped in only when complete (see :mod:`covidxray.outputs`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,65 +21,17 @@ from covidxray import LABELS
 from covidxray.errors import DataError, ModelError
 from covidxray.labeled import decodable, read_labeled
 from covidxray.metrics import METRIC_NAMES, format_metric, summarize
+from covidxray.outputs import staged_output, write_json, write_text
 from covidxray.report import (
     plot_confusion,
     plot_reliability,
     plot_roc_pr,
     results_table,
-    write_json,
-    write_text,
 )
 
 REFERENCE_DIR = "eval-test"
 """A run's own test evaluation (``RUN/eval-test/metrics.json``): the reference of an external evaluation."""
 SKIPPED_FILE = "skipped.csv"
-
-
-@contextmanager
-def staged_output(out_dir: str | Path) -> Iterator[Path]:
-    """A temporary folder beside ``out_dir`` to write into, moved into place when the block succeeds.
-
-    Files already in ``out_dir`` that the block does not write are kept; a failure anywhere leaves ``out_dir``
-    as it was and removes the temporary folder (and any parent folders created for it), so no half-written
-    output is left behind. A DataError naming the folder when it cannot be written, before any work is done.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"{out_dir}: exists and is not a folder; choose another output folder (--out).")
-    parent = out_dir.absolute().parent
-    created: list[Path] = []
-    try:
-        for folder in reversed([parent, *parent.parents]):
-            if not folder.exists():
-                folder.mkdir()
-                created.append(folder)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
-    except OSError as exc:
-        _remove_empty(created)
-        raise DataError(f"{out_dir}: cannot write output here ({exc.strerror or exc}); choose another output "
-                        "folder (--out) or make this one writable.") from exc
-    try:
-        yield tmp
-        if not out_dir.exists():
-            os.replace(tmp, out_dir)
-        else:
-            for file in sorted(p for p in tmp.rglob("*") if not p.is_dir()):
-                dest = out_dir / file.relative_to(tmp)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(file, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_empty(created)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    for folder in reversed(folders):
-        try:
-            folder.rmdir()
-        except OSError:
-            return
 
 
 def check_model_input(model: Any, model_path: str | Path) -> int:
@@ -125,7 +72,7 @@ def evaluate_predictions(
             if (mask := (df["source"] == source).to_numpy()).any()
         }
     if out_dir is not None:
-        with staged_output(out_dir) as tmp:
+        with staged_output(out_dir, "evaluate") as tmp:
             write_evaluation(tmp, df, probs, result)
     return result
 
@@ -193,6 +140,10 @@ def _default_reference(meta: dict[str, Any], out_dir: Path) -> Path | None:
 def _markdown(result: dict[str, Any]) -> str:
     """Results table, per-source rows, the change against the internal test and the files skipped."""
     text = results_table([result])
+    if "trained_on" in result:
+        ds = result["trained_on"]
+        text += ("\nTrained on: " + (f"{ds['path']} (manifest fingerprint {ds['fingerprint']})" if ds else
+                                     "a dataset the model file does not record") + ".\n")
     n, n_pos = result["metrics"]["n"], result["metrics"]["n_pos"]
     if n_pos in (0, n):
         only = LABELS[1] if n_pos else LABELS[0]
@@ -241,9 +192,10 @@ def evaluate_model(
     ``reference`` is the metrics.json of the run's own test evaluation (default: ``RUN/eval-test/metrics.json``
     when it exists and is not the folder written now); the result then has ``change_vs_internal`` per metric.
     """
-    from covidxray.train import load_run, predict_dataframe
+    from covidxray.train import load_run, predict_dataframe, run_dataset
 
     model, meta = load_run(model_path)
+    trained_on = run_dataset(meta["run_dir"])
     image_size = check_model_input(model, meta["model_path"])
     labeled = read_labeled(data, split=split)
     thr = float(threshold if threshold is not None else meta.get("threshold", 0.5))
@@ -254,12 +206,12 @@ def evaluate_model(
     out_dir = Path(out_dir)
     ref_path = Path(reference) if reference is not None else _default_reference(meta, out_dir)
     ref = read_reference(ref_path) if ref_path is not None else None
-    with staged_output(out_dir) as tmp, decodable(labeled) as usable:
+    with staged_output(out_dir, "evaluate", sources=[data]) as tmp, decodable(labeled) as usable:
         df = usable.frame
         probs = predict_dataframe(model, df, image_size)
         result = evaluate_predictions(df, probs, threshold=thr, name=name, weights=str(config.get("weights", "")),
                                       n_boot=n_boot, seed=seed)
-        result.update({"data": str(data), "split": split, "kind": usable.kind})
+        result.update({"data": str(data), "split": split, "kind": usable.kind, "trained_on": trained_on})
         result["skipped"] = {"count": len(usable.skipped),
                              "reasons": dict(sorted(Counter(_reason_kind(r) for _, r in usable.skipped).items()))}
         if ref is not None:

@@ -313,13 +313,6 @@ def cam_filename(model_name: str, image_name: str, truth: str, pred: str, prob: 
     return "__".join(parts) + ".png"
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same folder and os.replace (never half-written)."""
-    from covidxray.report import _atomic_write
-
-    return _atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
 def save_figure(fig: Figure, path: str | Path, *, dpi: int = 100) -> Path:
     """Save ``fig`` as PNG atomically with the Agg renderer."""
     from covidxray.report import save_figure as save

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -21,7 +20,8 @@ import pandas as pd
 from scipy.stats import pearsonr, spearmanr
 
 from covidxray.errors import ModelError
-from covidxray.explain import as_image_batch, atomic_write_bytes, heatmaps, resolve_method, safe_name
+from covidxray.explain import as_image_batch, heatmaps, resolve_method, safe_name
+from covidxray.outputs import json_text, to_jsonable, write_text
 
 LOW_CORRELATION = 0.5
 """Mean Spearman correlation (trained vs random weights) below which the randomisation check passes."""
@@ -267,20 +267,6 @@ def attention_distribution(
 # ------------------------------------------------------------ output
 
 
-def _jsonable(value: object) -> object:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, (np.integer, int)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        return _nan_to_none(float(value))
-    return value
-
-
 def checks_filename(model_name: str) -> str:
     """File name of a model's checks, e.g. ``scratch-gap__checks.json``."""
     return f"{safe_name(model_name, 'model', 60)}__checks.json"
@@ -323,7 +309,6 @@ def write_checks(
             maps, df, center_fraction=center_fraction, border_fraction=border_fraction
         ),
     }
-    result = _jsonable(result)
-    text = json.dumps(result, indent=2, allow_nan=False) + "\n"
-    atomic_write_bytes(Path(out_dir) / checks_filename(model_name), text.encode("utf-8"))
+    result = to_jsonable(result)
+    write_text(json_text(result, sort_keys=False), Path(out_dir) / checks_filename(model_name))
     return result

@@ -387,8 +387,11 @@ class OutputDir:
         folder.mkdir(exist_ok=True)
         return folder
 
-    def commit_stage(self) -> None:
+    def commit_stage(self, prefix: str | None = None) -> None:
         """Replace this folder's recorded entries by the staged ones, entry by entry; kept files stay.
+
+        With ``prefix``, only recorded top-level entries whose names start with it are replaced (one model's
+        heatmaps among several); the others stay recorded and in place.
 
         Order: the pending record (new files) is written first, the old entries move into the scratch folder,
         the new ones move in, the pending record becomes the record. A kill anywhere leaves every file named by
@@ -401,9 +404,15 @@ class OutputDir:
         clash = [name for name in new_top if name in KEPT_NAMES or name in (RECORD_NAME, PENDING_NAME)]
         if clash:
             raise DataError(f"{self.path}: the output may not write {clash} (kept for the repository).")
-        pending = {**self.record, "files": new_files, "children": []}
+        recorded_top = {rel.split("/")[0] for rel in self.record["files"]} | set(self.record["children"])
+        old_top = sorted(name for name in recorded_top if prefix is None or name.startswith(prefix))
+        kept = {rel: sha for rel, sha in self.record["files"].items() if rel.split("/")[0] not in old_top}
+        children = [name for name in self.record["children"] if name not in old_top]
+        clash = [name for name in new_top if name in recorded_top and name not in old_top]
+        if clash:
+            raise DataError(f"{self.path}: the new output would replace {clash}, which this run does not own.")
+        pending = {**self.record, "files": {**kept, **new_files}, "children": children}
         write_text(json_text(pending), self.path / PENDING_NAME)
-        old_top = sorted({rel.split("/")[0] for rel in self.record["files"]} | set(self.record["children"]))
         trash = self.scratch() / "old"
         trash.mkdir(exist_ok=True)
         for name in old_top:
@@ -487,3 +496,20 @@ def claim_output(
         out._abandon()
         raise
     out._drop_scratch()
+
+
+@contextmanager
+def staged_output(
+    path: str | Path,
+    verb: str,
+    *,
+    sources: Iterable[str | Path | None] = (),
+    flag: str = "--out",
+    prefix: str | None = None,
+) -> Iterator[Path]:
+    """Claim ``path`` (see :func:`claim_output`) and yield a staging folder for the complete new output; when
+    the block succeeds, the staged entries replace the previous output's (those starting with ``prefix`` when
+    given, see :meth:`OutputDir.commit_stage`), else nothing changes."""
+    with claim_output(path, verb, sources=sources, flag=flag) as out:
+        yield out.stage()
+        out.commit_stage(prefix)

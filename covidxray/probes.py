@@ -32,11 +32,10 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from covidxray.errors import DataError, ImageError
-from covidxray.evaluate import staged_output
 from covidxray.images import load_grayscale, to_grayscale_uint8
 from covidxray.manifest import MANIFEST_NAME, read_manifest, split_frame
 from covidxray.metrics import format_metric, summarize
-from covidxray.report import write_json, write_text
+from covidxray.outputs import staged_output, write_json, write_text
 
 DEFAULT_BORDER = 0.15
 """Share of each side kept by the source probe; the central (1 - 2 * border) box of every image is blacked out."""
@@ -316,7 +315,7 @@ def run_probes(
     """
     data_dir = Path(data_dir)
     _split_frames(data_dir)
-    with staged_output(out_dir) as tmp:
+    with staged_output(out_dir, "probe", sources=[data_dir]) as tmp:
         stats = stats_probe(data_dir, seed=seed, n_boot=n_boot, progress=progress)
         source = source_probe(data_dir, image_size=image_size, epochs=epochs, seed=seed, border=border,
                               batch_size=batch_size, n_boot=n_boot, progress=progress)

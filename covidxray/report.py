@@ -6,12 +6,8 @@ each plot function returns its Figure and, given ``path``, also saves it as PNG.
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import math
-import os
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +23,7 @@ from covidxray import LABELS
 from covidxray.baseline import open_gray
 from covidxray.errors import DataError
 from covidxray.metrics import calibration_bins, expected_calibration_error, format_metric
+from covidxray.outputs import atomic_write
 
 CLASS_COLORS: dict[str, str] = {"normal": "tab:blue", "covid": "tab:red"}
 """One colour per class, the same in every figure."""
@@ -45,69 +42,9 @@ TABLE_METRICS: tuple[tuple[str, str, bool], ...] = (
 DPI = 150
 
 
-def _atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write`` on a temporary file beside ``path``, then move it into place with os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text(text: str, path: str | Path) -> Path:
-    """Write UTF-8 text atomically; returns the path."""
-    return _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def _json_key(key: Any) -> str:
-    if isinstance(key, np.generic):
-        key = key.item()
-    return key if isinstance(key, str) else str(key)
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Plain JSON types: numpy scalars and arrays converted, NaN and infinities -> None, tuples -> lists."""
-    if obj is None or isinstance(obj, (str, bool)):
-        return obj
-    if isinstance(obj, np.generic):
-        return to_jsonable(obj.item())
-    if isinstance(obj, int):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {_json_key(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, pd.DataFrame):
-        return to_jsonable(obj.to_dict(orient="records"))
-    if isinstance(obj, pd.Series):
-        return to_jsonable(obj.to_dict())
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, (set, frozenset)):
-        return [to_jsonable(v) for v in sorted(obj, key=str)]
-    if isinstance(obj, Path):
-        return obj.as_posix()
-    if isinstance(obj, (_dt.datetime, _dt.date)):
-        return obj.isoformat()
-    raise TypeError(f"cannot write a {type(obj).__name__} to JSON")
-
-
-def write_json(obj: Any, path: str | Path) -> Path:
-    """Write ``obj`` as JSON atomically: NaN -> null, numpy types converted, sorted keys, indent 2."""
-    text = json.dumps(to_jsonable(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
-    return write_text(text, path)
-
-
 def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
     """Save ``fig`` as PNG atomically; returns the path."""
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 def _figure(figsize: tuple[float, float]) -> Figure:

@@ -32,7 +32,8 @@ from covidxray.errors import DataError
 from covidxray.evaluate import evaluate_model, evaluate_predictions
 from covidxray.manifest import SUMMARY_NAME, read_manifest, split_frame
 from covidxray.metrics import seed_summary
-from covidxray.report import plot_reliability, plot_roc_pr, results_table, write_json, write_text
+from covidxray.outputs import OutputDir, claim_output
+from covidxray.report import plot_reliability, plot_roc_pr, results_table
 
 DEFAULT_LR = {"scratch": 1e-3, "scratch-gap": 1e-3, "vgg16": 1e-4}
 """Adam learning rates: the Keras default for the scratch CNNs, lower for the pretrained backbone."""
@@ -125,13 +126,26 @@ def reproduce(
     ``design`` (default: ``config.design``) picks the images of each class from the given sources; the table
     ends with the dataset's design and confounder warnings.
     """
-    from covidxray.train import load_run, predict_dataframe, train, versions
 
     if design is not None:
         config = dataclasses.replace(config, design=get_design(design).name)
-    t0 = time.perf_counter()
     out_root = Path(out_root)
-    out_root.mkdir(parents=True, exist_ok=True)
+    sources = [presplit, metadata, chest_xray, covid_xray, nih, *extra, data]
+    with claim_output(out_root, "reproduce", sources=sources) as out:
+        for folder in ("runs", "eval"):
+            with claim_output(out_root / folder, "reproduce"):
+                pass
+        return _reproduce(config, out, presplit=presplit, metadata=metadata, chest_xray=chest_xray,
+                          covid_xray=covid_xray, nih=nih, extra=extra, data=data, progress=progress)
+
+
+def _reproduce(config: ReproduceConfig, out: OutputDir, *, presplit, metadata, chest_xray, covid_xray, nih, extra,
+               data, progress: bool) -> dict[str, Any]:
+    """The table proper, written into the claimed ``out``."""
+    from covidxray.train import load_run, predict_dataframe, train, versions
+
+    t0 = time.perf_counter()
+    out_root = out.path
     dataset = _build(config, out_root, presplit=presplit, metadata=metadata, chest_xray=chest_xray,
                      covid_xray=covid_xray, nih=nih, extra=extra, data=data, progress=progress)
     df = read_manifest(dataset)
@@ -184,8 +198,8 @@ def reproduce(
     summary = dataset_summary(dataset)
     table = results_table(rows) + design_notes(summary)
     y = test_df["y"].to_numpy()
-    plot_roc_pr(y, probs_by_model, path=out_root / "roc_pr.png")
-    plot_reliability(y, probs_by_model, path=out_root / "reliability.png")
+    out.put("roc_pr.png", lambda tmp: plot_roc_pr(y, probs_by_model, path=tmp))
+    out.put("reliability.png", lambda tmp: plot_reliability(y, probs_by_model, path=tmp))
     counts = {s: {lab: int(((df["split"] == s) & (df["label"] == lab)).sum()) for lab in ("normal", "covid")}
               for s in ("train", "val", "test")}
     result = {
@@ -199,8 +213,8 @@ def reproduce(
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "versions": versions()},
         "wall_s": round(time.perf_counter() - t0, 1),
     }
-    write_json(result, out_root / "results.json")
-    write_text(table, out_root / "results.md")
+    out.write_json("results.json", result)
+    out.write_text("results.md", table)
     return result
 
 
@@ -218,13 +232,12 @@ def unseen_test_split(dataset: Path, trained_on: Path) -> tuple[pd.DataFrame, in
     return test[~overlap].reset_index(drop=True), int(overlap.sum())
 
 
-def _write_labeled_csv(df: pd.DataFrame, path: Path) -> Path:
-    """A ``path,label,patient_id,source`` CSV of ``df`` with paths relative to the CSV (covidxray.labeled reads it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rel = [Path(os.path.relpath(f, path.parent)).as_posix() for f in df["filepath"]]
-    out = pd.DataFrame({"path": rel, "label": df["label"], "patient_id": df["patient_id"], "source": df["source"]})
-    write_text(out.to_csv(index=False, lineterminator="\n"), path)
-    return path
+def _write_labeled_csv(df: pd.DataFrame, out: OutputDir, name: str) -> Path:
+    """A ``path,label,patient_id,source`` CSV of ``df`` in ``out`` with paths relative to it (covidxray.labeled
+    reads it)."""
+    rel = [Path(os.path.relpath(f, out.path)).as_posix() for f in df["filepath"]]
+    table = pd.DataFrame({"path": rel, "label": df["label"], "patient_id": df["patient_id"], "source": df["source"]})
+    return out.write_text(name, table.to_csv(index=False, lineterminator="\n"))
 
 
 def _cell(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -248,11 +261,19 @@ def cross_design_evaluation(
     is noted. Returns rows, a matrix {model: {trained on: {tested on: metrics}}}, notes and a Markdown table,
     also written to ``out_dir``/results.md and results.json.
     """
-    from covidxray.baseline import baseline_probabilities, fit_baseline_with_threshold
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     datasets = {d: Path(ds) for d, (ds, _) in trained.items()}
+    with claim_output(out_dir, "reproduce", sources=datasets.values()) as out:
+        return _cross(trained, datasets, out, n_boot=n_boot, baseline_size=baseline_size)
+
+
+def _cross(trained: Mapping[str, tuple[str | Path, Mapping[str, str | Path]]], datasets: dict[str, Path],
+           out: OutputDir, *, n_boot: int, baseline_size: int | None) -> dict[str, Any]:
+    """The cross-design evaluation proper, written into the claimed ``out``."""
+    from covidxray.baseline import baseline_probabilities, fit_baseline_with_threshold
+
+    out_dir = out.path
     rows: list[dict[str, Any]] = []
     matrix: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     left_out: dict[str, dict[str, int]] = {}
@@ -268,8 +289,9 @@ def cross_design_evaluation(
             left_out.setdefault(train_design, {})[test_design] = n_out
             tag = f"{train_design}-on-{test_design}"
             data: Path = test_dataset
-            if n_out:
-                data = _write_labeled_csv(test, out_dir / tag / "test-unseen.csv")
+            with claim_output(out_dir / tag, "reproduce") as tag_out:
+                if n_out:
+                    data = _write_labeled_csv(test, tag_out, "test-unseen.csv")
             notes = f"tested on {test_design} test" + (" (own design)" if test_design == train_design else "")
             notes += f" ({n_out} images seen in training left out)" if n_out else ""
             for name, model in models.items():
@@ -291,8 +313,8 @@ def cross_design_evaluation(
     table = results_table(rows) + "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     result = {"designs": list(trained), "rows": rows, "matrix": matrix, "left_out": left_out, "notes": notes,
               "table": table}
-    write_json(result, out_dir / "results.json")
-    write_text(table, out_dir / "results.md")
+    out.write_json("results.json", result)
+    out.write_text("results.md", table)
     return result
 
 
@@ -339,6 +361,8 @@ def reproduce_designs(
     names = [get_design(d).name for d in designs]
     if len(set(names)) != len(names):
         raise DataError(f"designs {list(designs)}: each design once, please.")
+    with claim_output(out_root, "reproduce", sources=[chest_xray, covid_xray, nih, *extra, metadata]):
+        pass
     results = {d: reproduce(config, out_root / d, chest_xray=chest_xray, covid_xray=covid_xray, nih=nih,
                             extra=extra, metadata=metadata, design=d, progress=progress) for d in names}
     out: dict[str, Any] = {"designs": results}

@@ -22,12 +22,12 @@ Everything is deterministic given ``seed``: the same call writes byte-identical 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import gzip
-import shutil
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from covidxray.errors import DataError
-from covidxray.paths import CHEST_XRAY_DIR, COVID_XRAY_DIR, has_files
+from covidxray.outputs import claim_output, staged_output
+from covidxray.paths import CHEST_XRAY_DIR, COVID_XRAY_DIR
 
 MARKER_NAME = ".synthetic"
 """A file in every folder these writers own; they overwrite only folders that hold it (or nothing)."""
@@ -333,25 +333,13 @@ def _ext(rng: np.random.Generator, kind: str) -> str:
     return ".jpeg" if rng.random() < 0.6 else ".jpg"
 
 
-def _check_writable(folder: Path) -> None:
-    """Refuse to write into a folder that holds data these writers did not produce (e.g. the real sources)."""
-    if folder.exists() and not folder.is_dir():
-        raise DataError(f"{folder}: exists and is not a folder; pass another root.")
-    if has_files(folder) and not (folder / MARKER_NAME).is_file():
-        raise DataError(f"{folder}: holds files not written by covidxray.synthetic; refusing to overwrite "
-                        "them. Pass an empty or new root.")
-
-
-def _reset(folder: Path, managed: Sequence[str]) -> None:
-    """Remove what a previous run wrote (so reruns leave no stale files) and mark the folder as ours."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in managed:
-        p = folder / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
-    (folder / MARKER_NAME).write_text(_MARKER_TEXT, encoding="utf-8")
+@contextlib.contextmanager
+def _written(folder: Path) -> Iterator[Path]:
+    """A staging folder for ``folder``'s new content (claimed through covidxray.outputs: a folder holding files
+    this package did not write is refused, a rerun replaces only what an earlier run wrote), marked synthetic."""
+    with staged_output(folder, "synthetic", flag="root") as stage:
+        (stage / MARKER_NAME).write_text(_MARKER_TEXT, encoding="utf-8")
+        yield stage
 
 
 def is_synthetic(folder: str | Path) -> bool:
@@ -539,12 +527,9 @@ def make_synthetic_sources(root: str | Path, *, n_normal_patients: int = 60, n_c
         raise ValueError("n_normal_patients and n_covid_patients must be at least 1")
     root = Path(root)
     chest, covid = root / CHEST_XRAY_DIR, root / COVID_XRAY_DIR
-    _check_writable(chest)
-    _check_writable(covid)
-    _reset(chest, ("chest_xray",))
-    _reset(covid, ("images", "volumes", "metadata.csv"))
-    _write_kermany(chest, n_normal_patients, seed)
-    _write_ieee8023(covid, n_covid_patients, schema, seed)
+    with claim_output(root, "synthetic", flag="root"), _written(chest) as chest_stage, _written(covid) as covid_stage:
+        _write_kermany(chest_stage, n_normal_patients, seed)
+        _write_ieee8023(covid_stage, n_covid_patients, schema, seed)
     return SyntheticSources(chest_xray=chest, covid_xray=covid)
 
 
@@ -560,24 +545,23 @@ def make_synthetic_presplit(root: str | Path, *, n_per_class: int = 30, test_fra
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction {test_fraction}: must be between 0 and 1")
     root = Path(root)
-    _check_writable(root)
-    _reset(root, ("train", "test"))
-    n_train = max(1, _split_counts(n_per_class, test_fraction, 0.0)[0])
-    rng = _rng(seed, 4, 0)
-    normal_stems = _normal_names(rng, n_per_class)
-    covid_kinds = _kinds(rng, n_per_class)
-    for c, cls in enumerate(("Normal", "Covid")):
-        test_idx = set(rng.permutation(n_per_class)[: n_per_class - n_train].tolist())
-        for i in range(n_per_class):
-            irng = _rng(seed, 4, 1 + c, i)
-            img = chest_image(irng, covid=cls == "Covid", size=_size(irng))
-            split = "test" if i in test_idx else "train"
-            if cls == "Normal":
-                name, kind = f"{normal_stems[i]}-0001.jpeg", "jpeg_gray"
-            else:
-                kind = covid_kinds[i]
-                name = _stem(irng, i % 4, 1000 + i, 0, str(i % 9), "PA") + _ext(irng, kind)
-            _save(root / split / cls / name, img, kind, irng)
+    with _written(root) as stage:
+        n_train = max(1, _split_counts(n_per_class, test_fraction, 0.0)[0])
+        rng = _rng(seed, 4, 0)
+        normal_stems = _normal_names(rng, n_per_class)
+        covid_kinds = _kinds(rng, n_per_class)
+        for c, cls in enumerate(("Normal", "Covid")):
+            test_idx = set(rng.permutation(n_per_class)[: n_per_class - n_train].tolist())
+            for i in range(n_per_class):
+                irng = _rng(seed, 4, 1 + c, i)
+                img = chest_image(irng, covid=cls == "Covid", size=_size(irng))
+                split = "test" if i in test_idx else "train"
+                if cls == "Normal":
+                    name, kind = f"{normal_stems[i]}-0001.jpeg", "jpeg_gray"
+                else:
+                    kind = covid_kinds[i]
+                    name = _stem(irng, i % 4, 1000 + i, 0, str(i % 9), "PA") + _ext(irng, kind)
+                _save(stage / split / cls / name, img, kind, irng)
     return root
 
 
@@ -600,25 +584,24 @@ def make_synthetic_nih(root: str | Path, n_patients: int = 30, seed: int = 0, *,
     if n_patients < 1:
         raise ValueError("n_patients must be at least 1")
     root = Path(root)
-    _check_writable(root)
-    _reset(root, ("images", "Data_Entry_2017.csv"))
-    lines = [NIH_HEADER]
-    for i in range(n_patients):
-        pid = 1000 + 7 * i
-        age = 3 + i % 14 if i % 5 == 4 else 18 + (i * 13) % 60
-        sex = "F" if i % 2 == 0 else "M"
-        prng = _rng(seed, 5, i)
-        anatomy = _anatomy(prng)
-        for k in range(1 + i % 3):
-            finding = NIH_FINDINGS[i % len(NIH_FINDINGS)] if k == 1 else "No Finding"
-            view = "PA" if (i + k) % 2 == 0 else "AP"
-            name = f"{pid:08d}_{k:03d}.png"
-            irng = _rng(seed, 5, i, k)
-            img = _render(irng, anatomy if k == 0 else _follow_up(anatomy, irng), covid=finding != "No Finding",
-                          size=(size, size))
-            _save(root / "images" / name, img, "png_gray")
-            lines.append(f"{name},{finding},{k},{pid},{age},{sex},{view},2500,2048,0.143,0.143")
-    (root / "Data_Entry_2017.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with _written(root) as stage:
+        lines = [NIH_HEADER]
+        for i in range(n_patients):
+            pid = 1000 + 7 * i
+            age = 3 + i % 14 if i % 5 == 4 else 18 + (i * 13) % 60
+            sex = "F" if i % 2 == 0 else "M"
+            prng = _rng(seed, 5, i)
+            anatomy = _anatomy(prng)
+            for k in range(1 + i % 3):
+                finding = NIH_FINDINGS[i % len(NIH_FINDINGS)] if k == 1 else "No Finding"
+                view = "PA" if (i + k) % 2 == 0 else "AP"
+                name = f"{pid:08d}_{k:03d}.png"
+                irng = _rng(seed, 5, i, k)
+                img = _render(irng, anatomy if k == 0 else _follow_up(anatomy, irng), covid=finding != "No Finding",
+                              size=(size, size))
+                _save(stage / "images" / name, img, "png_gray")
+                lines.append(f"{name},{finding},{k},{pid},{age},{sex},{view},2500,2048,0.143,0.143")
+        (stage / "Data_Entry_2017.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
 
 
@@ -638,28 +621,27 @@ def make_synthetic_labeled(root: str | Path, *, n_per_class: int = 20, seed: int
     if n_per_class < 1:
         raise ValueError("n_per_class must be at least 1")
     root = Path(root)
-    _check_writable(root)
-    _reset(root, ("images", "labels.csv"))
-    rows = []
-    for label in ("normal", "covid"):
-        covid = label == "covid"
-        for i in range(n_per_class):
-            h, w = _size(_rng(seed, 6, i))
-            age = 25 + (i * 17) % 55
-            kind = "png_gray"
-            if covid and "size" in plant:
-                h, w = h // 2, w // 2
-            if covid and "age" in plant:
-                age += 30
-            if covid and "format" in plant:
-                kind = "jpeg_rgb"
-            irng = _rng(seed, 6, 1 + covid, i)
-            rel = f"images/{label}-{i:03d}" + (".jpeg" if kind.startswith("jpeg") else ".png")
-            _save(root / rel, _render(irng, _anatomy(irng), covid=covid, size=(h, w)), kind, irng)
-            rows.append({"path": rel, "label": label, "patient_id": f"{label}-{i:03d}", "source": "synthetic",
-                         "age": str(age), "sex": "F" if i % 2 == 0 else "M", "view": "PA" if i % 2 == 0 else "AP"})
-    with (root / "labels.csv").open("w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    with _written(root) as stage:
+        rows = []
+        for label in ("normal", "covid"):
+            covid = label == "covid"
+            for i in range(n_per_class):
+                h, w = _size(_rng(seed, 6, i))
+                age = 25 + (i * 17) % 55
+                kind = "png_gray"
+                if covid and "size" in plant:
+                    h, w = h // 2, w // 2
+                if covid and "age" in plant:
+                    age += 30
+                if covid and "format" in plant:
+                    kind = "jpeg_rgb"
+                irng = _rng(seed, 6, 1 + covid, i)
+                rel = f"images/{label}-{i:03d}" + (".jpeg" if kind.startswith("jpeg") else ".png")
+                _save(stage / rel, _render(irng, _anatomy(irng), covid=covid, size=(h, w)), kind, irng)
+                rows.append({"path": rel, "label": label, "patient_id": f"{label}-{i:03d}", "source": "synthetic",
+                             "age": str(age), "sex": "F" if i % 2 == 0 else "M", "view": "PA" if i % 2 == 0 else "AP"})
+        with (stage / "labels.csv").open("w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
     return root / "labels.csv"

@@ -194,6 +194,19 @@ def dataset_record(data_dir: str | Path) -> dict:
     return {"path": Path(data_dir).as_posix(), "fingerprint": fingerprint(manifest), "design": design}
 
 
+def run_dataset(run_dir: str | Path) -> dict | None:
+    """The dataset a run folder records it was trained on (see :func:`dataset_record`), None if it records none."""
+    path = Path(run_dir) / "provenance.json"
+    if not path.is_file():
+        return None
+    return (_read_json(path).get("dataset") or None)
+
+
+def check_trained_on(run_dir: str | Path, data_dir: str | Path) -> None:
+    """Refuse a run that was not trained on ``data_dir`` (its manifest fingerprint differs or is unrecorded)."""
+    _check_same_dataset(Path(run_dir), run_dataset(run_dir), dataset_record(data_dir))
+
+
 def _check_same_dataset(out_dir: Path, recorded: dict | None, current: dict) -> None:
     """Refuse to resume or reuse a run trained on another dataset (or on one it cannot name)."""
     if recorded and recorded.get("fingerprint") == current["fingerprint"]:

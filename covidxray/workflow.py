@@ -99,7 +99,7 @@ def evaluate_runs(
     from covidxray.baseline import baseline_probabilities, fit_baseline_with_threshold
     from covidxray.evaluate import evaluate_predictions
     from covidxray.manifest import read_manifest, split_frame
-    from covidxray.train import load_run, predict_dataframe
+    from covidxray.train import check_trained_on, load_run, predict_dataframe
 
     df = read_manifest(data)
     train_df, val_df, test_df = (split_frame(df, s) for s in SPLITS)
@@ -112,6 +112,7 @@ def evaluate_runs(
                                          weights=f"{baseline_size}x{baseline_size} thumbnails", n_boot=n_boot))
         probs["baseline"] = p
     for name, run in runs.items():
+        check_trained_on(run, data)
         model, meta = load_run(run)
         p = predict_dataframe(model, test_df, int(model.input_shape[1]))
         config = meta.get("config", {})
@@ -134,10 +135,11 @@ def ensure_demo_run(
     """A trained run at ``run_dir``: the existing one, or a small one trained now (building a synthetic
     dataset at ``data`` first when there is none), so the explanation notebook always runs top to bottom."""
     from covidxray.build import build_dataset
-    from covidxray.train import TrainConfig, train
+    from covidxray.train import TrainConfig, check_trained_on, train
 
     run_dir, data = Path(run_dir), Path(data)
     if (run_dir / "model.keras").is_file():
+        check_trained_on(run_dir, data)
         return run_dir
     if not (data / "manifest.csv").is_file():
         sources = resolve_sources("synthetic", work_dir=work_dir, synthetic_patients=(160, 130))
