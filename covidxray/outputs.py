@@ -224,7 +224,7 @@ def _owned(folder: Path) -> tuple[dict[str, set[str]], set[str]]:
     return files, children
 
 
-def foreign_entries(folder: str | Path) -> list[str]:
+def foreign_entries(folder: str | Path, children: Iterable[str] = ()) -> list[str]:
     """Entries of ``folder`` (relative paths) that no covidxray record accounts for, unchanged, in order.
 
     Recorded files must still have their recorded hash; recorded child folders are checked against their own
@@ -234,7 +234,8 @@ def foreign_entries(folder: str | Path) -> list[str]:
     if not folder.is_dir():
         return []
     found: list[str] = []
-    _scan(folder, folder, *_owned(folder), found, top=True)
+    files, known = _owned(folder)
+    _scan(folder, folder, files, known | set(children), found, top=True)
     return found
 
 
@@ -249,7 +250,7 @@ def _scan(root: Path, folder: Path, files: dict[str, set[str]], children: set[st
         if entry.is_symlink():
             found.append(rel)
         elif entry.is_dir():
-            if rel in children and (entry / RECORD_NAME).is_file():
+            if rel in children:
                 found.extend(f"{rel}/{sub}" for sub in foreign_entries(entry))
             else:
                 _scan(root, entry, files, children, found, top=False)
@@ -257,11 +258,11 @@ def _scan(root: Path, folder: Path, files: dict[str, set[str]], children: set[st
             found.append(rel)
 
 
-def _refusal(path: Path, foreign: list[str]) -> DataError:
+def _refusal(path: Path, foreign: list[str], flag: str = "--out") -> DataError:
     named = ", ".join(foreign[:MAX_NAMED]) + (f" and {len(foreign) - MAX_NAMED} more" if len(foreign) > MAX_NAMED
                                               else "")
     return DataError(f"{path}: holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} covidxray did not "
-                     f"write or that changed since ({named}); nothing was changed. Choose another --out, or move "
+                     f"write or that changed since ({named}); nothing was changed. Choose another {flag}, or move "
                      "those entries out of the folder.")
 
 
@@ -464,10 +465,13 @@ def claim_output(
     sources: Iterable[str | Path | None] = (),
     command: Sequence[str] | None = None,
     flag: str = "--out",
+    children: Sequence[str] = (),
 ) -> Iterator[OutputDir]:
     """Claim ``path`` for ``verb`` and yield it; refuse (before any work) if it holds anything not ours.
 
     ``sources`` are folders or files the verb reads: the output may not be, lie inside, or contain any of them.
+    ``children`` are sub-folders the verb claims as outputs of their own: each is checked as its own claim would
+    check it (its record, or a fresh folder whose README.md is kept).
     On an error inside the block, scratch files are removed and a folder this claim created is removed again
     when nothing was recorded in it.
     """
@@ -477,14 +481,15 @@ def claim_output(
         raise DataError(f"{flag} {path}: a symlink to a missing folder; create its target or choose another {flag}.")
     if path.exists() and not path.is_dir():
         raise DataError(f"{flag} {path}: exists and is not a folder; choose another {flag}.")
-    foreign = foreign_entries(path)
+    foreign = foreign_entries(path, children)
     if foreign:
-        raise _refusal(path, foreign)
+        raise _refusal(path, foreign, flag)
     created = [p for p in reversed([path, *path.absolute().parents]) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         _clean_leftovers(path)
         out = OutputDir(path, verb, command, created)
+        out.record["children"].extend(c for c in children if c not in out.record["children"])
         out._save()
     except OSError as exc:
         raise DataError(f"{path}: cannot write here ({exc.strerror or exc}); choose another {flag} or make this "

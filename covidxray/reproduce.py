@@ -142,7 +142,7 @@ def reproduce(
 def _reproduce(config: ReproduceConfig, out: OutputDir, *, presplit, metadata, chest_xray, covid_xray, nih, extra,
                data, progress: bool) -> dict[str, Any]:
     """The table proper, written into the claimed ``out``."""
-    from covidxray.train import load_run, predict_dataframe, train, versions
+    from covidxray.train import dataset_record, load_run, predict_dataframe, train, versions
 
     t0 = time.perf_counter()
     out_root = out.path
@@ -196,7 +196,9 @@ def _reproduce(config: ReproduceConfig, out: OutputDir, *, presplit, metadata, c
         rows.append(first)
 
     summary = dataset_summary(dataset)
-    table = results_table(rows) + design_notes(summary)
+    record = dataset_record(dataset)
+    table = (results_table(rows) + design_notes(summary)
+             + f"\nDataset: {record['path']} (manifest fingerprint {record['fingerprint']}).\n")
     y = test_df["y"].to_numpy()
     out.put("roc_pr.png", lambda tmp: plot_roc_pr(y, probs_by_model, path=tmp))
     out.put("reliability.png", lambda tmp: plot_reliability(y, probs_by_model, path=tmp))
@@ -204,7 +206,7 @@ def _reproduce(config: ReproduceConfig, out: OutputDir, *, presplit, metadata, c
               for s in ("train", "val", "test")}
     result = {
         "config": {**asdict(config), "models": list(config.models)},
-        "dataset": {"counts": counts, "presplit": presplit is not None,
+        "dataset": {**record, "counts": counts, "presplit": presplit is not None,
                     "design": (summary.get("design") or {}).get("name", config.design if data is None else None),
                     "confounder_warnings": [w["message"] for w in
                                             (summary.get("confounders") or {}).get("warnings", [])]},

@@ -527,7 +527,9 @@ def make_synthetic_sources(root: str | Path, *, n_normal_patients: int = 60, n_c
         raise ValueError("n_normal_patients and n_covid_patients must be at least 1")
     root = Path(root)
     chest, covid = root / CHEST_XRAY_DIR, root / COVID_XRAY_DIR
-    with claim_output(root, "synthetic", flag="root"), _written(chest) as chest_stage, _written(covid) as covid_stage:
+    children = (CHEST_XRAY_DIR.name, COVID_XRAY_DIR.name)
+    with claim_output(root, "synthetic", flag="root", children=children), _written(chest) as chest_stage, \
+            _written(covid) as covid_stage:
         _write_kermany(chest_stage, n_normal_patients, seed)
         _write_ieee8023(covid_stage, n_covid_patients, schema, seed)
     return SyntheticSources(chest_xray=chest, covid_xray=covid)

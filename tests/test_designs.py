@@ -71,7 +71,7 @@ def test_designs_refuse_what_they_cannot_build(tmp_path, synthetic_sources, nih)
         build_dataset(tmp_path / "b", chest_xray=synthetic_sources.chest_xray,
                       covid_xray=synthetic_sources.covid_xray, design="children", progress=False)
     with pytest.raises(DataError, match="not both"):
-        build_dataset(tmp_path / "c", presplit=tmp_path, nih=nih, progress=False)
+        build_dataset(tmp_path / "c", presplit=synthetic_sources.chest_xray, nih=nih, progress=False)
     assert not (tmp_path / "a").exists()
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from covidxray.errors import DataError
 from covidxray.manifest import MANIFEST_COLUMNS, read_manifest
+from covidxray.outputs import RECORD_NAME
 from covidxray.probes import (
     PROBES_JSON,
     PROBES_MD,
@@ -124,7 +125,7 @@ def test_run_probes_warns_on_a_planted_marker(planted, tmp_path):
     source = result["source"]
     assert source["shortcut"] and source["accuracy"] >= 0.8 and source["accuracy_ci"][0] > source["chance"]
     assert len(result["warnings"]) == 2 and all("WARNING" in w for w in result["warnings"])
-    assert sorted(p.name for p in out.iterdir()) == [PROBES_JSON, PROBES_MD]
+    assert sorted(p.name for p in out.iterdir()) == [RECORD_NAME, PROBES_JSON, PROBES_MD]
     saved = json.loads((out / PROBES_JSON).read_text())
     assert saved["source"]["accuracy"] == pytest.approx(source["accuracy"])
     assert "labels readable without the lungs" in (out / PROBES_MD).read_text()

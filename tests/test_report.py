@@ -16,6 +16,7 @@ from covidxray.errors import DataError
 from covidxray.labeled import COLUMNS, load_labeled
 from covidxray.manifest import MANIFEST_COLUMNS, MANIFEST_NAME
 from covidxray.metrics import seed_summary, summarize
+from covidxray.outputs import write_json, write_text
 from covidxray.report import (
     plot_confusion,
     plot_distributions,
@@ -24,8 +25,6 @@ from covidxray.report import (
     plot_roc_pr,
     plot_sample_grid,
     results_table,
-    write_json,
-    write_text,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

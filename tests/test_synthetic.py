@@ -137,9 +137,14 @@ def test_deterministic_and_idempotent(tmp_path: Path) -> None:
     make_synthetic_sources(tmp_path / "b", **kw)
     first = _hashes(tmp_path / "a")
     assert first == _hashes(tmp_path / "b")
-    (tmp_path / "a" / "Covid_XRAY" / "images" / "stale.png").write_bytes(b"x")
     make_synthetic_sources(tmp_path / "a", **kw)
     assert _hashes(tmp_path / "a") == first
+    stale = tmp_path / "a" / "Covid_XRAY" / "images" / "stale.png"
+    stale.write_bytes(b"x")
+    with pytest.raises(DataError, match="stale.png"):
+        make_synthetic_sources(tmp_path / "a", **kw)
+    assert stale.read_bytes() == b"x"
+    stale.unlink()
     make_synthetic_sources(tmp_path / "c", **{**kw, "seed": 8})
     assert _hashes(tmp_path / "c") != first
 
@@ -193,7 +198,7 @@ def test_refuses_foreign_data(tmp_path: Path) -> None:
     real = tmp_path / "Chest_XRAY"
     real.mkdir()
     (real / "chest_xray.zip").write_bytes(b"real data")
-    with pytest.raises(DataError, match="not written by covidxray.synthetic"):
+    with pytest.raises(DataError, match="covidxray did not write"):
         make_synthetic_sources(tmp_path)
     assert (real / "chest_xray.zip").read_bytes() == b"real data"
     assert not (tmp_path / "Covid_XRAY").exists()
