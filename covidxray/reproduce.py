@@ -125,7 +125,8 @@ def reproduce(
     ``design`` (default: ``config.design``) picks the images of each class from the given sources; the table
     ends with the dataset's design and confounder warnings.
     """
-    from covidxray.train import load_run, predict_dataframe, train, versions
+    from covidxray.model_io import load_run, predict_dataframe, versions
+    from covidxray.train import train
 
     if design is not None:
         config = dataclasses.replace(config, design=get_design(design).name)
