@@ -31,9 +31,10 @@ from covidxray.build import build_dataset
 from covidxray.features import conv_flops, extract_features, extractor, frozen_part, tail_part
 from covidxray.manifest import read_manifest, split_frame
 from covidxray.metrics import binary_metrics
+from covidxray.model_io import load_run, predict_dataframe, predict_proba, versions
 from covidxray.models import build_model, compile_model
 from covidxray.pipeline import load_images, make_dataset
-from covidxray.train import TrainConfig, load_run, predict_dataframe, predict_proba, train, versions
+from covidxray.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from covidxray import paths
-from covidxray.evaluate import check_model_input, write_skipped
+from covidxray.evaluate import write_skipped
 from covidxray.explain import heatmaps, render_cams, resolve_method, safe_name
 from covidxray.explain_checks import write_checks
 from covidxray.labeled import decodable, read_labeled
@@ -44,11 +44,11 @@ def render_model_cams(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Write overlays, grid and checks for one model; return the checks, the files and the files skipped."""
+    from covidxray.model_io import load_run, predict_proba
     from covidxray.pipeline import load_images
-    from covidxray.train import load_run, predict_proba
 
     model, meta = load_run(model_path)
-    image_size = check_model_input(model, meta["model_path"])
+    image_size = meta["image_size"]
     config = meta.get("config", {})
     name = name or config.get("model") or Path(model_path).stem
     method, layer = resolve_method(model, method, layer)
@@ -89,10 +89,10 @@ def side_by_side(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from covidxray.model_io import load_run, predict_proba
     from covidxray.outputs import claim_output
     from covidxray.pipeline import load_images
     from covidxray.report import save_figure
-    from covidxray.train import load_run, predict_proba
 
     with decodable(read_labeled(data, split=split)) as usable:
         df = pick_images(usable.frame, n, seed)
@@ -101,7 +101,7 @@ def side_by_side(
         axes = fig.subplots(len(df), len(runs) + 1, squeeze=False)
         for col, (name, run) in enumerate(runs.items(), start=1):
             model, meta = load_run(run)
-            images = load_images(df["filepath"].tolist(), check_model_input(model, meta["model_path"]))
+            images = load_images(df["filepath"].tolist(), meta["image_size"])
             probs = predict_proba(model, images)
             method, layer = resolve_method(model, "auto", None)
             maps = heatmaps(model, images, method=method, layer=layer)

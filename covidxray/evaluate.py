@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from covidxray import LABELS
-from covidxray.errors import DataError, ModelError
+from covidxray.errors import DataError
 from covidxray.labeled import decodable, read_labeled
 from covidxray.metrics import METRIC_NAMES, format_metric, summarize
 from covidxray.outputs import staged_output, write_json, write_text
@@ -34,16 +34,6 @@ REFERENCE_DIR = "eval-test"
 SKIPPED_FILE = "skipped.csv"
 
 
-def check_model_input(model: Any, model_path: str | Path) -> int:
-    """The image size of a model that takes (n, size, size, 3) images; a ModelError naming the file otherwise."""
-    shape = getattr(model, "input_shape", None)
-    ok = (isinstance(shape, tuple) and len(shape) == 4 and isinstance(shape[1], int) and shape[1] == shape[2]
-          and shape[3] == 3)
-    if not ok:
-        raise ModelError(f"{model_path}: the model takes inputs of shape {shape}, not square RGB images "
-                         "(n, size, size, 3); it is not a covidxray chest X-ray model. Pass a run folder or "
-                         "model.keras written by `covidxray train`.")
-    return int(shape[1])
 
 
 def evaluate_predictions(
@@ -192,11 +182,12 @@ def evaluate_model(
     ``reference`` is the metrics.json of the run's own test evaluation (default: ``RUN/eval-test/metrics.json``
     when it exists and is not the folder written now); the result then has ``change_vs_internal`` per metric.
     """
-    from covidxray.train import load_run, predict_dataframe, run_dataset
+    from covidxray.model_io import load_run, predict_dataframe
+    from covidxray.train import run_dataset
 
     model, meta = load_run(model_path)
     trained_on = run_dataset(meta["run_dir"])
-    image_size = check_model_input(model, meta["model_path"])
+    image_size = meta["image_size"]
     labeled = read_labeled(data, split=split)
     thr = float(threshold if threshold is not None else meta.get("threshold", 0.5))
     config = meta.get("config", {})

@@ -470,7 +470,7 @@ def render_cams(
     """
     x = as_image_batch(images)
     if probs is None:
-        from covidxray.train import predict_proba
+        from covidxray.model_io import predict_proba
 
         p = predict_proba(model, x, batch_size=batch_size)
     else:

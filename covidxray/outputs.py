@@ -127,16 +127,6 @@ def write_json(obj: Any, path: str | Path) -> Path:
     return write_text(json_text(obj), path)
 
 
-def read_json(path: str | Path) -> Any:
-    """Parse a JSON file the package wrote; a DataError naming the file when it is missing or damaged."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable ({exc}); the folder is damaged: recreate it with the verb that "
-                        "wrote it.") from exc
-
-
 def file_sha256(path: str | Path) -> str:
     """SHA-256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()

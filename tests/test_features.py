@@ -25,9 +25,10 @@ from covidxray.features import (
     tail_part,
 )
 from covidxray.manifest import read_manifest, split_frame
+from covidxray.model_io import load_run, predict_proba
 from covidxray.models import build_model, set_trainable_from
 from covidxray.pipeline import AugmentConfig, load_images
-from covidxray.train import TrainConfig, load_run, predict_proba, train
+from covidxray.train import TrainConfig, train
 
 SIZE = 32
 

@@ -12,8 +12,8 @@ import pytest
 from covidxray import backbones
 from covidxray.backbones import VGG16_CONV_LAYERS, VGG16_NOTOP_NAME, VGG16_NOTOP_URL, load_vgg16_backbone_weights
 from covidxray.errors import ModelError
+from covidxray.model_io import predict_proba
 from covidxray.models import MODEL_NAMES, build_model, compile_model, set_trainable_from
-from covidxray.train import predict_proba
 
 SIZE = 32
 

@@ -12,16 +12,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import covidxray.model_io as model_io_module
 import covidxray.train as train_module
 from covidxray.errors import ImageError, ModelError
 from covidxray.manifest import read_manifest, split_frame
+from covidxray.model_io import load_run, predict_dataframe, predict_proba
 from covidxray.pipeline import load_images
 from covidxray.train import (
     TrainConfig,
     choose_threshold,
-    load_run,
-    predict_dataframe,
-    predict_proba,
     train,
     youden_threshold,
 )
@@ -79,6 +78,7 @@ def run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dic
     out = tmp_path_factory.mktemp("runs") / "scratch"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_module, "make_dataset", spy)
+        mp.setattr(model_io_module, "make_dataset", spy)
         summary = train(CONFIG, data, out, progress=False)
     return out, summary, seen
 

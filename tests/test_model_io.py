@@ -1,0 +1,129 @@
+"""Loading models: safe-mode refusals, corrupt files and the input/output contract, on real saved .keras files."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from covidxray.errors import ModelError
+from covidxray.model_io import check_model_contract, load_run, predict_proba
+from covidxray.models import MODEL_NAMES, build_model
+
+SIZE = 32
+
+
+def _save(model: keras.Model, folder: Path) -> Path:
+    """``folder/model.keras``, as a run folder holds it."""
+    folder.mkdir(parents=True)
+    model.save(folder / "model.keras")
+    return folder
+
+
+def _pooled(shape: tuple) -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    inputs = keras.Input(shape)
+    return inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(2, 3)(inputs))
+
+
+def _with_head(head: Callable[[keras.KerasTensor], keras.KerasTensor]) -> keras.Model:
+    inputs, x = _pooled((SIZE, SIZE, 3))
+    return keras.Model(inputs, head(x))
+
+
+def test_a_lambda_layer_is_refused_as_code_not_as_corruption(tmp_path: Path) -> None:
+    inputs, x = _pooled((SIZE, SIZE, 3))
+    x = keras.layers.Lambda(lambda t: t * 2.0)(x)
+    run = _save(keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x)), tmp_path / "lambda run")
+    with pytest.raises(ModelError) as info:
+        load_run(run)
+    message = str(info.value)
+    assert re.search(r"lambda run.model\.keras: the model holds Python code \(a Lambda layer\)", message)
+    assert "safe mode" in message and "does not run code" in message and "without Lambda layers" in message
+    assert "corrupt" not in message
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes"])
+def test_a_damaged_file_is_called_corrupt(tmp_path: Path, damage: str) -> None:
+    good = _save(_with_head(lambda x: keras.layers.Dense(1, activation="sigmoid")(x)), tmp_path / "good")
+    data = (good / "model.keras").read_bytes()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    blob = data[: len(data) // 2] if damage == "truncated" else np.random.default_rng(0).bytes(len(data))
+    (bad / "model.keras").write_bytes(blob)
+    with pytest.raises(ModelError, match=r"bad.model\.keras: cannot load the model .*truncated or corrupt: retrain"):
+        load_run(bad)
+
+
+WRONG_OUTPUTS: dict[str, Callable[[keras.KerasTensor], keras.KerasTensor]] = {
+    "softmax-10": lambda x: keras.layers.Dense(10, activation="softmax")(x),
+    "sigmoid-2": lambda x: keras.layers.Dense(2, activation="sigmoid")(x),
+    "linear-1": lambda x: keras.layers.Dense(1)(x),
+}
+
+
+@pytest.mark.parametrize("kind", list(WRONG_OUTPUTS))
+def test_an_output_other_than_one_sigmoid_unit_is_refused(tmp_path: Path, kind: str) -> None:
+    run = _save(_with_head(WRONG_OUTPUTS[kind]), tmp_path / kind)
+    found = {"softmax-10": r"\(None, 10\) from a softmax", "sigmoid-2": r"\(None, 2\) from a sigmoid",
+             "linear-1": r"\(None, 1\) from a linear"}[kind]
+    with pytest.raises(ModelError, match=rf"{kind}.model\.keras: the model outputs shape {found} .*not one sigmoid "
+                                         r"unit of shape \(None, 1\).*covidxray train"):
+        load_run(run)
+
+
+@pytest.mark.parametrize(("kind", "shape", "why"), [
+    ("variable size", (None, None, 3), "fixed numbers"),
+    ("grayscale", (SIZE, SIZE, 1), r"1 channel\(s\) where 3 \(RGB\)"),
+    ("not square", (SIZE, 2 * SIZE, 3), "must be equal"),
+])
+def test_an_input_other_than_fixed_square_rgb_is_refused(tmp_path: Path, kind: str, shape: tuple, why: str) -> None:
+    inputs, x = _pooled(shape)
+    run = _save(keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x)), tmp_path / kind)
+    with pytest.raises(ModelError, match=rf"{kind}.model\.keras: the model takes inputs of shape .* not square RGB "
+                                         rf"images .*{why}.*covidxray train"):
+        load_run(run)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_the_package_models_fit_the_contract(tmp_path: Path, name: str) -> None:
+    model = build_model(name, image_size=SIZE, weights="none")
+    loaded, meta = load_run(_save(model, tmp_path / name))
+    assert meta["image_size"] == SIZE and meta["threshold"] == 0.5 and meta["config"] == {}
+    x = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
+    assert np.allclose(predict_proba(loaded, x), predict_proba(model, x), atol=1e-6)
+
+
+def test_a_mixed_precision_model_fits_the_contract(tmp_path: Path) -> None:
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = build_model("scratch-gap", image_size=SIZE, weights="none")
+    finally:
+        keras.config.set_dtype_policy(before)
+    assert model.layers[-1].dtype_policy.name == "float32" and model.get_layer("last_conv").compute_dtype == "float16"
+    _, meta = load_run(_save(model, tmp_path / "mixed"))
+    assert meta["image_size"] == SIZE
+
+
+FITTING: dict[str, Callable[[], keras.Model]] = {
+    "Dense(1, sigmoid)": lambda: _with_head(lambda x: keras.layers.Dense(1, activation="sigmoid")(x)),
+    "keras.ops.sigmoid": lambda: _with_head(lambda x: keras.ops.sigmoid(keras.layers.Dense(1)(x))),
+    "Sequential": lambda: keras.Sequential([keras.Input((SIZE, SIZE, 3)), keras.layers.Flatten(),
+                                            keras.layers.Dense(1, activation="sigmoid")]),
+    "nested": lambda: _nested(),
+}
+
+
+def _nested() -> keras.Model:
+    inner = _with_head(lambda x: keras.layers.Dense(1, activation="sigmoid")(x))
+    inputs = keras.Input((SIZE, SIZE, 3))
+    return keras.Model(inputs, inner(inputs))
+
+
+@pytest.mark.parametrize("kind", list(FITTING))
+def test_other_models_that_fit_the_contract_are_accepted(kind: str) -> None:
+    assert check_model_contract(FITTING[kind](), kind) == SIZE
