@@ -25,7 +25,7 @@ import numpy as np
 
 from covidxray import LABELS
 from covidxray.errors import DataError
-from covidxray.sources.base import SourceImage
+from covidxray.sources.base import SourceImage, parse_age
 from covidxray.sources.ieee8023 import FRONTAL_VIEWS
 
 ADULT_AGE = 18.0
@@ -149,15 +149,6 @@ def apply_design(design: str, images: Sequence[SourceImage]) -> tuple[list[Sourc
     return kept, report
 
 
-def _age(value: Any) -> float:
-    if value is None or value == "":
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def _round(x: float | None) -> float | None:
     return None if x is None or math.isnan(x) else round(float(x), 4)
 
@@ -201,7 +192,8 @@ def confounders(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     by_class: dict[str, dict[str, Any]] = {}
     for label in LABELS:
         part = [r for r in rows if r["label"] == label]
-        entry: dict[str, Any] = {"images": len(part), "age": age_stats(_age(r.get("age")) for r in part)}
+        ages = (parse_age(r.get("age"), strict=False) for r in part)
+        entry: dict[str, Any] = {"images": len(part), "age": age_stats(ages)}
         for factor in CATEGORICAL_FACTORS:
             entry[factor] = _shares([str(r.get(factor, "") or "") for r in part])
         for side in ("width", "height"):
@@ -211,7 +203,7 @@ def confounders(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for label, source in sorted({(r["label"], r["source"]) for r in rows}):
         part = [r for r in rows if r["label"] == label and r["source"] == source]
         by_class_source[f"{label}/{source}"] = {"images": len(part),
-                                                "age": age_stats(_age(r.get("age")) for r in part)}
+                                                "age": age_stats(parse_age(r.get("age"), strict=False) for r in part)}
     return {"by_class": by_class, "by_class_source": by_class_source, "rules": dict(RULES),
             "warnings": _warnings(by_class, rows)}
 

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 
 from covidxray import LABELS
 from covidxray.errors import ModelError
+from covidxray.images import IMAGE_EXTENSIONS
 
 METHODS: tuple[str, ...] = ("auto", "cam", "gradcam", "gradcam++")
 """Heatmap methods accepted by :func:`heatmaps`; "auto" = CAM when the model allows it, else Grad-CAM."""
@@ -49,7 +50,6 @@ _INFERENCE_IDENTITY = (
     keras.layers.GaussianNoise,
     keras.layers.AlphaDropout,
 )
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm"}
 _CMAP = "jet"
 
 
@@ -295,7 +295,7 @@ def safe_name(text: object, fallback: str = "x", max_len: int = 80) -> str:
 def _image_stem(image_name: object) -> str:
     base = str(image_name).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     root, dot, ext = base.rpartition(".")
-    return root if dot and root and f".{ext.lower()}" in _IMAGE_SUFFIXES else base
+    return root if dot and root and f".{ext.lower()}" in IMAGE_EXTENSIONS else base
 
 
 def cam_filename(model_name: str, image_name: str, truth: str, pred: str, prob: float) -> str:

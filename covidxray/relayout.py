@@ -3,7 +3,8 @@
 The 2020 project's ``Dataset/`` holds Kermany normals and ieee8023 COVID images already split by file order.
 Putting the normals back into a Kermany ``chest_xray/train/NORMAL`` folder and the COVID images beside the
 ieee8023 ``metadata.csv`` they came from lets the normal build split the same images by patient instead.
-Files are linked (or copied where links are not possible); the pre-split folder is only read.
+Files are hard-linked (or copied where links are not possible), never symlinked: the source readers skip files
+that resolve outside their folder. The pre-split folder is only read.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from covidxray.errors import DataError
 from covidxray.images import IMAGE_EXTENSIONS, is_junk
+from covidxray.sources.base import parse_label
 
 
 def _link(src: Path, dest: Path) -> None:
@@ -21,7 +23,7 @@ def _link(src: Path, dest: Path) -> None:
     if dest.is_symlink() or dest.exists():
         dest.unlink()
     try:
-        os.symlink(src.resolve(), dest)
+        os.link(src.resolve(), dest)
     except OSError:
         shutil.copyfile(src, dest)
 
@@ -39,10 +41,10 @@ def presplit_as_sources(presplit: str | Path, metadata: str | Path, out_root: st
         rel = path.relative_to(presplit)
         if not path.is_file() or is_junk(rel) or path.suffix.lower() not in IMAGE_EXTENSIONS or len(rel.parts) < 3:
             continue
-        label = rel.parts[-2].lower()
+        label = parse_label(rel.parts[-2])
         if label == "normal":
             _link(path, normal_dir / path.name)
-        elif label in ("covid", "covid-19"):
+        elif label == "covid":
             _link(path, covid / "images" / path.name)
         else:
             continue

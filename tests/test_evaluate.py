@@ -41,6 +41,20 @@ def test_evaluate_on_an_external_csv_reports_each_source(tiny_run, tiny_dataset,
     assert sum(r["metrics"]["n"] for r in result["per_source"].values()) == len(test)
 
 
+def test_evaluate_counts_a_file_listed_five_times_once(tiny_run, tiny_dataset, tmp_path):
+    test = read_manifest(tiny_dataset).query("split == 'test'").reset_index(drop=True)
+    paths = [*test["filepath"], *[test["filepath"][0]] * 4]
+    csv = tmp_path / "repeated.csv"
+    pd.DataFrame({"path": paths, "label": [*test["label"], *[test["label"][0]] * 4]}).to_csv(csv, index=False)
+    out = tmp_path / "rep"
+    result = evaluate_model(tiny_run, csv, split=None, out_dir=out, n_boot=50)
+    assert result["metrics"]["n"] == len(test) and result["bootstrap"]["n_units"] == len(test)
+    assert result["skipped"] == {"count": 4, "reasons": {"listed more than once": 4}}
+    assert "listed more than once: 4" in result["markdown"]
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert skipped["reason"].str.endswith("listed 5 times; counted once)").all()
+
+
 def test_cams_for_a_trained_run(tiny_run, tiny_dataset, tmp_path):
     out = tmp_path / "cams"
     result = render_model_cams(tiny_run, tiny_dataset, out_dir=out, limit=6, name="scratch-gap")

@@ -63,7 +63,8 @@ def test_csv_bad_rows_are_skipped_with_line_and_reason(labeled_csv):
     assert skipped["labels.csv, line 10"].startswith("unknown label 'pneumonia'")
     assert skipped["labels.csv, line 11"].startswith("image file not found (img/missing.png")
     assert "age 'old' is not a number of years" in skipped["labels.csv, line 12"]
-    assert skipped["labels.csv, line 13"] == "path listed twice (first on line 2)"
+    assert skipped["labels.csv, line 13"] == ("listed more than once (same file as line 2, which is used; listed 2 "
+                                              "times; counted once)")
     assert skipped["labels.csv, line 14"].startswith("not an image file extension")
     assert len(skipped) == 6
 
@@ -71,7 +72,7 @@ def test_csv_bad_rows_are_skipped_with_line_and_reason(labeled_csv):
 def test_csv_header_and_empty_file_errors(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("file,class\na.png,covid\n")
-    with pytest.raises(DataError, match=r"bad\.csv: missing column\(s\) \['path', 'label'\]"):
+    with pytest.raises(DataError, match=r"bad\.csv: missing required column\(s\) \['path', 'label'\]"):
         read_generic(bad)
     empty = tmp_path / "empty.csv"
     empty.write_text("path,label\n\n")

@@ -182,7 +182,8 @@ def test_load_labeled_from_class_folders(tmp_path: Path) -> None:
     df = load_labeled(flat)
     assert list(df.columns) == COLUMNS
     assert sorted(df["label"]) == ["covid", "covid", "normal"]
-    assert (df["patient_id"] == df["filepath"]).all() and (df["source"] == "external").all()
+    assert sorted(df["patient_id"]) == ["flat:Covid/a.png", "flat:Covid/sub/b.jpg", "flat:NORMAL/c.png"]
+    assert (df["source"] == "flat").all()
 
     nested = tmp_path / "nested"
     for split in ("train", "test"):
@@ -190,14 +191,15 @@ def test_load_labeled_from_class_folders(tmp_path: Path) -> None:
         _png(nested / split / "Normal" / f"{split}.png", 60)
     df = load_labeled(nested, split="test")
     assert len(df) == 2 and all("/test/" in Path(f).as_posix() for f in df["filepath"])
-    with pytest.raises(DataError, match="several subfolders"):
-        load_labeled(nested, split=None)
+    assert len(load_labeled(nested, split=None)) == 4
+    with pytest.raises(DataError, match=r"no image of split 'val' \(the set names \['test', 'train'\]\)"):
+        load_labeled(nested, split="val")
 
     one = tmp_path / "one"
     _png(one / "external_set" / "covid" / "x.png", 180)
     assert len(load_labeled(one)) == 1
 
-    with pytest.raises(DataError, match="no covid/ or normal/"):
+    with pytest.raises(DataError, match="no normal/ or covid/ subfolder"):
         load_labeled(tmp_path / "one" / "external_set" / "covid")
     with pytest.raises(DataError, match="no such file"):
         load_labeled(tmp_path / "absent")
@@ -212,26 +214,26 @@ def test_load_labeled_from_csv(tmp_path: Path) -> None:
     df = load_labeled(csv)
     assert list(df.columns) == COLUMNS
     assert list(df["y"]) == [1, 0, 0]
-    assert df["patient_id"].tolist() == ["p1", str(tmp_path / "imgs" / "b.png"), "p3"]
-    assert (df["source"] == "external").all()
+    assert df["patient_id"].tolist() == ["list:p1", "list:imgs/b.png", "list:p3"]
+    assert (df["source"] == "list").all()
     assert Path(df["filepath"][0]) == (tmp_path / "imgs" / "a.png").resolve()
 
     split_csv = tmp_path / "split.csv"
     split_csv.write_text("path,label,source,split\nimgs/a.png,covid,siteA,test\nimgs/b.png,normal,siteA,train\n")
     df = load_labeled(split_csv, split="test")
-    assert len(df) == 1 and df["source"][0] == "siteA"
+    assert len(df) == 1 and df["source"][0] == "sitea"
 
 
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("path,label\nimgs/a.png,covid\nimgs/a.png,pneumonia\n",
-         r"bad\.csv, line 3: unknown label 'pneumonia'"),
-        ("file,class\nimgs/a.png,covid\n", r"bad\.csv: missing column\(s\) \['path', 'label'\]"),
-        ("path,label\nimgs/a.png,covid\nimgs/zzz.png,normal\n",
-         r"bad\.csv: 1 image file\(s\) not found \(line 3"),
-        ("path,label\n", r"bad\.csv: no image rows"),
-        ("path,label\n,covid\n", r"bad\.csv, line 2: empty path"),
+        ("path,label\nimgs/a.png,covid\nimgs/a.png,normal\n",
+         r"bad\.csv: the file .*a\.png is listed with both labels \(line 2: covid; line 3: normal\)"),
+        ("file,class\nimgs/a.png,covid\n", r"bad\.csv: missing required column\(s\) \['path', 'label'\]"),
+        ("path,label\nimgs/zzz.png,normal\n",
+         r"bad\.csv: no usable image \(1 skipped; bad\.csv, line 2: image file not found \(imgs/zzz\.png"),
+        ("path,label\n", r"bad\.csv: no rows below the header"),
+        ("path,label\n,covid\n", r"bad\.csv: no usable image \(1 skipped; bad\.csv, line 2: empty path"),
     ],
 )
 def test_load_labeled_csv_errors(tmp_path: Path, text: str, match: str) -> None:

@@ -470,12 +470,30 @@ def test_metadata_blank_view_or_finding_is_recorded(tmp_path):
 # ------------------------------------------------------------------------------------------------- evaluate rows
 
 
-def test_unknown_label_in_an_evaluation_csv(tmp_path, model_run):
+def test_unknown_label_and_missing_file_in_an_evaluation_csv(tmp_path, model_run):
+    """Skipped and listed, as the build skips them in rejected.csv (one reader for both)."""
     data = external_folder(tmp_path / "external")
     table = data / "list.csv"
-    table.write_text("path,label\ncovid/img0500.png,covid\nnormal/img0550.jpeg,pneumonia\n", encoding="utf-8")
+    files = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.*") if p.suffix != ".csv")
+    table.write_text("path,label\n" + "".join(f"{f},{f.split('/')[0].upper()}\n" for f in files)
+                     + "normal/img0550.jpeg,pneumonia\nnormal/gone.png,normal\n", encoding="utf-8")
     before = tree_digest(data)
-    with pytest.raises(DataError, match=r"list\.csv, line 3: unknown label 'pneumonia'\. Use one of"):
+    result = evaluate_model(model_run, table, split=None, out_dir=tmp_path / "out", n_boot=20)
+    assert result["metrics"]["n"] == 6 and "Skipped 2 file(s)" in result["markdown"]
+    skipped = {s["file"]: s["reason"] for s in read_csv(tmp_path / "out" / SKIPPED_FILE)}
+    assert skipped["list.csv, line 8"].startswith("unknown label 'pneumonia' (use normal or covid")
+    assert skipped["list.csv, line 9"].startswith("image file not found (normal/gone.png")
+    assert tree_digest(data) == before and leftovers(tmp_path) == []
+
+
+def test_one_file_under_two_labels_in_an_evaluation_csv(tmp_path, model_run):
+    data = external_folder(tmp_path / "external")
+    table = data / "list.csv"
+    table.write_text("path,label\ncovid/img0500.png,covid\nnormal/img0550.jpeg,normal\n./covid/img0500.png,normal\n",
+                     encoding="utf-8")
+    before = tree_digest(data)
+    with pytest.raises(DataError, match=r"list\.csv: the file .*img0500\.png is listed with both labels \(line 2: "
+                                        r"covid; line 4: normal\)\. A file has one label: fix the wrong line"):
         evaluate_model(model_run, table, out_dir=tmp_path / "out", n_boot=20)
     assert tree_digest(data) == before and not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
@@ -584,7 +602,7 @@ def test_external_csv_reports_sources_and_the_change_against_the_internal_test(t
     files = sorted(p for p in data.rglob("*") if p.is_file())
     table = data / "external.csv"
     table.write_text("path,label,patient_id,source\n" + "".join(
-        f"{p.relative_to(data).as_posix()},{p.parent.name.upper()},pt{i // 2},{'site-a' if i % 2 else 'site-b'}\n"
+        f"{p.relative_to(data).as_posix()},{p.parent.name.upper()},pt{i // 2},{'site-a' if i // 2 % 2 else 'site-b'}\n"
         for i, p in enumerate(files)), encoding="utf-8")
     before = tree_digest(data)
     result = evaluate_model(run, table, split=None, out_dir=tmp_path / "ext", n_boot=20)

@@ -31,7 +31,8 @@ class SourceImage:
     sex: str = ""
     age: float = math.nan
     split: str | None = None
-    """Only for pre-split imports, which keep their train/test split."""
+    """The split the source names (a ``split`` column, a ``train/`` or ``test/`` folder), else None. Pre-split
+    imports keep it; the build re-splits every other source by patient, and evaluation selects by it."""
 
 
 @dataclass
@@ -46,23 +47,32 @@ class SourceScan:
 
 
 _AGE_UNITS = {"": 1.0, "Y": 1.0, "M": 1.0 / 12.0, "W": 7.0 / 365.25, "D": 1.0 / 365.25}
-_AGE_PATTERN = re.compile(r"^(?P<value>\d+(?:\.\d+)?)\s*(?P<unit>[YMWD]?)$", re.IGNORECASE)
+_AGE_PATTERN = re.compile(r"^(?P<value>\d+(?:\.\d*)?)\s*(?P<unit>[YMWD]?)$", re.IGNORECASE)
+_UNKNOWN_AGES = frozenset({"", "nan", "na", "n/a", "none", "null", "unknown", "?"})
 MAX_AGE = 130.0
 """Ages at or above this are data-entry errors (NIH's list has a few ages over 400) and read as unknown."""
 
 
-def parse_age(text: str) -> float:
-    """Age in years from ``"58"``, ``"58.5"``, ``"058Y"``, ``"6M"``, ``"10D"``; NaN when blank.
+def parse_age(value: object, *, strict: bool = True) -> float:
+    """Age in years from what sources write: ``"58"``, ``"58.0"``, ``"058Y"``, ``"6M"``, ``"10D"``, ``58.0``.
 
-    Raises ValueError for text that is not an age, so readers can say which row is wrong; an age at or
-    over :data:`MAX_AGE` is returned as NaN (a known data-entry error, not a reason to drop the image).
+    Blank, ``NaN``, ``None`` and ``unknown`` read as NaN, as does an age at or over :data:`MAX_AGE` (a known
+    data-entry error, not a reason to drop the image). Other text (``"adult"``, ``"-3"``) raises ValueError so
+    readers can say which row is wrong, or reads as NaN with ``strict=False`` (where a bad age must not cost
+    the image, e.g. ieee8023's COVID rows). The one age parser of the package.
     """
-    text = (text or "").strip()
-    if not text:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return math.nan
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = f"{value:f}" if value >= 0 else str(value)
+    text = str(value).strip()
+    if text.lower() in _UNKNOWN_AGES:
         return math.nan
     match = _AGE_PATTERN.match(text)
     if match is None:
-        raise ValueError(f"age {text!r} is not a number of years (e.g. 45, 45.5, 045Y, 6M)")
+        if strict:
+            raise ValueError(f"age {text!r} is not a number of years (e.g. 45, 45.5, 045Y, 6M)")
+        return math.nan
     age = float(match.group("value")) * _AGE_UNITS[match.group("unit").upper()]
     return age if age < MAX_AGE else math.nan
 
@@ -73,20 +83,59 @@ def parse_sex(text: str) -> str:
     return {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}.get(value, "")
 
 
+LABEL_ALIASES: dict[str, str] = {
+    "normal": "normal", "no finding": "normal", "0": "normal", "0.0": "normal",
+    "covid": "covid", "covid 19": "covid", "covid19": "covid", "1": "covid", "1.0": "covid",
+}
+"""Spellings of the two classes in label columns and class-folder names, after :func:`parse_label`'s
+normalisation (lower case; ``-`` and ``_`` read as spaces): ``Normal``, ``NORMAL``, ``No Finding``, ``0``;
+``COVID``, ``COVID-19``, ``covid_19``, ``covid19``, ``1``."""
+
+
+def parse_label(text: str) -> str | None:
+    """``"normal"`` or ``"covid"`` from any spelling in :data:`LABEL_ALIASES`; None for any other class."""
+    key = " ".join((text or "").strip().lower().replace("-", " ").replace("_", " ").split())
+    return LABEL_ALIASES.get(key)
+
+
+def outside_reason(path: Path, root: Path) -> str | None:
+    """Why a file a source lists may not be read: it resolves (through ``..``, an absolute path or a symbolic
+    link) outside the source's folder ``root``; None when it stays inside.
+
+    Every source reader checks each file with this before yielding it, so a crafted list (``../../x.png``,
+    ``/etc/...``) or a link out of the folder can never bring other files into a dataset.
+    """
+    try:
+        target = path.resolve()
+        inside = target.is_relative_to(root.resolve())
+    except (OSError, RuntimeError):
+        return "broken symbolic link or symlink loop"
+    if inside:
+        return None
+    return f"path leaves the source folder (resolves to {target}; put the file inside {root} or list it there)"
+
+
 def read_table(
-    csv_path: Path, required: Sequence[str], fix: str, *, text: str | None = None
+    csv_path: Path, required: Sequence[str], fix: str, *, text: str | None = None, lower: bool = False,
+    keep_blank_lines: bool = False,
 ) -> pd.DataFrame:
     """Read a label CSV as stripped text columns, drop pandas' ``Unnamed:`` trailing-comma columns and check the
-    required ones; errors name the file and say ``fix``. ``text`` is the already decoded content, if any."""
+    required ones; errors name the file and say ``fix``. ``text`` is the already decoded content, if any.
+
+    ``lower`` lower-cases the column names (for hand-written lists, whose headers come in any case);
+    ``keep_blank_lines`` keeps blank lines as empty rows, so that row ``i`` is on line ``i + 2`` of the file.
+    Missing trailing fields read as ``""``.
+    """
     try:
-        df = pd.read_csv(io.StringIO(text) if text is not None else csv_path, dtype=str, keep_default_na=False)
+        df = pd.read_csv(io.StringIO(text) if text is not None else csv_path, dtype=str, keep_default_na=False,
+                         skip_blank_lines=not keep_blank_lines)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{csv_path}: not a readable CSV ({exc}); {fix}") from exc
-    df.columns = [str(c).strip() for c in df.columns]
-    df = df.loc[:, [c for c in df.columns if c and not c.startswith("Unnamed:")]]
+    df.columns = [str(c).strip().lower() if lower else str(c).strip() for c in df.columns]
+    df = df.loc[:, [c for c in df.columns if c and not c.lower().startswith("unnamed:")]]
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(f"{csv_path}: missing required column(s) {missing} (has {list(df.columns)[:8]}...). {fix}")
     for column in df.columns:
-        df[column] = df[column].str.strip()
+        df[column] = df[column].fillna("").str.strip()
     return df

@@ -1,12 +1,19 @@
 """Any other labeled chest X-ray set: a folder of class subfolders, or a CSV of paths and labels.
 
-* Folder: ``normal/`` and ``covid/`` (any case; ``covid-19`` too), directly or one level down
-  (``train/normal``, ``test/covid``; the build re-splits, so the folder's own split is ignored). Each image is its
-  own patient, since a folder says nothing about patients.
-* CSV: a header with ``path,label`` and optionally ``patient_id,source,age,sex,view`` (any order, any case).
-  Relative paths are read from the CSV's folder. Rows that cannot be used (empty path, unknown label, missing
-  file, age that is not a number, a path listed twice) are skipped with the line number and the reason, and the
-  build lists them in rejected.csv.
+The one reader of labeled sets: the dataset build (``--extra``) and evaluation (``--data``) both use it, so a
+set reads the same way in both.
+
+* Folder: class subfolders (``normal/``, ``covid/``, any spelling in :data:`~covidxray.sources.base.LABEL_ALIASES`),
+  directly or one level down (``train/normal``, ``test/covid``; a ``train``/``val``/``test`` parent is recorded
+  as the image's split).
+* CSV: a header with ``path,label`` and optionally ``patient_id,source,age,sex,view,split`` (any order, any
+  case). Relative paths are read from the CSV's folder.
+
+Rows and files that cannot be used (empty path, unknown label, missing file, age that is not a number, unknown
+split) are skipped with the line number or file and the reason: the build lists them in rejected.csv, evaluation
+in skipped.csv. A file listed several times (same resolved path) is used once, the other listings skipped with
+the reason; a file listed under both labels is a DataError. A row without ``patient_id`` is its own patient.
+The ``split`` is recorded, never acted on here: the build re-splits by patient, evaluation selects by it.
 
 The source name (the manifest's ``source`` column and the patient-id prefix) is the CSV row's ``source``, else
 the ``source`` argument, else the CSV's file stem or the folder's name.
@@ -14,19 +21,28 @@ the ``source`` argument, else the CSV's file stem or the folder's name.
 
 from __future__ import annotations
 
-import csv
 import posixpath
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from covidxray.errors import DataError
 from covidxray.images import IMAGE_EXTENSIONS, is_junk, skip_reason
-from covidxray.sources.base import SourceImage, SourceScan, parse_age, parse_sex
+from covidxray.manifest import SPLITS
+from covidxray.sources.base import (
+    SourceImage,
+    SourceScan,
+    outside_reason,
+    parse_age,
+    parse_label,
+    parse_sex,
+    read_table,
+)
 
-CSV_COLUMNS: tuple[str, ...] = ("path", "label", "patient_id", "source", "age", "sex", "view")
+CSV_COLUMNS: tuple[str, ...] = ("path", "label", "patient_id", "source", "age", "sex", "view", "split")
 """Columns a CSV source may have; path and label are required, the others optional."""
-LABEL_NAMES: dict[str, str] = {"normal": "normal", "covid": "covid", "covid-19": "covid", "covid19": "covid"}
-"""Class names accepted in folders and CSV labels (compared case-insensitively)."""
+_FIX_CSV = (f"The first line must be a header with at least 'path,label' (optional: {', '.join(CSV_COLUMNS[2:])}); "
+            "save the file as UTF-8 CSV.")
 
 
 def source_name(text: str) -> str:
@@ -41,18 +57,43 @@ def default_source(path: str | Path) -> str:
     return source_name(path.resolve().name if path.is_dir() else path.stem)
 
 
-def read_generic(path: str | Path, *, source: str | None = None) -> SourceScan:
-    """Read a CSV of ``path,label[,patient_id,source,age,sex,view]`` or a folder of class subfolders."""
+def generic_patient_id(source: str, given: str, rel_path: str) -> str:
+    """``<source>:<id>`` from the given id, else from the file's path (each such image is its own patient).
+
+    An id that already starts with ``<source>:`` (a list written from a built dataset's manifest) is kept.
+    """
+    pid = given or rel_path
+    return pid if pid.startswith(f"{source}:") else f"{source}:{pid}"
+
+
+def read_generic(path: str | Path, *, source: str | None = None, confine: bool = True) -> SourceScan:
+    """Read a CSV of ``path,label[,patient_id,source,age,sex,view,split]`` or a folder of class subfolders.
+
+    ``confine`` skips files that resolve outside the CSV's folder or the class-folder root ("path leaves the
+    source folder"), as for every source the build copies from; evaluation passes False, since its CSV is the
+    user's own list and may point anywhere (absolute paths, ``..``).
+    """
     path = Path(path)
     name = source_name(source) if source else default_source(path)
     if path.is_dir():
-        return _read_folder(path, name)
+        return _read_folder(path, name, confine)
     if path.is_file():
-        return _read_csv(path, name)
+        return _read_csv(path, name, confine)
     raise DataError(
         f"{path}: no such file or folder. Give a folder with normal/ and covid/ subfolders, or a CSV with a "
-        "'path,label' header (optional columns patient_id, source, age, sex, view)."
+        f"'path,label' header (optional columns {', '.join(CSV_COLUMNS[2:])})."
     )
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """One usable row or file, before duplicates are resolved."""
+
+    image: SourceImage
+    item: str
+    """How rejected.csv / skipped.csv names it: ``labels.csv, line 3`` or ``covid/a.png``."""
+    where: str
+    """How a message about a duplicate names it: ``line 3`` or ``covid/a.png``."""
 
 
 def _subfolders(folder: Path, root: Path) -> list[Path]:
@@ -60,10 +101,11 @@ def _subfolders(folder: Path, root: Path) -> list[Path]:
 
 
 def _class_folders(folder: Path, root: Path) -> list[tuple[Path, str]]:
-    return [(d, LABEL_NAMES[d.name.lower()]) for d in _subfolders(folder, root) if d.name.lower() in LABEL_NAMES]
+    found = ((d, parse_label(d.name)) for d in _subfolders(folder, root))
+    return [(d, label) for d, label in found if label is not None]
 
 
-def _read_folder(folder: Path, source: str) -> SourceScan:
+def _read_folder(folder: Path, source: str, confine: bool) -> SourceScan:
     scan = SourceScan()
     parents = [folder] if _class_folders(folder, folder) else _subfolders(folder, folder)
     class_dirs = [cd for parent in parents for cd in _class_folders(parent, folder)]
@@ -72,85 +114,108 @@ def _read_folder(folder: Path, source: str) -> SourceScan:
                         "train/normal). Put the images in class subfolders, or pass a CSV 'path,label'.")
     for parent in parents:
         for d in _subfolders(parent, folder):
-            if d.name.lower() not in LABEL_NAMES:
+            if parse_label(d.name) is None:
                 scan.skipped.append((d.relative_to(folder).as_posix(), "unknown class folder (not normal/covid)"))
+    listings: list[_Listing] = []
     for class_dir, label in class_dirs:
+        split = class_dir.parent.name.lower() if class_dir.parent != folder else None
         for file in sorted(class_dir.rglob("*")):
             rel = file.relative_to(folder)
             if file.is_dir():
                 continue
-            reason = skip_reason(file, rel)
+            reason = skip_reason(file, rel) or (outside_reason(file, folder) if confine else None)
             if reason is not None:
                 scan.skipped.append((rel.as_posix(), reason))
                 continue
-            scan.images.append(SourceImage(path=file, rel_path=rel.as_posix(), label=label,
-                                           patient_id=f"{source}:{rel.as_posix()}", source=source))
+            image = SourceImage(path=file, rel_path=rel.as_posix(), label=label, source=source,
+                                patient_id=generic_patient_id(source, "", rel.as_posix()),
+                                split=split if split in SPLITS else None)
+            listings.append(_Listing(image, rel.as_posix(), rel.as_posix()))
+    _use_once(listings, scan, folder)
     scan.stats = {f"{folder.name}/ files": len(scan.images), f"{folder.name}/ without patient_id": len(scan.images)}
     return scan
 
 
-def _read_csv(csv_path: Path, default_source: str) -> SourceScan:
+def _read_csv(csv_path: Path, default: str, confine: bool) -> SourceScan:
     base = csv_path.parent
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{csv_path}: cannot read the CSV as UTF-8 text ({exc}); save it as UTF-8.") from exc
-    reader = csv.DictReader(text.splitlines())
-    header = [(h or "").strip().lower() for h in (reader.fieldnames or [])]
-    missing = [c for c in ("path", "label") if c not in header]
-    if missing:
-        raise DataError(f"{csv_path}: missing column(s) {missing} in the header line (found {header}). The first "
-                        f"line must be a header with at least 'path,label' (optional: {', '.join(CSV_COLUMNS[2:])}).")
-    reader.fieldnames = header
+    df = read_table(csv_path, ("path", "label"), _FIX_CSV, text=text, lower=True, keep_blank_lines=True)
     scan = SourceScan()
-    seen: dict[Path, int] = {}
+    listings: list[_Listing] = []
     rows = without_pid = 0
-    for row in reader:
-        line = reader.line_num
-        values = {k: (v or "").strip() for k, v in row.items() if k is not None and isinstance(v, str)}
+    for index, values in enumerate(df.to_dict(orient="records")):
         if not any(values.values()):
             continue
         rows += 1
+        line = index + 2
         item = f"{csv_path.name}, line {line}"
-        rel, raw_label = values.get("path", ""), values.get("label", "")
-        if not rel:
-            scan.skipped.append((item, "empty path"))
+        result = _csv_row(values, base, default, confine)
+        if isinstance(result, str):
+            scan.skipped.append((item, result))
             continue
-        label = LABEL_NAMES.get(raw_label.lower())
-        if label is None:
-            scan.skipped.append((item, f"unknown label {raw_label!r} (use normal or covid)"))
-            continue
-        try:
-            age = parse_age(values.get("age", ""))
-        except ValueError as exc:
-            scan.skipped.append((item, str(exc)))
-            continue
-        file = Path(rel)
-        file = file if file.is_absolute() else base / file
-        if not file.is_file():
-            scan.skipped.append((item, f"image file not found ({rel}; relative paths are read from the CSV's folder)"))
-            continue
-        key = file.resolve()
-        if key in seen:
-            scan.skipped.append((item, f"path listed twice (first on line {seen[key]})"))
-            continue
-        seen[key] = line
-        if file.suffix.lower() not in IMAGE_EXTENSIONS:
-            scan.skipped.append((item, f"not an image file extension ({file.suffix or 'none'})"))
-            continue
-        source = source_name(values["source"]) if values.get("source") else default_source
-        rel_path = _stable_rel(rel, base)
-        pid = values.get("patient_id", "")
-        without_pid += not pid
-        scan.images.append(SourceImage(
-            path=file, rel_path=rel_path, label=label, patient_id=f"{source}:{pid or rel_path}", source=source,
-            view=values.get("view", ""), sex=parse_sex(values.get("sex", "")), age=age,
-        ))
+        without_pid += not values.get("patient_id")
+        listings.append(_Listing(result, item, f"line {line}"))
     if rows == 0:
         raise DataError(f"{csv_path}: no rows below the header. Add lines 'path,label'.")
+    _use_once(listings, scan, csv_path)
     scan.stats = {f"{csv_path.name} rows": rows, f"{csv_path.name} selected": len(scan.images),
                   f"{csv_path.name} without patient_id": without_pid}
     return scan
+
+
+def _csv_row(values: dict[str, str], base: Path, default: str, confine: bool) -> SourceImage | str:
+    """The image one CSV row names, or the reason it cannot be used."""
+    rel, raw_label = values.get("path", ""), values.get("label", "")
+    if not rel:
+        return "empty path"
+    label = parse_label(raw_label)
+    if label is None:
+        return f"unknown label {raw_label!r} (use normal or covid; also Normal, COVID-19, No Finding, 0/1)"
+    split = values.get("split", "").lower() or None
+    if split is not None and split not in SPLITS:
+        return f"unknown split {values['split']!r} (use {', '.join(SPLITS)}, or leave it blank)"
+    try:
+        age = parse_age(values.get("age", ""))
+    except ValueError as exc:
+        return str(exc)
+    file = Path(rel)
+    file = file if file.is_absolute() else base / file
+    if not file.is_file():
+        loop = "; a broken symbolic link or symlink loop" if file.is_symlink() else ""
+        return f"image file not found ({rel}; relative paths are read from the CSV's folder{loop})"
+    if file.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"not an image file extension ({file.suffix or 'none'})"
+    reason = outside_reason(file, base) if confine else None
+    if reason is not None:
+        return reason
+    source = source_name(values["source"]) if values.get("source") else default
+    rel_path = _stable_rel(rel, base)
+    return SourceImage(path=file, rel_path=rel_path, label=label, source=source, split=split,
+                       patient_id=generic_patient_id(source, values.get("patient_id", ""), rel_path),
+                       view=values.get("view", ""), sex=parse_sex(values.get("sex", "")), age=age)
+
+
+def _use_once(listings: list[_Listing], scan: SourceScan, where: Path) -> None:
+    """Add each file once to ``scan.images`` (the first listing), skip its other listings with the reason, and
+    refuse a file listed under both labels: no rule could say which label is right."""
+    groups: dict[Path, list[_Listing]] = {}
+    for listing in listings:
+        groups.setdefault(listing.image.path.resolve(), []).append(listing)
+    for file, group in groups.items():
+        if len({g.image.label for g in group}) > 1:
+            listed = "; ".join(f"{g.where}: {g.image.label}" for g in group)
+            raise DataError(f"{where}: the file {file} is listed with both labels ({listed}). A file has one "
+                            "label: fix the wrong line(s) or delete them.")
+    for listing in listings:
+        group = groups[listing.image.path.resolve()]
+        if listing is group[0]:
+            scan.images.append(listing.image)
+        else:
+            scan.skipped.append((listing.item, f"listed more than once (same file as {group[0].where}, which is "
+                                               f"used; listed {len(group)} times; counted once)"))
 
 
 def _stable_rel(rel: str, base: Path) -> str:

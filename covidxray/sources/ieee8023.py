@@ -7,14 +7,13 @@ UTF-8, so the reader falls back to cp1252 and latin-1. Default selection: COVID-
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
 from covidxray.errors import DataError
-from covidxray.sources.base import SourceImage, SourceScan, read_table
+from covidxray.sources.base import SourceImage, SourceScan, outside_reason, parse_age, parse_sex, read_table
 
 SOURCE = "ieee8023"
 REQUIRED_COLUMNS: tuple[str, ...] = ("patientid", "finding", "view", "filename")
@@ -49,14 +48,6 @@ def finding_matches(finding: str, wanted: Iterable[str]) -> bool:
     """True when any part of a finding (``"COVID-19, ARDS"``, ``"Pneumonia/Viral/COVID-19"``) is wanted."""
     parts = {p.strip().lower() for chunk in finding.split("/") for p in chunk.split(",")}
     return any(w.strip().lower() in parts for w in wanted)
-
-
-def _age(value: str) -> float:
-    try:
-        age = float(value)
-    except ValueError:
-        return math.nan
-    return age if 0 <= age < 130 else math.nan
 
 
 def _locate(root: Path, folder: str, filename: str) -> Path | None:
@@ -108,7 +99,10 @@ def read_ieee8023(
             counts["missing_files"] += 1
             scan.skipped.append((f"metadata.csv: {filename}", "listed in metadata.csv but not on disk"))
             continue
-        sex = rec.get("sex", "").upper()
+        reason = outside_reason(path, folder)
+        if reason is not None:
+            scan.skipped.append((f"metadata.csv: {filename}", reason))
+            continue
         scan.images.append(
             SourceImage(
                 path=path,
@@ -117,8 +111,8 @@ def read_ieee8023(
                 patient_id=f"{SOURCE}:{rec['patientid']}",
                 source=SOURCE,
                 view=rec["view"],
-                sex=sex if sex in ("M", "F") else "",
-                age=_age(rec.get("age", "")),
+                sex=parse_sex(rec.get("sex", "")),
+                age=parse_age(rec.get("age", ""), strict=False),
             )
         )
     scan.stats = counts

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from covidxray.errors import DataError
 from covidxray.images import skip_reason
-from covidxray.sources.base import SourceImage, SourceScan
+from covidxray.sources.base import SourceImage, SourceScan, outside_reason
 
 SOURCE = "kermany"
 _SPLITS = ("train", "val", "test")
@@ -73,7 +73,7 @@ def read_kermany(folder: str | Path) -> SourceScan:
             rel = path.relative_to(folder).as_posix()
             if path.is_dir():
                 continue
-            reason = skip_reason(path, path.relative_to(folder))
+            reason = skip_reason(path, path.relative_to(folder)) or outside_reason(path, folder)
             if reason is not None:
                 scan.skipped.append((rel, reason))
                 continue

@@ -17,7 +17,7 @@ import pandas as pd
 
 from covidxray.errors import DataError
 from covidxray.images import is_junk
-from covidxray.sources.base import SourceImage, SourceScan, parse_age, parse_sex, read_table
+from covidxray.sources.base import SourceImage, SourceScan, outside_reason, parse_age, parse_sex, read_table
 
 SOURCE = "nih"
 LABELS_CSV_NAMES: tuple[str, ...] = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
@@ -105,10 +105,7 @@ def read_nih(
         if view not in wanted_views:
             counts["nih_other_views"] += 1
             continue
-        try:
-            age = parse_age(rec["Patient Age"])
-        except ValueError:
-            age = math.nan
+        age = parse_age(rec["Patient Age"], strict=False)
         if bounded and math.isnan(age):
             counts["nih_age_unknown"] += 1
             continue
@@ -120,6 +117,10 @@ def read_nih(
         if path is None:
             counts["nih_missing_files"] += 1
             scan.skipped.append((f"{csv_path.name}: {name}", f"listed in {csv_path.name} but not on disk"))
+            continue
+        reason = outside_reason(path, folder)
+        if reason is not None:
+            scan.skipped.append((f"{csv_path.name}: {name}", reason))
             continue
         scan.images.append(
             SourceImage(

@@ -12,13 +12,12 @@ from pathlib import Path
 
 from covidxray.errors import DataError
 from covidxray.images import skip_reason
-from covidxray.sources.base import SourceImage, SourceScan
-from covidxray.sources.ieee8023 import _age, metadata_by_filename
+from covidxray.sources.base import SourceImage, SourceScan, outside_reason, parse_age, parse_label, parse_sex
+from covidxray.sources.ieee8023 import metadata_by_filename
 from covidxray.sources.kermany import kermany_patient_id
 
 SOURCE = "presplit"
 _SPLITS = ("train", "val", "test")
-_LABELS = {"covid": "covid", "covid-19": "covid", "normal": "normal"}
 
 
 def read_presplit(folder: str | Path, *, metadata: str | Path | None = None) -> SourceScan:
@@ -32,7 +31,7 @@ def read_presplit(folder: str | Path, *, metadata: str | Path | None = None) -> 
     for split_dir in sorted(p for p in folder.iterdir() if p.is_dir() and p.name.lower() in _SPLITS):
         found_split = True
         for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-            label = _LABELS.get(class_dir.name.lower())
+            label = parse_label(class_dir.name)
             if label is None:
                 scan.skipped.append(
                     (class_dir.relative_to(folder).as_posix(), "unknown class folder (not Covid/Normal)")
@@ -42,7 +41,7 @@ def read_presplit(folder: str | Path, *, metadata: str | Path | None = None) -> 
                 rel = path.relative_to(folder)
                 if path.is_dir():
                     continue
-                reason = skip_reason(path, rel)
+                reason = skip_reason(path, rel) or outside_reason(path, folder)
                 if reason is not None:
                     scan.skipped.append((rel.as_posix(), reason))
                     continue
@@ -61,7 +60,6 @@ def read_presplit(folder: str | Path, *, metadata: str | Path | None = None) -> 
 def _presplit_image(path: Path, rel: str, label: str, split: str, meta: dict[str, dict[str, str]]) -> SourceImage:
     row = meta.get(path.name)
     if row is not None:
-        sex = row.get("sex", "").upper()
         return SourceImage(
             path=path,
             rel_path=rel,
@@ -69,8 +67,8 @@ def _presplit_image(path: Path, rel: str, label: str, split: str, meta: dict[str
             patient_id=f"ieee8023:{row['patientid']}",
             source="ieee8023",
             view=row.get("view", ""),
-            sex=sex if sex in ("M", "F") else "",
-            age=_age(row.get("age", "")),
+            sex=parse_sex(row.get("sex", "")),
+            age=parse_age(row.get("age", ""), strict=False),
             split=split,
         )
     kermany = kermany_patient_id(path.name)
