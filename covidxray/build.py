@@ -68,7 +68,38 @@ class BuildConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
     near_duplicate_bits: int = 12
-    """Two images whose 256-bit difference hashes differ in at most this many bits are near duplicates."""
+    """Two images whose 256-bit difference hashes differ in at most this many bits are near duplicates (0-24,
+    see :data:`covidxray.limits.MAX_NEAR_DUP_BITS`)."""
+
+    def validate(self) -> None:
+        """Raise DataError naming each setting (and its ``covidxray data`` flag) that is out of range."""
+        from covidxray import limits
+
+        checks = [
+            ("seed", self.seed, limits.SEED, "--seed"),
+            ("test_fraction", self.test_fraction, limits.FRACTION, "--test-fraction"),
+            ("val_fraction", self.val_fraction, limits.FRACTION, "--val-fraction"),
+            ("max_pixels", self.max_pixels, limits.POSITIVE_INT, "--max-pixels"),
+            ("min_side", self.min_side, limits.POSITIVE_INT, None),
+            ("near_duplicate_bits", self.near_duplicate_bits, limits.NEAR_DUP_BITS, "--near-dup-bits"),
+            *((f"caps[{label!r}]", n, limits.POSITIVE_INT, "--cap") for label, n in self.caps.items()),
+        ]
+        if self.nih_min_age is not None:
+            checks.append(("nih_min_age", self.nih_min_age, limits.AGE, "--nih-min-age"))
+        if self.nih_max_age is not None:
+            checks.append(("nih_max_age", self.nih_max_age, limits.AGE, "--nih-max-age"))
+        problems = [p for name, value, valid, flag in checks if (p := limits.out_of_range(name, value, valid, flag))]
+        problems += [f"caps: unknown label {label!r} (--cap LABEL=N takes one of {list(LABELS)})"
+                     for label in self.caps if label not in LABELS]
+        ages = (self.nih_min_age, self.nih_max_age)
+        if not problems and None not in ages and ages[0] > ages[1]:
+            problems.append(f"nih_min_age (--nih-min-age) {self.nih_min_age} is above nih_max_age (--nih-max-age) "
+                            f"{self.nih_max_age}; no NIH patient could be kept")
+        if not problems and self.max_pixels < self.min_side**2:
+            problems.append(f"max_pixels (--max-pixels) {self.max_pixels} is below {self.min_side}x{self.min_side} "
+                            f"= {self.min_side**2}, the smallest image accepted; every image would be refused")
+        if problems:
+            raise DataError("bad dataset build settings: " + "; ".join(problems) + ".")
 
 
 @dataclass
@@ -196,6 +227,7 @@ def build_dataset(
     one of :data:`covidxray.designs.DESIGNS` and decides which of the images make up each class.
     """
     config = config or BuildConfig()
+    config.validate()
     out_dir = Path(out_dir)
     get_design(design)
     sources = [chest_xray, covid_xray, presplit, metadata, nih, *extra]

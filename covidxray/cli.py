@@ -3,26 +3,63 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from covidxray import __version__, paths
+from covidxray import LABELS, __version__, limits, paths
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from covidxray.errors import CovidXrayError, DataError
+from covidxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 
 
-def _caps(values: Sequence[str]) -> dict[str, int]:
-    caps: dict[str, int] = {}
-    for value in values:
-        label, _, number = value.partition("=")
-        if label not in ("normal", "covid") or not number.isdigit():
-            raise DataError(f"--cap {value!r}: use LABEL=N with LABEL normal or covid, e.g. --cap normal=200.")
-        caps[label] = int(number)
-    return caps
+def _bounded(kind: type[int] | type[float], valid: limits.Range) -> Callable[[str], int | float]:
+    """An argparse ``type=`` that parses ``kind`` and refuses values outside ``valid`` (exit 2 naming the flag)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}; "
+                                             f"it must be {valid}") from None
+        if value not in valid:
+            raise argparse.ArgumentTypeError(f"{text} is out of range; it must be {valid}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _number(p: argparse._ActionsContainer, flag: str, valid: limits.Range, help: str, **kwargs) -> None:
+    """Add a numeric option checked against ``valid`` while parsing; its help ends with the range and default."""
+    kind = int if valid.integer else float
+    default = "" if kwargs.get("default") is None else "; default: %(default)s"
+    p.add_argument(flag, type=_bounded(kind, valid), help=f"{help} ({valid}{default})", **kwargs)
+
+
+def _cap(text: str) -> tuple[str, int]:
+    """Parse one ``--cap LABEL=N``: LABEL normal or covid, N a positive integer."""
+    label, _, number = text.partition("=")
+    try:
+        n = int(number)
+    except ValueError:
+        n = 0
+    if label not in LABELS or n not in limits.POSITIVE_INT:
+        raise argparse.ArgumentTypeError(f"{text!r}: use LABEL=N with LABEL one of {list(LABELS)} and N an integer "
+                                         ">= 1, e.g. --cap normal=200")
+    return label, n
+
+
+_NEAR_DUP_HELP = (
+    "near duplicates: two images whose 256-bit difference hashes (dHash) differ in at most this many bits are "
+    "kept in one split (and dropped when their labels differ). Re-encoded or rescaled copies differ by 0-10 bits; "
+    "unrelated chest X-rays start at about 20, so above 24 unrelated images would be merged"
+)
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -44,19 +81,23 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--design", choices=["original", "adult-normals", "all"], default="original",
                    help="original: Kermany (pediatric) normals vs ieee8023 COVID, as in 2020; adult-normals: normals "
                    "from adult sources only (e.g. --nih); all: every image given")
-    p.add_argument("--nih-min-age", type=float, default=18.0, help="youngest NIH patient kept (years)")
-    p.add_argument("--nih-max-age", type=float, default=None, help="oldest NIH patient kept (years)")
+    _number(p, "--nih-min-age", limits.AGE, "youngest NIH patient kept, in years", default=18.0)
+    _number(p, "--nih-max-age", limits.AGE, "oldest NIH patient kept, in years; at least --nih-min-age",
+            default=None)
     p.add_argument("--nih-views", default="PA,AP", help="NIH views kept, comma-separated")
     p.add_argument("--out", type=Path, default=paths.DATASET_DIR, help="output folder (default: dataset)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--test-fraction", type=float, default=0.2, help="share of each class held out for test")
-    p.add_argument("--val-fraction", type=float, default=0.15, help="share of the rest carved out for validation")
-    p.add_argument("--cap", action="append", default=[], metavar="LABEL=N",
-                   help="at most N images of a class, e.g. --cap normal=200 as the 2020 project")
+    _number(p, "--seed", limits.SEED, "seed of the patient-level split", default=0)
+    _number(p, "--test-fraction", limits.FRACTION, "share of each class held out for test", default=0.2)
+    _number(p, "--val-fraction", limits.FRACTION, "share of the rest carved out for validation; train keeps "
+            "(1 - test) x (1 - val) of each class", default=0.15)
+    p.add_argument("--cap", action="append", type=_cap, default=[], metavar="LABEL=N",
+                   help="at most N >= 1 images of a class, e.g. --cap normal=200 as the 2020 project")
     p.add_argument("--views", default=None,
                    help="comma-separated ieee8023 views (default: frontal PA,AP,AP Supine,...; PA reproduces 2020)")
-    p.add_argument("--max-pixels", type=int, default=None, help="refuse images larger than this many pixels")
-    p.add_argument("--near-dup-bits", type=int, default=12, help="perceptual-hash distance for near duplicates")
+    _number(p, "--max-pixels", limits.Range(DEFAULT_MIN_SIDE**2, integer=True),
+            f"refuse images larger than this many pixels ({DEFAULT_MIN_SIDE}x{DEFAULT_MIN_SIDE}, the smallest image "
+            "accepted, is the least)", default=DEFAULT_MAX_PIXELS)
+    _number(p, "--near-dup-bits", limits.NEAR_DUP_BITS, _NEAR_DUP_HELP, default=12)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data)
 
@@ -64,15 +105,15 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 def cmd_data(args: argparse.Namespace) -> int:
     """Run the dataset build and print its counts."""
     from covidxray.build import BuildConfig, build_dataset
-    from covidxray.images import DEFAULT_MAX_PIXELS
 
     config = BuildConfig(seed=args.seed, test_fraction=args.test_fraction, val_fraction=args.val_fraction,
-                         caps=_caps(args.cap), near_duplicate_bits=args.near_dup_bits,
-                         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, nih_min_age=args.nih_min_age,
+                         caps=dict(args.cap), near_duplicate_bits=args.near_dup_bits,
+                         max_pixels=args.max_pixels, nih_min_age=args.nih_min_age,
                          nih_max_age=args.nih_max_age,
                          nih_views=tuple(v.strip() for v in args.nih_views.split(",") if v.strip()))
     if args.views:
         config.views = tuple(v.strip() for v in args.views.split(",") if v.strip())
+    config.validate()
     chest, covid = args.chest_xray, args.covid_xray
     if args.synthetic is not None:
         from covidxray.synthetic import make_synthetic_sources
@@ -131,23 +172,26 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "covidxray[hed]), none, or a PATH to a weights file")
     p.add_argument("--data", type=Path, default=paths.DATASET_DIR)
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<model>-<weights>-s<seed>)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default depends on the model)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--patience", type=int, default=5, help="early-stopping patience on the validation loss")
+    _number(p, "--epochs", limits.POSITIVE_INT, "most training epochs", default=20)
+    _number(p, "--image-size", limits.IMAGE_SIZE, "input side in pixels", default=224)
+    _number(p, "--batch-size", limits.POSITIVE_INT, "images per training step", default=32)
+    _number(p, "--lr", limits.LEARNING_RATE, "Adam learning rate (when not given: 1e-4, TrainConfig's, for every "
+            "model; `covidxray reproduce` gives the scratch models 1e-3)", default=None)
+    _number(p, "--seed", limits.SEED, "seed of weights, augmentation and batch order", default=0)
+    _number(p, "--patience", limits.NON_NEGATIVE_INT, "early-stopping patience on the validation loss (0: no early "
+            "stopping)", default=5)
     p.add_argument("--no-augment", action="store_true", help="no augmentation (default: the original's)")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flip (a flip mirrors the anatomy)")
     p.add_argument("--trainable-from", default="block5_conv3", help="VGG16: first trainable layer")
-    p.add_argument("--finetune-epochs", type=int, default=0, help="VGG16: second stage with more layers unfrozen")
+    _number(p, "--finetune-epochs", limits.NON_NEGATIVE_INT, "VGG16: second stage with more layers unfrozen",
+            default=0)
     p.add_argument("--cache", default="memory", help="image cache: memory, none, or a folder")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.add_argument("--mixed-precision", action="store_true", help="float16 compute (GPU only)")
     p.add_argument("--no-cached-features", action="store_true",
                    help="VGG16: run the frozen backbone on every step instead of caching its activations once")
-    p.add_argument("--feature-views", type=int, default=1,
-                   help="VGG16 cache: augmented views cached per training image (1: no augmentation)")
+    _number(p, "--feature-views", limits.POSITIVE_INT,
+            "VGG16 cache: augmented views cached per training image (1: no augmentation)", default=1)
     p.add_argument("--jit-compile", choices=["auto", "on", "off"], default="auto", help="XLA compilation (GPU)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -177,16 +221,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="metrics with 95 % bootstrap intervals on any labeled data",
+    p = sub.add_parser("evaluate", help="metrics with 95 %% bootstrap intervals on any labeled data",
                        description="Evaluate a trained model on the test split of a built dataset, or on an "
                        "external folder of class subfolders or a CSV (path,label[,patient_id,source]).")
     p.add_argument("--model", type=Path, required=True, help="run folder or .keras file")
     p.add_argument("--data", type=Path, default=paths.DATASET_DIR, help="dataset folder, class folders, or CSV")
     p.add_argument("--split", default="test", help="split of a built dataset (default: test)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/eval-<split>)")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the intervals")
-    p.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the run's, from val)")
-    p.add_argument("--seed", type=int, default=0)
+    _number(p, "--n-boot", limits.N_BOOT, "bootstrap resamples for the intervals (0: no intervals)", default=2000)
+    _number(p, "--threshold", limits.PROBABILITY, "decision threshold on P(covid) (when not given: the run's, "
+            "chosen on val)", default=None)
+    _number(p, "--seed", limits.SEED, "seed of the bootstrap", default=0)
     p.add_argument("--reference", type=Path, default=None,
                    help="metrics.json to compare with (default: RUN/eval-test/metrics.json when it exists)")
     p.set_defaults(func=cmd_evaluate)
@@ -212,7 +257,7 @@ def _add_cam(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=paths.CAM_DIR)
     p.add_argument("--method", default="auto", choices=["auto", "cam", "gradcam", "gradcam++"])
     p.add_argument("--layer", default=None, help="target conv layer (default: the last one)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many images")
+    _number(p, "--limit", limits.POSITIVE_INT, "at most this many images (when not given: all)", default=None)
     p.add_argument("--name", default=None, help="model name used in file names (default: from the run)")
     p.set_defaults(func=cmd_cam)
 
@@ -242,14 +287,15 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
                    "plus the cross-design evaluation")
     p.add_argument("--data", type=Path, default=None, help="an already built dataset folder")
     p.add_argument("--views", default=None, help="ieee8023 views, e.g. PA")
-    p.add_argument("--cap", action="append", default=[], metavar="LABEL=N")
+    p.add_argument("--cap", action="append", type=_cap, default=[], metavar="LABEL=N",
+                   help="at most N >= 1 images of a class, e.g. --cap normal=200")
     p.add_argument("--out", type=Path, default=paths.RUNS_DIR / "reproduce")
     p.add_argument("--weights", default="imagenet", help="VGG16 backbone weights (imagenet, hed, none, PATH)")
     p.add_argument("--models", default="scratch,vgg16", help="comma-separated models to train")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--seeds", type=int, default=1, help="repeat training with N seeds; report mean and std")
-    p.add_argument("--n-boot", type=int, default=2000)
+    _number(p, "--epochs", limits.POSITIVE_INT, "most training epochs per model", default=20)
+    _number(p, "--image-size", limits.IMAGE_SIZE, "input side in pixels", default=224)
+    _number(p, "--seeds", limits.POSITIVE_INT, "repeat training with N seeds; report mean and std", default=1)
+    _number(p, "--n-boot", limits.N_BOOT, "bootstrap resamples for the intervals (0: no intervals)", default=2000)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_reproduce)
 
@@ -260,8 +306,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     config = ReproduceConfig(models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
                              weights=args.weights, epochs=args.epochs, image_size=args.image_size,
-                             seeds=args.seeds, n_boot=args.n_boot, caps=_caps(args.cap),
+                             seeds=args.seeds, n_boot=args.n_boot, caps=dict(args.cap),
                              views=tuple(v.strip() for v in args.views.split(",")) if args.views else None)
+    config.validate()
     if len(args.design) > 1:
         from covidxray.reproduce import reproduce_designs
 
@@ -285,8 +332,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                        "evaluate and draw heatmaps. With real data in Chest_XRAY/ and Covid_XRAY/ it uses them.")
     p.add_argument("--out", type=Path, default=paths.RUNS_DIR / "demo")
     p.add_argument("--synthetic", action="store_true", help="use synthetic data even when real data is present")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--image-size", type=int, default=64)
+    _number(p, "--epochs", limits.POSITIVE_INT, "most training epochs per model", default=15)
+    _number(p, "--image-size", limits.IMAGE_SIZE, "input side in pixels", default=64)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -331,9 +378,9 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
                        "and file format. Accuracy far above chance is printed as a shortcut warning.")
     p.add_argument("--data", type=Path, default=paths.DATASET_DIR)
     p.add_argument("--out", type=Path, default=paths.RUNS_DIR / "probes")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    _number(p, "--image-size", limits.IMAGE_SIZE, "input side in pixels of the source probe", default=64)
+    _number(p, "--epochs", limits.POSITIVE_INT, "training epochs of the source probe", default=10)
+    _number(p, "--seed", limits.SEED, "seed of both probes", default=0)
     p.set_defaults(func=cmd_probe)
 
 
@@ -356,17 +403,85 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OS_FIXES: dict[int, str] = {
+    errno.ENOSPC: "the disk is full: free some space or choose another {out} on a disk with room",
+    errno.EDQUOT: "the disk quota is used up: free some space or choose another {out}",
+    errno.EROFS: "the file system is read-only: choose a writable {out}",
+    errno.EACCES: "permission denied: choose a writable {out}, or fix the permissions of that path",
+    errno.EPERM: "operation not permitted: choose a writable {out}, or fix the permissions of that path",
+    errno.EBUSY: "a mount point or the working directory cannot be replaced: choose a subfolder as {out}",
+    errno.ENOTDIR: "a file stands where a folder is needed: remove it or choose another {out}",
+    errno.EISDIR: "a folder stands where a file is needed: choose another path",
+    errno.ENOENT: "the path does not exist: check it",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+}
+
+
+def os_error_line(exc: OSError, out_flag: str = "--out") -> str:
+    """``<path>: <strerror> (<errno name>); <fix>`` for an OS error, the fix naming the verb's output flag."""
+    name = errno.errorcode.get(exc.errno, type(exc).__name__) if exc.errno is not None else type(exc).__name__
+    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    text = exc.strerror or str(exc)
+    fix = _OS_FIXES.get(exc.errno, "check the path and try again").format(out=out_flag)
+    return f"{where + ': ' if where else ''}{text} ({name}); {fix}"
+
+
+def tf_os_error(exc: BaseException) -> OSError | None:
+    """The OS error inside a TensorFlow error, or None. TensorFlow reports a full disk as ResourceExhaustedError
+    (``/path; No space left on device``), which must not read as running out of memory."""
+    tf = sys.modules.get("tensorflow")
+    if tf is None or not isinstance(exc, tf.errors.OpError):
+        return None
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        where = message.find(os.strerror(code))
+        if where >= 0:
+            path = re.sub(r"^\{\{[^}]*\}\}\s*", "", message[:where]).rstrip(" ;:,") or None
+            return OSError(code, os.strerror(code), path)
+    return None
+
+
+def out_of_memory_line(exc: BaseException, args: argparse.Namespace) -> str | None:
+    """One line with a hint when ``exc`` is running out of host or accelerator memory; None otherwise."""
+    tf = sys.modules.get("tensorflow")
+    tf_oom = tf is not None and (isinstance(exc, tf.errors.ResourceExhaustedError) or (
+        isinstance(exc, tf.errors.OpError) and "RESOURCE_EXHAUSTED" in str(exc)))
+    if not (tf_oom or isinstance(exc, MemoryError)):
+        return None
+    flags = [f for f, dest in (("--batch-size", "batch_size"), ("--image-size", "image_size")) if hasattr(args, dest)]
+    hint = f"use a smaller {' or '.join(flags)}" if flags else "free memory (other jobs on the machine or GPU)"
+    detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return f"out of memory ({detail}); {hint}"
+
+
+def failure_line(exc: BaseException, args: argparse.Namespace) -> str | None:
+    """The one line for an OS error (also inside a TensorFlow error) or for running out of memory; None for any
+    other exception (a bug, shown with its traceback)."""
+    out_flag = "--covid-xray/--chest-xray" if args.verb == "download" else "--out"
+    inner = exc if isinstance(exc, OSError) else tf_os_error(exc)
+    return os_error_line(inner, out_flag) if inner is not None else out_of_memory_line(exc, args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: run a verb; user-fixable problems print one clear line and exit 2."""
+    """Entry point: run a verb; user-fixable problems (bad input, OS errors, out of memory) print one line, exit 2.
+
+    Numeric flags are checked while parsing: an out-of-range value exits 2 naming the flag and its range before any
+    work is done.
+    """
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except CovidXrayError as exc:
-        print(f"covidxray {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
+        line: str | None = str(exc)
     except KeyboardInterrupt:
         print(f"covidxray {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        line = failure_line(exc, args)
+        if line is None:
+            raise
+    print(f"covidxray {args.verb}: error: {line}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

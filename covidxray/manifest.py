@@ -40,7 +40,7 @@ def read_manifest(dataset_dir: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(
             f"{path}: no manifest. Build the dataset first: `covidxray data --out {dataset_dir}` "
-            "(or `covidxray data --presplit DIR --out {dataset_dir}`)."
+            f"(or `covidxray data --presplit DIR --out {dataset_dir}`)."
         )
     df = pd.read_csv(
         path,

@@ -13,6 +13,7 @@ import keras
 
 from covidxray.backbones import VGG16_CONV_LAYERS, load_vgg16_backbone_weights
 from covidxray.errors import ModelError
+from covidxray.limits import MIN_IMAGE_SIZE
 
 MODEL_NAMES: tuple[str, ...] = ("scratch", "scratch-gap", "vgg16")
 """``scratch``: the original project's CNN; ``scratch-gap``: its convs with a global-average-pooling head
@@ -20,9 +21,6 @@ MODEL_NAMES: tuple[str, ...] = ("scratch", "scratch-gap", "vgg16")
 
 VGG16_MEAN_BGR: tuple[float, float, float] = (103.939, 116.779, 123.68)
 """ImageNet channel means that ``keras.applications.vgg16.preprocess_input`` subtracts (BGR order)."""
-
-MIN_IMAGE_SIZE = 32
-"""Smallest input side every model accepts (VGG16 halves it five times)."""
 
 _VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 

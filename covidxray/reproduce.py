@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from covidxray import LABELS, limits
 from covidxray.baseline import baseline_probabilities, fit_baseline_with_threshold
 from covidxray.build import BuildConfig, build_dataset
 from covidxray.designs import get_design
-from covidxray.errors import DataError
+from covidxray.errors import DataError, ModelError
 from covidxray.evaluate import evaluate_model, evaluate_predictions
 from covidxray.manifest import SUMMARY_NAME, read_manifest, split_frame
 from covidxray.metrics import seed_summary
@@ -59,6 +60,30 @@ class ReproduceConfig:
     cache: str | None = "memory"
     design: str = "original"
     """Which images form each class (see covidxray.designs): original, adult-normals or all."""
+
+    def validate(self) -> None:
+        """Raise ModelError naming each setting (and its ``covidxray reproduce`` flag) that is out of range."""
+        from covidxray.models import MODEL_NAMES
+
+        checks = [
+            ("epochs", self.epochs, limits.POSITIVE_INT, "--epochs"),
+            ("image_size", self.image_size, limits.IMAGE_SIZE, "--image-size"),
+            ("batch_size", self.batch_size, limits.POSITIVE_INT, None),
+            ("seeds", self.seeds, limits.POSITIVE_INT, "--seeds"),
+            ("n_boot", self.n_boot, limits.N_BOOT, "--n-boot"),
+            ("patience", self.patience, limits.NON_NEGATIVE_INT, None),
+            ("baseline_size", self.baseline_size, limits.POSITIVE_INT, None),
+            *((f"caps[{label!r}]", n, limits.POSITIVE_INT, "--cap") for label, n in self.caps.items()),
+        ]
+        problems = [p for name, value, valid, flag in checks if (p := limits.out_of_range(name, value, valid, flag))]
+        problems += [f"caps: unknown label {label!r} (--cap LABEL=N takes one of {list(LABELS)})"
+                     for label in self.caps if label not in LABELS]
+        if not self.models:
+            problems.append(f"models (--models) is empty; name at least one of {list(MODEL_NAMES)}")
+        problems += [f"models (--models): unknown model {m!r}; use {list(MODEL_NAMES)}"
+                     for m in self.models if m not in MODEL_NAMES]
+        if problems:
+            raise ModelError("bad reproduce settings: " + "; ".join(problems) + ".")
 
 
 def _build(config: ReproduceConfig, out_root: Path, *, presplit, metadata, chest_xray, covid_xray, nih, extra,
@@ -127,6 +152,7 @@ def reproduce(
     ends with the dataset's design and confounder warnings.
     """
 
+    config.validate()
     if design is not None:
         config = dataclasses.replace(config, design=get_design(design).name)
     out_root = Path(out_root)
@@ -360,6 +386,7 @@ def reproduce_designs(
 ) -> dict[str, Any]:
     """Run :func:`reproduce` once per design (``out_root/<design>/``), then the cross-design evaluation of the
     first seed's runs (``out_root/cross/``). Returns {"designs": {name: reproduce result}, "cross": ...}."""
+    config.validate()
     out_root = Path(out_root)
     names = [get_design(d).name for d in designs]
     if len(set(names)) != len(names):

@@ -126,7 +126,9 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
-        """Raise ModelError on values that cannot work."""
+        """Raise ModelError on values that cannot work, naming each setting, its ``covidxray train`` flag and range."""
+        from covidxray import limits
+
         problems = []
         if self.model not in MODEL_NAMES:
             problems.append(f"model must be one of {list(MODEL_NAMES)}")
@@ -134,10 +136,21 @@ class TrainConfig:
             problems.append(f"monitor must be one of {list(MONITORS)}")
         if self.threshold_method not in THRESHOLD_METHODS:
             problems.append(f"threshold_method must be one of {list(THRESHOLD_METHODS)}")
-        if self.epochs < 1 or self.batch_size < 1 or self.finetune_epochs < 0 or self.patience < 0:
-            problems.append("epochs and batch_size must be >= 1, finetune_epochs and patience >= 0")
-        if self.feature_views < 1:
-            problems.append("feature_views must be >= 1")
+        checks = [
+            ("epochs", self.epochs, limits.POSITIVE_INT, "--epochs"),
+            ("batch_size", self.batch_size, limits.POSITIVE_INT, "--batch-size"),
+            ("image_size", self.image_size, limits.IMAGE_SIZE, "--image-size"),
+            ("lr", self.lr, limits.LEARNING_RATE, "--lr"),
+            ("seed", self.seed, limits.SEED, "--seed"),
+            ("patience", self.patience, limits.NON_NEGATIVE_INT, "--patience"),
+            ("finetune_epochs", self.finetune_epochs, limits.NON_NEGATIVE_INT, "--finetune-epochs"),
+            ("finetune_lr", self.finetune_lr, limits.LEARNING_RATE, None),
+            ("feature_views", self.feature_views, limits.POSITIVE_INT, "--feature-views"),
+            ("dropout", self.dropout, limits.FRACTION, None),
+            *((name, getattr(self, name), limits.FRACTION, None) for name in ("width_shift", "height_shift", "zoom")),
+            ("shear", self.shear, limits.Range(0.0, 90.0, hi_open=True), None),
+        ]
+        problems += [p for name, value, valid, flag in checks if (p := limits.out_of_range(name, value, valid, flag))]
         if self.finetune_epochs and self.model != "vgg16":
             problems.append("finetune_epochs (unfreezing more of VGG16) applies to the vgg16 model only")
         if self.finetune_epochs and self.finetune_from not in VGG16_CONV_LAYERS:

@@ -54,8 +54,10 @@ def test_data_without_sources_explains_the_ways_out(tmp_path, monkeypatch, capsy
 
 
 def test_bad_cap_and_bad_presplit_are_clear_errors(tmp_path, capsys):
-    assert main(["data", "--presplit", str(tmp_path), "--out", str(tmp_path / "o"), "--cap", "dogs=3"]) == 2
-    assert "--cap 'dogs=3'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "--presplit", str(tmp_path), "--out", str(tmp_path / "o"), "--cap", "dogs=3"])
+    assert exit_info.value.code == 2
+    assert "argument --cap: 'dogs=3'" in capsys.readouterr().err
     assert main(["data", "--presplit", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "not a folder" in capsys.readouterr().err
 
