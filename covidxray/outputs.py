@@ -424,7 +424,7 @@ class OutputDir:
         (self.path / PENDING_NAME).unlink(missing_ok=True)
         if self.created and not self.record["files"] and not self.record["children"]:
             (self.path / RECORD_NAME).unlink(missing_ok=True)
-            for folder in self.created:
+            for folder in reversed(self.created):
                 try:
                     folder.rmdir()
                 except OSError:

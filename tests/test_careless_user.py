@@ -101,7 +101,7 @@ def verb_args(verb: str, out: Path, presplit: Path, tiny_dataset: Path, tiny_run
         "train": ["train", "--model", "scratch-gap", "--weights", "none", "--epochs", "1", "--image-size", "32",
                   "--batch-size", "16", "--data", str(tiny_dataset), "--out", str(out), "--quiet"],
         "evaluate": ["evaluate", "--model", str(tiny_run), "--data", str(tiny_dataset), "--out", str(out),
-                     "--n-boot", "10"],
+                     "--n-boot", "20"],
         "cam": ["cam", "--model", str(tiny_run), "--data", str(tiny_dataset), "--out", str(out), "--limit", "4"],
         "probe": ["probe", "--data", str(tiny_dataset), "--out", str(out), "--image-size", "32", "--epochs", "1"],
     }[verb]
