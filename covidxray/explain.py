@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from covidxray import LABELS
 from covidxray.errors import ModelError
 from covidxray.images import IMAGE_EXTENSIONS
+from covidxray.manifest import check_frame
 
 METHODS: tuple[str, ...] = ("auto", "cam", "gradcam", "gradcam++")
 """Heatmap methods accepted by :func:`heatmaps`; "auto" = CAM when the model allows it, else Grad-CAM."""
@@ -369,24 +370,13 @@ def _outcomes(truth: Sequence[str], probs: np.ndarray, threshold: float) -> list
     return [table[(t == positive, bool(p >= threshold))] for t, p in zip(truth, probs, strict=True)]
 
 
-def _check_frame(df: pd.DataFrame, n: int, probs: np.ndarray | None = None) -> None:
-    if "label" not in df.columns:
-        raise ValueError("df needs a 'label' column (normal | covid).")
-    if len(df) != n:
-        raise ValueError(f"df has {len(df)} rows but there are {n} images; they must be aligned row by row.")
-    if probs is not None and len(probs) != n:
-        raise ValueError(f"{len(probs)} probabilities for {n} images.")
-    bad = sorted(set(map(str, df["label"])) - set(LABELS))
-    if bad:
-        raise ValueError(f"unknown label(s) {bad}; labels must be one of {list(LABELS)}.")
-
-
 def select_examples(
     df: pd.DataFrame, probs: object, threshold: float = 0.5, per_cell: int = 2
 ) -> dict[str, list[int]]:
     """Row positions per outcome (TP, TN, FP, FN), ``per_cell`` each: most confident first, ties by name."""
     p = np.asarray(probs, dtype=np.float64).reshape(-1)
-    _check_frame(df, len(p))
+    check_frame(df, ("label",), what="the table of examples", rows=len(p), fix="pass the rows the scores belong to",
+                allow_empty=True)
     outcomes = _outcomes([str(v) for v in df["label"]], p, threshold)
     names = _image_names(df)
     confidence = np.where(p >= threshold, p, 1.0 - p)
@@ -475,7 +465,10 @@ def render_cams(
         p = predict_proba(model, x, batch_size=batch_size)
     else:
         p = np.asarray(probs, dtype=np.float64).reshape(-1)
-    _check_frame(df, len(x), p)
+    check_frame(df, ("label",), what="the table of explained images", rows=len(x),
+                fix="pass the manifest rows of the images, in order", allow_empty=True)
+    if len(p) != len(x):
+        raise ValueError(f"{len(p)} probabilities for {len(x)} images.")
     used, name = resolve_method(model, method, layer)
     if maps is None:
         maps = heatmaps(model, x, used, name, batch_size=batch_size)

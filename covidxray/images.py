@@ -177,11 +177,23 @@ def _upright(path: Path, img: Image.Image) -> tuple[Image.Image, int | None]:
     return upright, orientation
 
 
-def load_grayscale(path: str | Path) -> np.ndarray:
-    """Read an image as an upright 8-bit grayscale array (for plots and thumbnails; training uses tf.data)."""
+def open_grayscale(path: str | Path, *, max_side: int | None = None) -> Image.Image:
+    """An image upright (EXIF orientation applied) as 8-bit grayscale ("L"), converted as the dataset build does.
+
+    The one reader for plots, thumbnails and probes (training decodes through tf.data). 16-bit and float images
+    are rescaled by their range, transparent ones composited over black. ``max_side`` returns a copy at most
+    that many pixels on its longer side (JPEG files are decoded at a reduced scale first, which is faster).
+    Raises :class:`ImageError` naming the file when it cannot be read.
+    """
     path = Path(path)
     try:
         with Image.open(path) as img:
-            return np.asarray(to_grayscale_uint8(ImageOps.exif_transpose(img)))
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        raise ImageError(path, f"cannot be decoded ({exc})") from exc
+            if max_side is not None:
+                img.draft("L", (max_side, max_side))
+            gray = to_grayscale_uint8(ImageOps.exif_transpose(img))
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise ImageError(path, f"cannot be read as an image ({exc}); remove or replace the file, or rebuild the "
+                               "dataset with `covidxray data`") from exc
+    if max_side is not None:
+        gray.thumbnail((max_side, max_side))
+    return gray

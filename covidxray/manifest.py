@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -33,6 +34,32 @@ MANIFEST_COLUMNS: list[str] = [
 ]
 
 
+def check_frame(
+    df: pd.DataFrame,
+    columns: Sequence[str] = ("filepath", "y"),
+    *,
+    what: str = "the image table",
+    fix: str = "pass a frame from read_manifest() or load_labeled()",
+    rows: int | None = None,
+    allow_empty: bool = False,
+) -> None:
+    """Raise DataError unless ``df`` can be used as a table of images: it has ``columns``, holds rows (unless
+    ``allow_empty``), exactly ``rows`` of them when given (to align with images or probabilities), and only known
+    labels in its ``label`` column. ``what`` names the table in the message, ``fix`` says what to do.
+    """
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataError(f"{what} lacks column(s) {missing}; {fix}.")
+    if df.empty and not allow_empty:
+        raise DataError(f"{what} is empty; it needs at least one image.")
+    if rows is not None and len(df) != rows:
+        raise DataError(f"{what} has {len(df)} rows but there are {rows} images; they must be aligned row by row.")
+    if "label" in columns:
+        bad = sorted(set(map(str, df["label"])) - set(LABELS))
+        if bad:
+            raise DataError(f"{what} has unknown label(s) {bad}; labels must be one of {list(LABELS)}.")
+
+
 def read_manifest(dataset_dir: str | Path) -> pd.DataFrame:
     """Read ``dataset_dir/manifest.csv`` and add an absolute ``filepath`` column and an integer ``y`` (1 = covid)."""
     dataset_dir = Path(dataset_dir)
@@ -48,12 +75,8 @@ def read_manifest(dataset_dir: str | Path) -> pd.DataFrame:
         keep_default_na=False,
         na_values={"age": [""]},
     )
-    missing = [c for c in ("path", "label", "split") if c not in df.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; rebuild it with `covidxray data`.")
-    bad = sorted(set(df["label"]) - set(LABELS))
-    if bad:
-        raise DataError(f"{path}: unknown label(s) {bad}; labels must be one of {list(LABELS)}.")
+    check_frame(df, ("path", "label", "split"), what=str(path), fix="rebuild it with `covidxray data`",
+                allow_empty=True)
     df["filepath"] = [str(dataset_dir / p) for p in df["path"]]
     df["y"] = (df["label"] == "covid").astype("int64")
     return df

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import precision_recall_curve, roc_curve
 
 from covidxray import LABELS
-from covidxray.errors import DataError
 
 METRIC_NAMES: tuple[str, ...] = (
     "accuracy",
@@ -242,40 +240,67 @@ def expected_calibration_error(y_true: Any, p: Any, n_bins: int = ECE_BINS) -> f
     return float((used["count"] * (used["mean_predicted"] - used["observed_fraction"]).abs()).sum() / total)
 
 
+THRESHOLD_METHODS: tuple[str, ...] = ("youden", "fixed")
+"""How a decision threshold is chosen: Youden's J on validation, or a fixed value (0.5 by default)."""
+
+LEGACY_NAMES: dict[str, str] = {"sensitivity": "recall", "auc": "roc_auc", "n_covid": "n_pos"}
+"""Metric names written by older versions (run folders), mapped to the names used everywhere now."""
+
+
+def youden_cut_points(p: Any) -> np.ndarray:
+    """Every distinct decision a threshold can make on scores ``p``, ascending: the lowest score (everything
+    covid), then the midpoints between consecutive distinct scores. J is constant between cut points."""
+    s = np.unique(np.asarray(p, dtype=np.float64))
+    return np.concatenate([s[:1], (s[:-1] + s[1:]) / 2])
+
+
 def choose_threshold(
     y_true: Any,
     p: Any,
-    method: Literal["youden", "f1", "fixed"] = "youden",
+    method: str = "youden",
+    *,
     fixed: float = 0.5,
-) -> float:
-    """Decision threshold (predict covid when p >= threshold), chosen on the VALIDATION split, never on test.
+    split: str = "val",
+) -> dict[str, Any]:
+    """The decision threshold (predict covid when ``p >= threshold``), chosen on validation data, never on test.
 
-    ``youden`` maximises sensitivity + specificity - 1, ``f1`` maximises F1, ``fixed`` returns ``fixed``.
-    Ties go to the highest threshold (the fewest covid predictions).
+    The one rule every model of the package uses (CNN runs, the thumbnail baseline, the probes). ``youden``
+    maximises Youden's J = recall + specificity - 1 over :func:`youden_cut_points`; among equally good cut
+    points the one nearest 0.5 wins (then the lower). When ``y_true`` holds one class only J is undefined: the
+    threshold falls back to 0.5 and a ``note`` says so. ``fixed`` uses ``fixed``.
+
+    Returns method, split, threshold, youden_j (J at the threshold, NaN with one class), note (only after a
+    fallback) and the :func:`binary_metrics` of ``(y_true, p)`` at the threshold.
     """
-    if method == "fixed":
-        if not 0.0 <= fixed <= 1.0:
-            raise ValueError("the fixed threshold must lie in [0, 1].")
-        return float(fixed)
-    if method not in ("youden", "f1"):
-        raise ValueError(f"unknown threshold method {method!r}; use 'youden', 'f1' or 'fixed'.")
+    if method not in THRESHOLD_METHODS:
+        raise ValueError(f"unknown threshold method {method!r}; use one of {list(THRESHOLD_METHODS)}.")
+    if method == "fixed" and not 0.0 <= fixed <= 1.0:
+        raise ValueError(f"the fixed threshold must lie in [0, 1], got {fixed}.")
     y, q = _as_arrays(y_true, p)
-    if y.size == 0 or y.min() == y.max():
-        raise DataError(
-            f"cannot choose a {method!r} threshold: the validation split holds only one class. "
-            "Rebuild the dataset with both classes in the validation split, or use the 'fixed' method."
-        )
-    if method == "youden":
-        fpr, tpr, thresholds = roc_curve(y, q, drop_intermediate=False)
-        finite = np.isfinite(thresholds)
-        score = np.where(finite, tpr - fpr, -np.inf)
-        return float(thresholds[int(np.argmax(score))])
-    precision, recall, thresholds = precision_recall_curve(y, q)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        f1 = 2 * precision[:-1] * recall[:-1] / (precision[:-1] + recall[:-1])
-    f1 = np.nan_to_num(f1, nan=-1.0)
-    best = np.flatnonzero(f1 == f1.max())
-    return float(thresholds[best].max())
+    info: dict[str, Any] = {"method": method, "split": split}
+    pos, neg = np.sort(q[y == 1.0]), np.sort(q[y == 0.0])
+    if method == "fixed":
+        threshold = float(fixed)
+    elif pos.size and neg.size:
+        cands = youden_cut_points(q)
+        tpr = 1.0 - np.searchsorted(pos, cands, side="left") / pos.size
+        fpr = 1.0 - np.searchsorted(neg, cands, side="left") / neg.size
+        j = tpr - fpr
+        best = np.flatnonzero(j >= j.max() - 1e-12)
+        threshold = float(cands[best[np.argmin(np.abs(cands[best] - 0.5))]])
+    else:
+        threshold = 0.5
+        info["note"] = f"{split} holds one class only: Youden's J is undefined, fell back to 0.5"
+    metrics = binary_metrics(y, q, threshold)
+    info["threshold"] = threshold
+    info["youden_j"] = metrics["recall"] + metrics["specificity"] - 1.0
+    info.update(metrics)
+    return info
+
+
+def modern_names(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a metrics dict with the names older versions wrote (sensitivity, auc, n_covid) renamed."""
+    return {LEGACY_NAMES.get(k, k): v for k, v in metrics.items()}
 
 
 def summarize(

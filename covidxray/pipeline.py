@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from covidxray.errors import DataError, ImageError
+from covidxray.errors import ImageError
+from covidxray.manifest import check_frame
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -174,14 +175,6 @@ def load_images(paths: Sequence[str | Path], image_size: int, batch_size: int = 
         raise_unreadable(paths, exc)
 
 
-def _check_frame(df: pd.DataFrame) -> None:
-    missing = [c for c in ("filepath", "y") if c not in df.columns]
-    if missing:
-        raise DataError(f"the data frame lacks column(s) {missing}; read it with covidxray.manifest.read_manifest.")
-    if df.empty:
-        raise DataError("no images to load (empty data frame).")
-
-
 def make_dataset(
     df: pd.DataFrame,
     *,
@@ -199,7 +192,7 @@ def make_dataset(
     augmented on the graph (training only), so augmentation is fresh every epoch. A disk cache is keyed by its
     file name alone: use a new name when the data or the image size changes.
     """
-    _check_frame(df)
+    check_frame(df, ("filepath", "y"), what="the data frame", fix="read it with covidxray.manifest.read_manifest")
     paths = [str(p) for p in df["filepath"]]
     labels = np.asarray(df["y"], dtype=np.float32).reshape(-1, 1)
     images = _path_dataset(paths, image_size)

@@ -7,7 +7,8 @@
 * Image-statistics probe: logistic regression on trivial image statistics (original width, height, aspect
   ratio, mean and standard deviation of the intensity, file format and Pillow mode), trained on the train split.
 
-Both are scored on the test split with the accuracy and ROC-AUC and their patient-level bootstrap intervals
+Both are scored on the test split, at a decision threshold chosen on the validation split by
+:func:`covidxray.metrics.choose_threshold`, with the accuracy and ROC-AUC and their patient-level bootstrap intervals
 (:func:`covidxray.metrics.summarize`), next to the chance level (the majority-class rate of the test split).
 Accuracy far above chance is a warning: a classifier of this dataset can score well without any COVID-19
 finding. The probes say nothing about the lungs themselves.
@@ -25,16 +26,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image
 from sklearn.compose import ColumnTransformer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from covidxray.errors import DataError, ImageError
-from covidxray.images import load_grayscale, to_grayscale_uint8
+from covidxray.images import open_grayscale
 from covidxray.manifest import MANIFEST_NAME, read_manifest, split_frame
-from covidxray.metrics import format_metric, summarize
+from covidxray.metrics import choose_threshold, format_metric, summarize
 from covidxray.outputs import staged_output, write_json, write_text
 
 DEFAULT_BORDER = 0.15
@@ -127,7 +128,7 @@ def masked_dataset(data_dir: str | Path, out_dir: str | Path, *, border: float =
     manifest = pd.read_csv(data_dir / MANIFEST_NAME, dtype=str, keep_default_na=False)
     paths, shas = [], []
     for rel in manifest["path"]:
-        gray = Image.fromarray(load_grayscale(data_dir / rel))
+        gray = open_grayscale(data_dir / rel)
         if max(gray.size) > max_side:
             scale = max_side / max(gray.size)
             gray = gray.resize((max(1, round(gray.width * scale)), max(1, round(gray.height * scale))),
@@ -181,6 +182,7 @@ def source_probe(
         test = split_frame(read_manifest(masked), "test")
         probs = predict_dataframe(model, test, image_size)
         result = _score("source probe", test, probs, meta["threshold"], n_boot=n_boot, seed=seed)
+        result["threshold_info"] = meta["threshold_info"]
     h = 1.0 - 2.0 * border
     result.update({
         "probe": "source",
@@ -195,18 +197,19 @@ def source_probe(
 # ------------------------------------------------------------------------------------------ statistics probe
 
 
-def _intensity(path: str) -> tuple[float, float, int, int, str, str]:
-    """Mean and std of the grayscale intensity (of a copy at most 256 px), size, format and mode of a file."""
+def _intensity(path: str) -> tuple[float, float]:
+    """Mean and std of the grayscale intensity of a file (of a copy at most 256 px on its longer side)."""
+    arr = np.asarray(open_grayscale(path, max_side=256), dtype=np.float64)
+    return float(arr.mean()), float(arr.std())
+
+
+def _header(path: str) -> tuple[int, int, str, str]:
+    """Width, height, format and Pillow mode of a file, from its header (the pixels are not decoded)."""
     try:
         with Image.open(path) as img:
-            fmt, mode, size = img.format or "unknown", img.mode, img.size
-            img.draft("L", (256, 256))
-            gray = to_grayscale_uint8(ImageOps.exif_transpose(img))
+            return img.size[0], img.size[1], img.format or "unknown", img.mode
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(path, f"cannot be read ({exc}); rebuild the dataset with `covidxray data`") from exc
-    gray.thumbnail((256, 256))
-    arr = np.asarray(gray, dtype=np.float64)
-    return float(arr.mean()), float(arr.std()), size[0], size[1], fmt, mode
 
 
 def image_statistics(df: pd.DataFrame) -> pd.DataFrame:
@@ -217,7 +220,8 @@ def image_statistics(df: pd.DataFrame) -> pd.DataFrame:
     """
     rows = []
     for _, row in df.iterrows():
-        mean, std, w, h, fmt, mode = _intensity(str(row["filepath"]))
+        mean, std = _intensity(str(row["filepath"]))
+        w, h, fmt, mode = _header(str(row["filepath"]))
         width = _number(row.get("width"), w)
         height = _number(row.get("height"), h)
         rows.append({
@@ -241,11 +245,13 @@ def _number(value: Any, default: float) -> float:
 
 
 def stats_probe(data_dir: str | Path, *, seed: int = 0, n_boot: int = 2000, progress: bool = False) -> dict[str, Any]:
-    """Logistic regression on trivial image statistics, fitted on train and scored on test (threshold 0.5)."""
+    """Logistic regression on trivial image statistics, fitted on train and scored on test at the threshold
+    chosen on val (:func:`covidxray.metrics.choose_threshold`, the rule every model of the package uses)."""
     data_dir = Path(data_dir)
     train, test = _split_frames(data_dir)
-    _say(progress, f"statistics probe: reading {len(train) + len(test)} images of {data_dir}")
-    x_train, x_test = image_statistics(train), image_statistics(test)
+    val = split_frame(read_manifest(data_dir), "val")
+    _say(progress, f"statistics probe: reading {len(train) + len(val) + len(test)} images of {data_dir}")
+    x_train, x_val, x_test = image_statistics(train), image_statistics(val), image_statistics(test)
     model = Pipeline([
         ("features", ColumnTransformer([
             ("numeric", StandardScaler(), list(STATS_NUMERIC)),
@@ -255,8 +261,10 @@ def stats_probe(data_dir: str | Path, *, seed: int = 0, n_boot: int = 2000, prog
     ])
     model.fit(x_train, train["y"].to_numpy())
     covid = int(np.flatnonzero(model.classes_ == 1)[0])
+    threshold = choose_threshold(val["y"], model.predict_proba(x_val)[:, covid])
     probs = model.predict_proba(x_test)[:, covid].astype(np.float64)
-    result = _score("image-statistics probe", test, probs, 0.5, n_boot=n_boot, seed=seed)
+    result = _score("image-statistics probe", test, probs, threshold["threshold"], n_boot=n_boot, seed=seed)
+    result["threshold_info"] = threshold
     names = model.named_steps["features"].get_feature_names_out()
     coefs = model.named_steps["logreg"].coef_[0]
     order = np.argsort(-np.abs(coefs))

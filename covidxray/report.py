@@ -20,8 +20,9 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from covidxray import LABELS
-from covidxray.baseline import open_gray
 from covidxray.errors import DataError
+from covidxray.images import open_grayscale
+from covidxray.manifest import check_frame
 from covidxray.metrics import calibration_bins, expected_calibration_error, format_metric
 from covidxray.outputs import atomic_write
 
@@ -286,8 +287,7 @@ def plot_sample_grid(
     path: str | Path | None = None,
 ) -> Figure:
     """Random images of each class (one row per class), titled with source and view; seeded."""
-    if "filepath" not in df.columns:
-        raise DataError("the image table lacks a 'filepath' column; pass a frame from load_labeled().")
+    check_frame(df, ("filepath",), what="the image table", fix="pass a frame from load_labeled()", allow_empty=True)
     labels = _labels_of(df)
     rng = np.random.default_rng(seed)
     fig = _figure((2.0 * n_per_class, 2.3 * len(LABELS)))
@@ -301,7 +301,7 @@ def plot_sample_grid(
             if c >= len(picks):
                 continue
             row = rows.iloc[int(picks[c])]
-            image = open_gray(row["filepath"])
+            image = open_grayscale(row["filepath"])
             image.thumbnail((256, 256))
             ax.imshow(np.asarray(image), cmap="gray", vmin=0, vmax=255)
             caption = " · ".join(t for t in (_text(row.get("source")), _text(row.get("view"))) if t)

