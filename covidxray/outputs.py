@@ -233,7 +233,10 @@ def _scan(root: Path, folder: Path, files: dict[str, set[str]], children: set[st
           *, top: bool) -> None:
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
         rel = entry.relative_to(root).as_posix()
-        if top and (entry.name in (RECORD_NAME, PENDING_NAME) or _is_scratch(entry)):
+        if top and _is_scratch(entry):
+            continue
+        if top and entry.name in (RECORD_NAME, PENDING_NAME) and not entry.is_symlink() \
+                and _load_record(entry) is not None:
             continue
         if top and entry.name in KEPT_NAMES and entry.is_file() and not entry.is_symlink():
             continue

@@ -11,13 +11,13 @@ import io
 import os
 import re
 import shutil
-import stat
 import subprocess
 import sys
 import tokenize
 from pathlib import Path
 
 import pytest
+from conftest import write_image
 
 from covidxray.build import BuildConfig, build_dataset
 from covidxray.cli import build_parser, failure_line, main, os_error_line
@@ -308,18 +308,26 @@ def test_reproduce_config_validate(changes, fragment, tmp_path):
 
 
 def test_a_full_disk_is_one_line(tmp_path, capsys):
-    """A real ENOSPC: the synthetic writer's marker file is a link to /dev/full, which refuses every write."""
-    from covidxray.synthetic import MARKER_NAME
-
-    if not (Path("/dev/full").exists() and stat.S_ISCHR(os.stat("/dev/full").st_mode)):
-        pytest.skip("no /dev/full on this system")
-    (tmp_path / "syn" / "Chest_XRAY").mkdir(parents=True)
-    (tmp_path / "syn" / "Chest_XRAY" / MARKER_NAME).symlink_to("/dev/full")
-    assert main(["data", "--synthetic", str(tmp_path / "syn"), "--out", str(tmp_path / "ds"), "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("covidxray data: error: ") and err.count("\n") == 1
-    assert "(ENOSPC)" in err and "free some space or choose another --out" in err
-    assert not (tmp_path / "ds").exists()
+    """A real ENOSPC: the output folder lies on a 256 KiB tmpfs that the build's images overflow."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        source = tmp_path / "src"
+        for split, n in (("train", 6), ("test", 2)):
+            for cls in ("Covid", "Normal"):
+                for k in range(n):
+                    write_image(source / split / cls / f"{cls}{k}.png", size=(320, 320),
+                                seed=100 * k + len(cls) + len(split))
+        assert main(["data", "--presplit", str(source), "--out", str(small / "ds"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("covidxray data: error: ") and err.count("\n") == 1
+        assert "(ENOSPC)" in err and "free some space or choose another --out" in err
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
 
 
 def test_a_file_in_place_of_a_folder_is_one_line(tmp_path, capsys):
