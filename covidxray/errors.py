@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class CovidXrayError(Exception):
     """Base class: a problem the user can fix, reported without a deep traceback by the CLI."""
@@ -22,3 +24,26 @@ class ImageError(CovidXrayError):
 
 class ModelError(CovidXrayError):
     """A model file or weights file is missing, unreadable or does not fit."""
+
+
+_OS_FIXES: dict[int, str] = {
+    errno.ENOSPC: "the disk is full: free some space or choose another {out} on a disk with room",
+    errno.EDQUOT: "the disk quota is used up: free some space or choose another {out}",
+    errno.EROFS: "the file system is read-only: choose a writable {out}",
+    errno.EACCES: "permission denied: choose a writable {out}, or fix the permissions of that path",
+    errno.EPERM: "operation not permitted: choose a writable {out}, or fix the permissions of that path",
+    errno.EBUSY: "a mount point or the working directory cannot be replaced: choose a subfolder as {out}",
+    errno.ENOTDIR: "a file stands where a folder is needed: remove it or choose another {out}",
+    errno.EISDIR: "a folder stands where a file is needed: choose another path",
+    errno.ENOENT: "the path does not exist: check it",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+}
+
+
+def os_error_line(exc: OSError, out_flag: str = "--out") -> str:
+    """``<path>: <strerror> (<errno name>); <fix>`` for an OS error, the fix naming the verb's output flag."""
+    name = errno.errorcode.get(exc.errno, type(exc).__name__) if exc.errno is not None else type(exc).__name__
+    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    text = exc.strerror or str(exc)
+    fix = _OS_FIXES.get(exc.errno, "check the path and try again").format(out=out_flag)
+    return f"{where + ': ' if where else ''}{text} ({name}); {fix}"

@@ -243,8 +243,6 @@ def expected_calibration_error(y_true: Any, p: Any, n_bins: int = ECE_BINS) -> f
 THRESHOLD_METHODS: tuple[str, ...] = ("youden", "fixed")
 """How a decision threshold is chosen: Youden's J on validation, or a fixed value (0.5 by default)."""
 
-LEGACY_NAMES: dict[str, str] = {"sensitivity": "recall", "auc": "roc_auc", "n_covid": "n_pos"}
-"""Metric names written by older versions (run folders), mapped to the names used everywhere now."""
 
 
 def youden_cut_points(p: Any) -> np.ndarray:
@@ -296,11 +294,6 @@ def choose_threshold(
     info["youden_j"] = metrics["recall"] + metrics["specificity"] - 1.0
     info.update(metrics)
     return info
-
-
-def modern_names(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a metrics dict with the names older versions wrote (sensitivity, auc, n_covid) renamed."""
-    return {LEGACY_NAMES.get(k, k): v for k, v in metrics.items()}
 
 
 def summarize(

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covidxray.errors import DataError
+from covidxray.errors import DataError, os_error_line
 
 RECORD_NAME = ".covidxray.json"
 """The ownership record of an output folder."""
@@ -485,8 +485,7 @@ def claim_output(
         out.record["children"].extend(c for c in children if c not in out.record["children"])
         out._save()
     except OSError as exc:
-        raise DataError(f"{path}: cannot write here ({exc.strerror or exc}); choose another {flag} or make this "
-                        "folder writable.") from exc
+        raise DataError(os_error_line(exc, flag)) from exc
     _register_in_parent(path)
     try:
         yield out

@@ -56,7 +56,7 @@ from covidxray.features import (
     tail_part,
 )
 from covidxray.manifest import MANIFEST_NAME, SUMMARY_NAME, read_manifest, split_frame
-from covidxray.metrics import THRESHOLD_METHODS, choose_threshold, modern_names
+from covidxray.metrics import THRESHOLD_METHODS, choose_threshold
 from covidxray.model_io import CHECKPOINT_DIR, MODEL_FILE, load_run, predict_dataframe, read_run_json, versions
 from covidxray.models import MODEL_NAMES, build_model, compile_model, set_trainable_from
 from covidxray.outputs import OutputDir, claim_output, command_line, fingerprint
@@ -492,10 +492,7 @@ def _train(run: _Run, cfg: TrainConfig, dataset: dict, resume: bool) -> dict:
     if state is not None and not _remaining(state, cfg) and (out_dir / "summary.json").is_file():
         how = " (stopped early)" if state.stopped_early else ""
         _say(progress, f"{out_dir}: finished at epoch {state.epoch}{how}; nothing left to train")
-        summary = read_run_json(out_dir / "summary.json")
-        if "val" in summary:  # a run written by an older version used other metric names
-            summary["val"] = modern_names(summary["val"])
-        return summary
+        return read_run_json(out_dir / "summary.json")
 
     df = read_manifest(data_dir)
     df = df[df["split"] != "test"].reset_index(drop=True)

@@ -15,10 +15,11 @@ from PIL import Image
 import covidxray.model_io as model_io_module
 import covidxray.train as train_module
 from covidxray import metrics
-from covidxray.errors import ImageError, ModelError
+from covidxray.errors import DataError, ImageError, ModelError
 from covidxray.manifest import read_manifest, split_frame
 from covidxray.metrics import METRIC_NAMES
 from covidxray.model_io import load_run, predict_dataframe, predict_proba
+from covidxray.outputs import RECORD_NAME
 from covidxray.pipeline import load_images
 from covidxray.train import (
     VAL_SUMMARY,
@@ -205,13 +206,18 @@ def test_train_chooses_the_threshold_by_the_one_rule(run: tuple[Path, dict, set[
     assert not {"sensitivity", "auc", "n_covid"} & (set(saved) | set(summary["val"]))
 
 
-def test_finished_run_of_an_older_version_reads_with_the_new_names(run: tuple[Path, dict, set[str]], data: Path,
-                                                                   tmp_path: Path) -> None:
-    out, summary, _ = run
+def test_a_run_folder_of_an_older_version_is_read_but_not_resumed(run: tuple[Path, dict, set[str]], data: Path,
+                                                                  tmp_path: Path) -> None:
+    """Older versions wrote no ownership record and no dataset fingerprint: such a run still loads and predicts,
+    but training into it (resume or reuse) is refused, since nothing proves which dataset it was trained on."""
+    out, _, _ = run
     old = tmp_path / "old"
     shutil.copytree(out, old)
-    legacy = {**summary, "val": {"n": 16, "n_covid": 8, "auc": 0.9, "accuracy": 0.8, "sensitivity": 0.75,
-                                 "specificity": 0.85}}
-    (old / "summary.json").write_text(json.dumps(legacy))
-    again = train(CONFIG, data, old, progress=False, resume=True)
-    assert again["val"] == {"n": 16, "n_pos": 8, "roc_auc": 0.9, "accuracy": 0.8, "recall": 0.75, "specificity": 0.85}
+    (old / RECORD_NAME).unlink()
+    (old / "provenance.json").unlink()
+    model, meta = load_run(old)
+    assert meta["threshold"] == json.loads((old / "threshold.json").read_text())["threshold"]
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    with pytest.raises(DataError, match="covidxray did not write"):
+        train(CONFIG, data, old, progress=False, resume=True)
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
