@@ -44,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.scale_child:
         from bench.scaling import child
+        from covidxray.outputs import write_json
 
         result = child(json.loads(args.scale_child))
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf8")
+        write_json(result, args.out)
         return 0
     from bench.run import Options, run_all
 

@@ -33,6 +33,7 @@ from covidxray.manifest import read_manifest, split_frame
 from covidxray.metrics import binary_metrics
 from covidxray.model_io import load_run, predict_dataframe, predict_proba, versions
 from covidxray.models import build_model, compile_model
+from covidxray.outputs import write_json
 from covidxray.pipeline import load_images, make_dataset
 from covidxray.train import TrainConfig, train
 
@@ -467,7 +468,7 @@ def run_all(opts: Options) -> dict:
                 entry.pop("run_dir", None)
     results = _clean(results)
     opts.out.mkdir(parents=True, exist_ok=True)
-    (opts.out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf8")
+    write_json(results, opts.out / "results.json")
     write_markdown(results, opts.out / "results.md")
     _log(f"wrote {opts.out / 'results.json'} and results.md in {time.perf_counter() - t_start:.0f} s")
     return results

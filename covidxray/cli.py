@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import re
 import sys
@@ -16,6 +15,7 @@ from covidxray import LABELS, __version__, limits, paths
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from covidxray.errors import CovidXrayError, DataError, os_error_line
 from covidxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from covidxray.outputs import json_text
 
 
 def _bounded(kind: type[int] | type[float], valid: limits.Range) -> Callable[[str], int | float]:
@@ -216,7 +216,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     weights = config.resolved().weights or "none"
     out = args.out or paths.RUNS_DIR / f"{args.model}-{Path(weights).stem}-s{args.seed}"
     result = train(config, args.data, out, progress=not args.quiet, resume=args.resume)
-    print(json.dumps(result, indent=2, default=str))
+    print(json_text(result), end="")
     return 0
 
 
@@ -268,7 +268,7 @@ def cmd_cam(args: argparse.Namespace) -> int:
 
     result = render_model_cams(args.model, args.data, split=args.split, out_dir=args.out, method=args.method,
                                layer=args.layer, limit=args.limit, name=args.name)
-    print(json.dumps(result, indent=2, default=str))
+    print(json_text(result), end="")
     return 0
 
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from covidxray import __version__
 from covidxray.errors import DataError
+from covidxray.outputs import record_files, refusal, replaceable
 from covidxray.paths import CHEST_XRAY_DIR, COVID_XRAY_DIR
 
 DEFAULT_IEEE8023_URL = "https://github.com/ieee8023/covid-chestxray-dataset/archive/refs/heads/master.zip"
@@ -431,6 +432,9 @@ def extract_archive(archive: Path, dest: Path, *, strip_top: bool = False, progr
             todo = [m for m in members.values() if not _unchanged(m, dest / m.rel, tf)]
             if not todo:
                 return dest
+            theirs = [m.rel for m in todo if m.kind != "dir" and not replaceable(dest, m.rel)]
+            if theirs:
+                raise refusal(dest, theirs, "destination")
             dest.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.extract-", dir=dest.parent))
             stack.callback(shutil.rmtree, staging, ignore_errors=True)
@@ -441,6 +445,7 @@ def extract_archive(archive: Path, dest: Path, *, strip_top: bool = False, progr
                 _write_member(member, tree / member.rel, zf, tf)
             if not dest.exists():
                 os.replace(tree, dest)
+                record_files(dest, "download", [m.rel for m in todo if m.kind == "file"])
                 return dest
             for member in todo:
                 target = dest / member.rel
@@ -449,6 +454,7 @@ def extract_archive(archive: Path, dest: Path, *, strip_top: bool = False, progr
                 else:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     _move_into_place(tree / member.rel, target)
+            record_files(dest, "download", [m.rel for m in todo if m.kind == "file"])
     except (zipfile.BadZipFile, zlib.error, EOFError, tarfile.TarError, RuntimeError, UnicodeDecodeError) as exc:
         raise _CorruptArchiveError(f"{archive}: the archive is corrupt or unreadable ({exc}); delete it and "
                                    "download it again.") from exc

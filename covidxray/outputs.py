@@ -251,6 +251,30 @@ def _scan(root: Path, folder: Path, files: dict[str, set[str]], children: set[st
             found.append(rel)
 
 
+def replaceable(folder: str | Path, rel: str) -> bool:
+    """True when file ``rel`` of ``folder`` is absent, or named by the folder's record and unchanged since."""
+    target = Path(folder) / rel
+    if not target.exists() and not target.is_symlink():
+        return True
+    accepted = _owned(Path(folder))[0].get(Path(rel).as_posix(), set())
+    return target.is_file() and not target.is_symlink() and file_sha256(target) in accepted
+
+
+def record_files(folder: str | Path, verb: str, rels: Iterable[str]) -> None:
+    """Add files just written into ``folder`` (outside a claim, e.g. an archive merged into a source folder) to
+    its ownership record, with their current hashes."""
+    folder = Path(folder)
+    record = _load_record(folder / RECORD_NAME) or _new_record(verb, None)
+    for rel in rels:
+        record["files"][Path(rel).as_posix()] = file_sha256(folder / rel)
+    write_text(json_text(record), folder / RECORD_NAME)
+
+
+def refusal(path: Path, foreign: list[str], flag: str = "--out") -> DataError:
+    """The error for an output holding entries the tool did not write: up to five named, and the fix."""
+    return _refusal(path, foreign, flag)
+
+
 def _refusal(path: Path, foreign: list[str], flag: str = "--out") -> DataError:
     named = ", ".join(foreign[:MAX_NAMED]) + (f" and {len(foreign) - MAX_NAMED} more" if len(foreign) > MAX_NAMED
                                               else "")

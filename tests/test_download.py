@@ -236,18 +236,24 @@ def test_download_ieee8023_corrupt_cache_is_deleted(site: Site, tmp_path: Path) 
     assert not list((dest / ".download").glob("*.zip"))
 
 
-def test_extract_restores_changed_file_keeps_user_files(tmp_path: Path) -> None:
+def test_extract_refuses_to_replace_an_edited_file_and_keeps_user_files(tmp_path: Path) -> None:
     archive = tmp_path / "a.zip"
     archive.write_bytes(_zip_bytes({"top/x.txt": b"original", "top/d/y.txt": b"y"}))
     dest = tmp_path / "out"
     extract_archive(archive, dest, strip_top=True)
-    (dest / "x.txt").write_bytes(b"edited")
     (dest / "mine.txt").write_bytes(b"mine")
     y_before = (dest / "d" / "y.txt").stat().st_mtime_ns
     extract_archive(archive, dest, strip_top=True)
-    assert (dest / "x.txt").read_bytes() == b"original"
     assert (dest / "mine.txt").read_bytes() == b"mine"
     assert (dest / "d" / "y.txt").stat().st_mtime_ns == y_before
+    (dest / "x.txt").write_bytes(b"edited")
+    with pytest.raises(DataError, match=r"covidxray did not write or that changed since \(x.txt\)"):
+        extract_archive(archive, dest, strip_top=True)
+    assert (dest / "x.txt").read_bytes() == b"edited"
+    (dest / "x.txt").unlink()
+    extract_archive(archive, dest, strip_top=True)
+    assert (dest / "x.txt").read_bytes() == b"original"
+    assert (dest / "mine.txt").read_bytes() == b"mine"
 
 
 @pytest.mark.parametrize("name", ["../evil.txt", "top/../../evil.txt", "/abs/evil.txt", "C:/evil.txt"])
