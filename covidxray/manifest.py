@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,3 +91,14 @@ def split_frame(df: pd.DataFrame, split: str) -> pd.DataFrame:
     if part.empty:
         raise DataError(f"the {split!r} split of the dataset is empty; rebuild with a larger dataset or other sizes.")
     return part
+
+
+def dataset_summary(dataset: str | Path) -> dict:
+    """The dataset's summary.json ({} when there is none, e.g. a dataset built by an older version)."""
+    path = Path(dataset) / SUMMARY_NAME
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable ({exc}); rebuild the dataset with `covidxray data`.") from exc

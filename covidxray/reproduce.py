@@ -13,7 +13,6 @@ of normals.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import time
@@ -31,7 +30,7 @@ from covidxray.build import BuildConfig, build_dataset
 from covidxray.designs import get_design
 from covidxray.errors import DataError, ModelError
 from covidxray.evaluate import evaluate_model, evaluate_predictions
-from covidxray.manifest import SUMMARY_NAME, read_manifest, split_frame
+from covidxray.manifest import dataset_summary, read_manifest, split_frame
 from covidxray.metrics import seed_summary
 from covidxray.outputs import OutputDir, claim_output
 from covidxray.report import plot_reliability, plot_roc_pr, results_table
@@ -97,12 +96,6 @@ def _build(config: ReproduceConfig, out_root: Path, *, presplit, metadata, chest
     build_dataset(dataset, chest_xray=chest_xray, covid_xray=covid_xray, presplit=presplit, metadata=metadata,
                   nih=nih, extra=extra, design=config.design, config=bcfg, progress=progress)
     return dataset
-
-
-def dataset_summary(dataset: str | Path) -> dict[str, Any]:
-    """The dataset's summary.json ({} when there is none, e.g. a dataset built by an older version)."""
-    path = Path(dataset) / SUMMARY_NAME
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def design_notes(summary: Mapping[str, Any]) -> str:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import sys
 import time
@@ -55,7 +54,7 @@ from covidxray.features import (
     predict_cached,
     tail_part,
 )
-from covidxray.manifest import MANIFEST_NAME, SUMMARY_NAME, read_manifest, split_frame
+from covidxray.manifest import MANIFEST_NAME, dataset_summary, read_manifest, split_frame
 from covidxray.metrics import THRESHOLD_METHODS, choose_threshold
 from covidxray.model_io import CHECKPOINT_DIR, MODEL_FILE, load_run, predict_dataframe, read_run_json, versions
 from covidxray.models import MODEL_NAMES, build_model, compile_model, set_trainable_from
@@ -190,11 +189,7 @@ def dataset_record(data_dir: str | Path) -> dict:
     manifest = Path(data_dir) / MANIFEST_NAME
     if not manifest.is_file():
         raise DataError(f"{manifest}: not found; build the dataset first (`covidxray data --out {data_dir}`).")
-    summary_path = Path(data_dir) / SUMMARY_NAME
-    design = None
-    if summary_path.is_file():
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            design = (json.loads(summary_path.read_text(encoding="utf-8")).get("design") or {}).get("name")
+    design = (dataset_summary(data_dir).get("design") or {}).get("name")
     return {"path": Path(data_dir).as_posix(), "fingerprint": fingerprint(manifest), "design": design}
 
 

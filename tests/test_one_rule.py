@@ -1,0 +1,61 @@
+"""One meaning, one function: a second copy of a shared rule fails here before it can drift from the first.
+
+Each rule names the one module allowed to implement it; the package's source is scanned for the patterns a
+copy would need (a rename into place, a JSON encoder, a grayscale conversion, a set of image suffixes, a
+threshold search, an age parser), and every module that imports the rule must take it from there.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "covidxray"
+SOURCES = {p.relative_to(PACKAGE).as_posix(): p.read_text(encoding="utf-8") for p in sorted(PACKAGE.rglob("*.py"))}
+
+RULES = [
+    # (meaning, regex a copy needs, modules allowed to hold it)
+    ("atomic rename into place", r"\bos\.replace\(", {"outputs.py", "download.py"}),
+    ("JSON encoding", r"\bjson\.dumps?\(", {"outputs.py"}),
+    ("JSON conversion of numpy types", r"def \w*json\w*\(", {"outputs.py", "model_io.py"}),
+    ("grayscale conversion", r"\.convert\(\s*[\"']L[\"']", {"images.py"}),
+    ("the set of image suffixes", r"[\"']\.jpe?g[\"']\s*,\s*[\"']\.(png|jpe?g)[\"']", {"images.py"}),
+    ("the decision-threshold rule", r"def \w*(youden|choose_threshold)\w*\(", {"metrics.py"}),
+    ("the age parser", r"def _?(\w+_)?ages?\(|def parse_age", {"sources/base.py"}),
+    ("the dataset summary reader", r"SUMMARY_NAME\)?\.read_text|summary\.json\"?\)?\.read_text", {"manifest.py"}),
+    ("ownership of output folders", r"\bshutil\.rmtree\(", {"outputs.py", "download.py", "features.py"}),
+    ("the OS-error message", r"errno\.errorcode", {"errors.py"}),
+]
+
+
+@pytest.mark.parametrize(("meaning", "pattern", "allowed"), RULES, ids=[r[0] for r in RULES])
+def test_one_implementation(meaning: str, pattern: str, allowed: set[str]) -> None:
+    holders = sorted(name for name, text in SOURCES.items() if re.search(pattern, text))
+    strays = [name for name in holders if name not in allowed]
+    assert not strays, f"{meaning} is written again in {strays}; use the one in {sorted(allowed)}"
+
+
+def test_no_module_writes_an_output_file_behind_the_ownership_record() -> None:
+    """Writers of files that outlive a run go through covidxray.outputs (directly or via a claimed folder)."""
+    offenders = []
+    for name, text in SOURCES.items():
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr in ("mkdtemp", "mkstemp") and name not in ("features.py", "download.py"):
+                offenders.append(f"{name}:{node.lineno}")
+    assert not offenders, f"temporary folders outside covidxray.outputs: {offenders}"
+
+
+def test_the_threshold_is_chosen_by_one_function_everywhere() -> None:
+    import covidxray.baseline as baseline
+    import covidxray.metrics as metrics
+    import covidxray.probes as probes
+    import covidxray.train as train
+
+    for module in (baseline, probes, train):
+        assert getattr(module, "choose_threshold", metrics.choose_threshold) is metrics.choose_threshold
+    assert "choose_threshold" in SOURCES["train.py"] and "choose_threshold" in SOURCES["baseline.py"]
