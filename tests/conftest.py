@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,20 @@ def write_image(path: Path, *, mode: str = "L", size: tuple[int, int] = (96, 80)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format=fmt, **save_kwargs)
     return path
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A real small file system (tmpfs of ``size``) mounted on ``folder`` for the block; the test is skipped
+    where mounting is not allowed (not root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_image
+from conftest import tmpfs, write_image
 
 from covidxray.cli import main
 from covidxray.outputs import PENDING_NAME, RECORD_NAME, SCRATCH_PREFIX
@@ -293,12 +293,7 @@ def test_killed_build_is_cleaned_by_the_next_run(tmp_path, presplit):
 
 def test_out_is_a_mount_point(tmp_path, capsys, presplit):
     """A mount point cannot be renamed (EBUSY): the build swaps entries inside it instead, and a rerun works."""
-    mount = tmp_path / "mnt"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with tmpfs(tmp_path / "mnt", "16m") as mount:
         args = ["data", "--presplit", str(presplit), "--out", str(mount), "--quiet"]
         for case in ("data: --out a mount point", "data: --out a mount point, rerun"):
             before = snapshot(tmp_path)
@@ -309,8 +304,6 @@ def test_out_is_a_mount_point(tmp_path, capsys, presplit):
         before = snapshot(tmp_path)
         code, err = run_verb(args, capsys)
         check_case("data: --out a mount point holding a dotfile", tmp_path, before, code, err, foreign=True)
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_zz_careless_user_count():

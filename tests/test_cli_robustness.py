@@ -17,7 +17,7 @@ import tokenize
 from pathlib import Path
 
 import pytest
-from conftest import write_image
+from conftest import tmpfs, write_image
 
 from covidxray.build import BuildConfig, build_dataset
 from covidxray.cli import build_parser, failure_line, main, os_error_line
@@ -309,12 +309,7 @@ def test_reproduce_config_validate(changes, fragment, tmp_path):
 
 def test_a_full_disk_is_one_line(tmp_path, capsys):
     """A real ENOSPC: the output folder lies on a 256 KiB tmpfs that the build's images overflow."""
-    small = tmp_path / "small"
-    small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with tmpfs(tmp_path / "small", "256k") as small:
         source = tmp_path / "src"
         for split, n in (("train", 6), ("test", 2)):
             for cls in ("Covid", "Normal"):
@@ -326,8 +321,6 @@ def test_a_full_disk_is_one_line(tmp_path, capsys):
         assert err.startswith("covidxray data: error: ") and err.count("\n") == 1
         assert "(ENOSPC)" in err and "free some space or choose another --out" in err
         assert list(small.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
 
 
 def test_a_file_in_place_of_a_folder_is_one_line(tmp_path, capsys):
