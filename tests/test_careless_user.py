@@ -306,6 +306,17 @@ def test_out_is_a_mount_point(tmp_path, capsys, presplit):
         check_case("data: --out a mount point holding a dotfile", tmp_path, before, code, err, foreign=True)
 
 
+def test_committed_output_folders_can_be_rerun_on_a_fresh_clone():
+    """The repository's own output folders carry their record, so the notebooks and `covidxray cam` may replace
+    the committed figures; anything else in them would be refused."""
+    from conftest import REPO
+
+    from covidxray.outputs import foreign_entries
+
+    for folder in ("dataset", "Class_Activation_Images"):
+        assert foreign_entries(REPO / folder) == [], folder
+
+
 def test_zz_careless_user_count():
     """The count the closing note quotes: cases tried, and how many lost or changed anything (must be zero)."""
     lost = [case for case, bad in CASES if bad]
