@@ -4,22 +4,37 @@ Every image is decoded once here. Files that cannot be used raise :class:`ImageE
 dataset build can skip and list them instead of crashing. Files TensorFlow decodes exactly as they are
 (8-bit JPEG/PNG in L, RGB, RGBA, LA or P mode, upright) are kept byte for byte; all others (16-bit, CMYK,
 EXIF-rotated, other formats) are normalised to an 8-bit grayscale PNG.
+
+DICOM files (a ``DICM`` marker after the 128-byte preamble, or a ``.dcm``/``.dicom`` name) are decoded with
+pydicom through the display pipeline a viewer applies: modality LUT (rescale slope/intercept), VOI LUT or window,
+MONOCHROME1 inverted; the first frame of a multi-frame file is used. They always become normalised PNGs, so
+TensorFlow and every later stage read a PNG.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from covidxray.errors import ImageError
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
+if TYPE_CHECKING:
+    from pydicom import Dataset
+    from pydicom.uid import UID
+
+DICOM_EXTENSIONS: frozenset[str] = frozenset({".dcm", ".dicom"})
+_DICOM_MARKER = slice(128, 132)
+"""Where a DICOM file (after its 128-byte preamble) says ``DICM``."""
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", *DICOM_EXTENSIONS})
 """Extensions the source readers pick up; anything else is ignored."""
 JUNK_NAMES: frozenset[str] = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -111,17 +126,14 @@ def check_image(
         raise ImageError(path, "empty file (0 bytes)")
     if size > MAX_FILE_BYTES:
         raise ImageError(path, f"file of {size} bytes is over the {MAX_FILE_BYTES}-byte limit")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ImageError(path, f"cannot be read ({exc.strerror or exc})") from exc
+    data = _read_bytes(path)
     sha = hashlib.sha256(data).hexdigest()
     with warnings.catch_warnings():
         # Pillow warns about odd metadata (corrupt EXIF, oversized tags) and carries on: the image itself is
         # judged below, so the warnings only flood the build's output. A decompression bomb becomes an error.
         warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img, fmt, mode = _decode(path, data, max_pixels)
+        img, fmt, mode = _decode_file(path, data, max_pixels)
         upright, orientation = _upright(path, img)
     width, height = upright.size
     if min(width, height) < min_side:
@@ -144,6 +156,32 @@ def check_image(
         dhash=difference_hash(gray),
         normalized_png=normalized,
     )
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes; an ImageError naming the OS error when it cannot be read."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImageError(path, f"cannot be read ({exc.strerror or exc})") from exc
+
+
+def _decode_file(path: Path, data: bytes, max_pixels: int) -> tuple[Image.Image, str, str]:
+    """Decode ``data`` as DICOM when :func:`is_dicom`, else with Pillow. A ``.dcm`` file without the ``DICM``
+    marker that pydicom cannot decode is tried with Pillow (a PNG named ``.dcm`` is a PNG), as Pillow reads any
+    format whatever the extension says."""
+    if not is_dicom(path, data):
+        return _decode(path, data, max_pixels)
+    if data[_DICOM_MARKER] == b"DICM":
+        return _decode_dicom(path, data, max_pixels)
+    try:
+        return _decode_dicom(path, data, max_pixels)
+    except ImageError as dicom_error:
+        try:
+            return _decode(path, data, max_pixels)
+        except ImageError:
+            raise ImageError(path, f"{dicom_error.reason}; the file has no 'DICM' marker: not a DICOM file (or a "
+                                   "damaged one), nor an image Pillow can read") from dicom_error
 
 
 def _decode(path: Path, data: bytes, max_pixels: int) -> tuple[Image.Image, str, str]:
@@ -186,6 +224,14 @@ def open_grayscale(path: str | Path, *, max_side: int | None = None) -> Image.Im
     Raises :class:`ImageError` naming the file when it cannot be read.
     """
     path = Path(path)
+    if _is_dicom_file(path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = _decode_file(path, _read_bytes(path), DEFAULT_MAX_PIXELS)[0]
+            gray = to_grayscale_uint8(_upright(path, img)[0])
+        if max_side is not None:
+            gray.thumbnail((max_side, max_side))
+        return gray
     try:
         with Image.open(path) as img:
             if max_side is not None:
@@ -197,3 +243,171 @@ def open_grayscale(path: str | Path, *, max_side: int | None = None) -> Image.Im
     if max_side is not None:
         gray.thumbnail((max_side, max_side))
     return gray
+
+
+DICOM_TAGS: dict[str, str] = {"patient_id": "PatientID", "view": "ViewPosition", "age": "PatientAge",
+                              "sex": "PatientSex"}
+"""What :func:`dicom_tags` reads: the CSV column of a generic source each DICOM attribute stands for."""
+_COLOR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR"})
+"""Colour photometric interpretations (pydicom returns YBR as RGB); MONOCHROME1/2 are the grayscale ones."""
+
+
+def is_dicom(path: Path, head: bytes) -> bool:
+    """True when the file is to be read as DICOM: ``head`` (its first bytes) has the ``DICM`` marker after the
+    128-byte preamble, or the name ends in ``.dcm``/``.dicom`` (old files without a preamble)."""
+    return head[_DICOM_MARKER] == b"DICM" or path.suffix.lower() in DICOM_EXTENSIONS
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """:func:`is_dicom` on the file's first bytes; False when it cannot be opened (the caller's reader says why)."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(_DICOM_MARKER.stop)
+    except OSError:
+        return False
+    return is_dicom(path, head)
+
+
+def dicom_tags(path: str | Path) -> dict[str, str]:
+    """The patient id, view, age and sex a DICOM file's header records, as text keyed as in :data:`DICOM_TAGS`
+    (``{"age": "045Y", ...}``; absent or empty attributes are left out).
+
+    Only the header is read. Empty for files that are not DICOM and for headers that cannot be parsed: the
+    image itself is judged (and refused with the reason) by :func:`check_image`.
+    """
+    path = Path(path)
+    if not _is_dicom_file(path):
+        return {}
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with path.open("rb") as handle:
+                ds = pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=list(DICOM_TAGS.values()),
+                                     force=True)
+            found = {key: str(ds.get(keyword, "") or "").strip() for key, keyword in DICOM_TAGS.items()}
+    except Exception:  # pydicom raises many types on malformed headers; check_image reports them
+        return {}
+    return {key: value for key, value in found.items() if value}
+
+
+def _decode_dicom(path: Path, data: bytes, max_pixels: int) -> tuple[Image.Image, str, str]:
+    """The first frame of a DICOM file as 8-bit grayscale, its format ("DICOM") and mode (e.g.
+    ``"MONOCHROME2 16-bit"``); an ImageError saying why when it cannot be decoded."""
+    import pydicom
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=data[_DICOM_MARKER] != b"DICM")
+        except Exception as exc:  # pydicom raises many types on malformed files
+            raise ImageError(path, f"not a readable DICOM file: corrupt or truncated header ({_one_line(exc)})"
+                             ) from exc
+        try:
+            return _dicom_image(path, ds, max_pixels)
+        except ImageError:
+            raise
+        except Exception as exc:  # pydicom parses values lazily and raises many types on bad ones
+            raise ImageError(path, f"corrupt DICOM file ({_one_line(exc)})") from exc
+
+
+def _dicom_image(path: Path, ds: Dataset, max_pixels: int) -> tuple[Image.Image, str, str]:
+    """Decode the first frame of a read DICOM dataset (see :func:`_decode_dicom`)."""
+    from pydicom.pixels import apply_color_lut, pixel_array
+
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise ImageError(path, "DICOM file without pixel data (a report or other non-image object, or a file cut "
+                               "short); not an image")
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if rows * columns > max_pixels:
+        raise ImageError(path, f"{columns}x{rows} pixels is over the limit of {max_pixels}; raise --max-pixels")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2") and photometric not in _COLOR:
+        found = f"Photometric Interpretation {photometric!r}" if photometric else "no Photometric Interpretation"
+        raise ImageError(path, f"DICOM file with {found}; supported are MONOCHROME1, MONOCHROME2, RGB, YBR and "
+                               "PALETTE COLOR")
+    syntax = _transfer_syntax(path, ds)
+    try:
+        arr = pixel_array(ds, index=0)
+    except Exception as exc:  # each decoder plugin raises its own types
+        raise ImageError(path, f"cannot decode the DICOM pixel data ({syntax.name}): the file is truncated or "
+                               f"corrupt ({_one_line(exc)})") from exc
+    bits = int(ds.get("BitsStored") or arr.dtype.itemsize * 8)
+    mode = f"{photometric} {bits}-bit"
+    if photometric in _COLOR:
+        rgb = apply_color_lut(arr, ds) if photometric == "PALETTE COLOR" else arr
+        depth = 8 * rgb.dtype.itemsize if photometric == "PALETTE COLOR" else bits
+        scaled = np.asarray(rgb, dtype=np.float64) * (255.0 / (2**depth - 1))
+        image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="RGB").convert("L")
+        return image, "DICOM", mode
+    gray = _dicom_display(path, arr, ds)
+    if photometric == "MONOCHROME1":
+        gray = 255 - gray
+    return Image.fromarray(gray, mode="L"), "DICOM", mode
+
+
+def _transfer_syntax(path: Path, ds: Dataset) -> UID:
+    """The dataset's transfer syntax, inferred for files without one when uncompressed; an ImageError naming the
+    packages to install when no decoder for a compressed one is installed."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is None:
+        implicit, little = ds.original_encoding
+        syntax = (ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian) if little else ExplicitVRBigEndian
+        ds.file_meta.TransferSyntaxUID = syntax
+    syntax = UID(syntax)
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError as exc:
+        raise ImageError(path, f"cannot decode DICOM transfer syntax {syntax.name or syntax!r}: no decoder exists "
+                               "for it; convert the file to an uncompressed or JPEG DICOM") from exc
+    if not decoder.is_available:
+        options = "; ".join(decoder.missing_dependencies)
+        raise ImageError(path, f"cannot decode: the pixel data is compressed as {syntax.name} and no decoder for it "
+                               f"is installed; pip install one of: {options} (gdcm's pip package is python-gdcm)")
+    return syntax
+
+
+def _dicom_display(path: Path, arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Monochrome pixels as a viewer shows them, in 8 bits: modality LUT, then VOI LUT or window, rescaled by the
+    window's output range (by the data's range when the file has no VOI)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = apply_modality_lut(arr, ds)
+    try:
+        shown = apply_voi_lut(values, ds)
+        low, high = _voi_range(ds) if shown is not values else (None, None)
+    except (ValueError, NotImplementedError) as exc:
+        raise ImageError(path, f"invalid DICOM window or VOI LUT ({_one_line(exc)}); fix or remove Window "
+                               "Center/Width or the VOI LUT Sequence") from exc
+    shown = np.asarray(shown, dtype=np.float64)
+    finite = np.isfinite(shown)
+    if low is None or high is None or high <= low:
+        low, high = (float(shown[finite].min()), float(shown[finite].max())) if finite.any() else (0.0, 0.0)
+    if high <= low:
+        return np.zeros(shown.shape, dtype=np.uint8)
+    scaled = (np.clip(np.where(finite, shown, low), low, high) - low) * (255.0 / (high - low))
+    return np.rint(scaled).astype(np.uint8)
+
+
+def _voi_range(ds: Dataset) -> tuple[float, float]:
+    """The output range of the VOI transform pydicom's ``apply_voi_lut`` applies: the VOI LUT's values when the
+    file has a usable one (pydicom prefers it), else the window's output for inputs below and above it."""
+    from pydicom.pixels import apply_voi, apply_windowing
+
+    items = ds.get("VOILUTSequence") or []
+    if items and items[0].get("LUTDescriptor") is not None and items[0].get("LUTData") is not None:
+        entries, first = int(items[0].LUTDescriptor[0]) or 2**16, int(items[0].LUTDescriptor[1])
+        lut = np.asarray(apply_voi(np.arange(first, first + entries, dtype=np.int64), ds), dtype=np.float64)
+        return float(lut.min()), float(lut.max())
+    with np.errstate(over="ignore"):
+        ends = np.asarray(apply_windowing(np.array([-np.inf, np.inf]), ds), dtype=np.float64)
+    return float(ends.min()), float(ends.max())
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (pydicom's span several), for skip reasons and CSV cells."""
+    return re.sub(r" at 0x[0-9A-Fa-f]+", "", " ".join(str(exc).split())) or type(exc).__name__

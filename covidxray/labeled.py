@@ -127,8 +127,8 @@ def decodable(
     External images (``check`` defaults to True unless the set is a built dataset, whose files the build
     checked) go through :func:`covidxray.images.check_image` once: unusable ones (empty, truncated, not an
     image, too small or large, blank) move to ``skipped`` with the reason, and those TensorFlow would decode
-    differently from the build (16-bit, CMYK, EXIF-rotated, other formats) are read from normalised 8-bit PNG
-    copies in a temporary folder removed on exit. ``path`` names each row's original file. A DataError when
+    differently from the build (16-bit, CMYK, EXIF-rotated, DICOM, other formats) are read from normalised 8-bit
+    PNG copies in a temporary folder removed on exit. ``path`` names each row's original file. A DataError when
     no image is left.
     """
     frame = labeled.frame.reset_index(drop=True).copy()

@@ -15,6 +15,9 @@ in skipped.csv. A file listed several times (same resolved path) is used once, t
 the reason; a file listed under both labels is a DataError. A row without ``patient_id`` is its own patient.
 The ``split`` is recorded, never acted on here: the build re-splits by patient, evaluation selects by it.
 
+DICOM files (``.dcm``) fill what the CSV or folder does not give from their header: PatientID (scoped to the
+source like any given id), ViewPosition, PatientAge (``045Y``, ``006M``) and PatientSex. What the CSV says wins.
+
 The source name (the manifest's ``source`` column and the patient-id prefix) is the CSV row's ``source``, else
 the ``source`` argument, else the CSV's file stem or the folder's name.
 """
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from covidxray.errors import DataError
-from covidxray.images import IMAGE_EXTENSIONS, is_junk, skip_reason
+from covidxray.images import IMAGE_EXTENSIONS, dicom_tags, is_junk, skip_reason
 from covidxray.manifest import SPLITS
 from covidxray.sources.base import (
     SourceImage,
@@ -64,6 +67,17 @@ def generic_patient_id(source: str, given: str, rel_path: str) -> str:
     """
     pid = given or rel_path
     return pid if pid.startswith(f"{source}:") else f"{source}:{pid}"
+
+
+def _own_patient(image: SourceImage) -> bool:
+    """True when nothing named the image's patient (no id in the list or the DICOM header): it is its own."""
+    return image.patient_id == generic_patient_id(image.source, "", image.rel_path)
+
+
+def _header_values(file: Path, values: dict[str, str]) -> dict[str, str]:
+    """What the file's DICOM header adds to ``values``: its patient_id, view, age and sex where ``values`` has none
+    (empty for other files)."""
+    return {key: value for key, value in dicom_tags(file).items() if not values.get(key)}
 
 
 def read_generic(path: str | Path, *, source: str | None = None, confine: bool = True) -> SourceScan:
@@ -127,12 +141,16 @@ def _read_folder(folder: Path, source: str, confine: bool) -> SourceScan:
             if reason is not None:
                 scan.skipped.append((rel.as_posix(), reason))
                 continue
+            header = _header_values(file, {})
             image = SourceImage(path=file, rel_path=rel.as_posix(), label=label, source=source,
-                                patient_id=generic_patient_id(source, "", rel.as_posix()),
+                                patient_id=generic_patient_id(source, header.get("patient_id", ""), rel.as_posix()),
+                                view=header.get("view", ""), sex=parse_sex(header.get("sex", "")),
+                                age=parse_age(header.get("age", ""), strict=False),
                                 split=split if split in SPLITS else None)
             listings.append(_Listing(image, rel.as_posix(), rel.as_posix()))
     _use_once(listings, scan, folder)
-    scan.stats = {f"{folder.name}/ files": len(scan.images), f"{folder.name}/ without patient_id": len(scan.images)}
+    scan.stats = {f"{folder.name}/ files": len(scan.images),
+                  f"{folder.name}/ without patient_id": sum(_own_patient(i) for i in scan.images)}
     return scan
 
 
@@ -156,7 +174,7 @@ def _read_csv(csv_path: Path, default: str, confine: bool) -> SourceScan:
         if isinstance(result, str):
             scan.skipped.append((item, result))
             continue
-        without_pid += not values.get("patient_id")
+        without_pid += _own_patient(result)
         listings.append(_Listing(result, item, f"line {line}"))
     if rows == 0:
         raise DataError(f"{csv_path}: no rows below the header. Add lines 'path,label'.")
@@ -191,6 +209,10 @@ def _csv_row(values: dict[str, str], base: Path, default: str, confine: bool) ->
     reason = outside_reason(file, base) if confine else None
     if reason is not None:
         return reason
+    header = _header_values(file, values)
+    if "age" in header:
+        age = parse_age(header["age"], strict=False)
+    values = {**values, **header}
     source = source_name(values["source"]) if values.get("source") else default
     rel_path = _stable_rel(rel, base)
     return SourceImage(path=file, rel_path=rel_path, label=label, source=source, split=split,
