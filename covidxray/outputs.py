@@ -302,6 +302,11 @@ class OutputDir:
     # ----------------------------------------------------------------------------- record
 
     def _save(self) -> None:
+        """Write the record; child folders that nested claims named on disk meanwhile are kept."""
+        on_disk = _load_record(self.path / RECORD_NAME)
+        if on_disk is not None:
+            self.record["children"].extend(c for c in on_disk["children"] if c not in self.record["children"]
+                                           and (self.path / c).is_dir())
         write_text(json_text(self.record), self.path / RECORD_NAME)
 
     def owns(self, rel: str) -> bool:
@@ -463,6 +468,9 @@ def _clean_leftovers(path: Path) -> None:
     for entry in path.iterdir():
         if _is_scratch(entry):
             shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.startswith(SCRATCH_PREFIX) and entry.is_dir() and not entry.is_symlink() \
+                and not any(entry.iterdir()):
+            entry.rmdir()  # killed before its record was written: empty, so nothing of anyone's is in it
 
 
 def _register_in_parent(path: Path) -> None:
