@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from covidxray import LABELS
 from covidxray.designs import apply_design, confounders, get_design
+from covidxray.download import read_download_record
 from covidxray.errors import DataError, ImageError
 from covidxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, CheckedImage, check_image
 from covidxray.manifest import MANIFEST_COLUMNS, MANIFEST_NAME, REJECTED_NAME, SPLITS, SUMMARY_NAME
@@ -240,6 +241,7 @@ def build_dataset(
 def _build(out: OutputDir, *, chest_xray, covid_xray, presplit, metadata, nih, extra, design: str,
            config: BuildConfig, progress: bool) -> dict:
     """The build proper, writing into the claimed output ``out``."""
+    download = read_download_record(covid_xray) if covid_xray is not None else None
     images, rejected, stats = collect_sources(chest_xray=chest_xray, covid_xray=covid_xray, presplit=presplit,
                                               metadata=metadata, nih=nih, extra=extra, config=config)
     if not images:
@@ -277,6 +279,8 @@ def _build(out: OutputDir, *, chest_xray, covid_xray, presplit, metadata, nih, e
     summary = _summary(rows, rejected, stats, n_exact, pairs, cands, config, presplit is not None)
     summary["design"] = design_report
     summary["confounders"] = confounders(rows)
+    if download is not None:
+        summary["sources"] = {"ieee8023": {"download": download}}
     _write_output(out, cands, rows, rejected, summary)
     return summary
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from covidxray import LABELS, __version__, limits, paths
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from covidxray.download import IEEE8023_COMMIT
 from covidxray.errors import CovidXrayError, DataError, os_error_line
 from covidxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from covidxray.outputs import json_text
@@ -350,10 +351,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _add_download(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download", help="fetch the two public sources into Chest_XRAY/ and Covid_XRAY/",
-                       description="Download ieee8023/covid-chestxray-dataset from GitHub and the Kermany set "
-                       "from Kaggle (with Kaggle credentials; otherwise the manual steps are printed).")
+                       description="Download ieee8023/covid-chestxray-dataset from GitHub (a pinned commit, "
+                       "verified and recorded in download.json) and the Kermany set from Kaggle (through kagglehub "
+                       "or the kaggle package when installed; otherwise the manual steps are printed).")
     p.add_argument("--covid-xray", type=Path, default=paths.COVID_XRAY_DIR)
     p.add_argument("--chest-xray", type=Path, default=paths.CHEST_XRAY_DIR)
+    p.add_argument("--ieee8023-ref", default=IEEE8023_COMMIT, metavar="latest|COMMIT",
+                   help=f"commit of ieee8023/covid-chestxray-dataset to download (default: the pinned "
+                   f"{IEEE8023_COMMIT[:12]}); 'latest' takes today's master, which cannot be repeated later")
+    p.add_argument("--ieee8023-sha256", default=None, metavar="HEX",
+                   help="expected SHA-256 of the ieee8023 archive (default: the one recorded by the first download)")
     p.add_argument("--kermany-zip", type=Path, default=None, help="a Kaggle archive.zip you downloaded by hand")
     p.add_argument("--only", choices=["covid", "kermany"], default=None)
     p.add_argument("--quiet", action="store_true")
@@ -365,7 +372,9 @@ def cmd_download(args: argparse.Namespace) -> int:
     from covidxray.download import download_ieee8023, download_kermany
 
     if args.only in (None, "covid"):
-        print(f"ieee8023 -> {download_ieee8023(args.covid_xray, progress=not args.quiet)}")
+        covid = download_ieee8023(args.covid_xray, ref=args.ieee8023_ref, sha256=args.ieee8023_sha256,
+                                  progress=not args.quiet)
+        print(f"ieee8023 -> {covid}")
     if args.only in (None, "kermany"):
         print(f"Kermany -> {download_kermany(args.chest_xray, zip_path=args.kermany_zip, progress=not args.quiet)}")
     return 0

@@ -1,9 +1,10 @@
 """Fetch the two public data sources into the project folders: resumable downloads and safe archive extraction.
 
-ieee8023/covid-chestxray-dataset comes as the GitHub repository archive; Kermany "Chest X-Ray Images
-(Pneumonia)" comes from Kaggle (through the Kaggle API when it is installed and configured, otherwise by hand).
-Downloads are kept in a cache folder so a rerun does not fetch them again, and extraction never touches user
-files that the archive does not contain.
+ieee8023/covid-chestxray-dataset comes as the GitHub archive of one pinned commit (or of today's master with
+``ref="latest"``), verified by SHA-256 and recorded in ``download.json`` beside the data; Kermany "Chest X-Ray
+Images (Pneumonia)" comes from Kaggle (through ``kagglehub`` or the older ``kaggle`` package when one is
+installed, otherwise by hand). Downloads are kept in a cache folder so a rerun does not fetch them again, and
+extraction never touches user files that the archive does not contain.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import errno
 import hashlib
 import http.client
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -26,18 +28,31 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from types import ModuleType
+from typing import IO, Any
 
 from tqdm.auto import tqdm
 
 from covidxray import __version__
 from covidxray.errors import DataError
-from covidxray.outputs import record_files, refusal, replaceable
+from covidxray.outputs import file_sha256, record_files, refusal, replaceable, write_json
 from covidxray.paths import CHEST_XRAY_DIR, COVID_XRAY_DIR
 
-DEFAULT_IEEE8023_URL = "https://github.com/ieee8023/covid-chestxray-dataset/archive/refs/heads/master.zip"
+IEEE8023_REPOSITORY = "ieee8023/covid-chestxray-dataset"
+IEEE8023_COMMIT = "6a4242344473ccb5ed0d2148d8c7bfb1691e4ed8"
+"""The commit of ieee8023/covid-chestxray-dataset downloaded by default, so that every build starts from the same
+files (its metadata.csv has the late 29-column schema with RT_PCR_positive and folder, and patients up to 481).
+``ref="latest"`` takes today's master instead."""
+IEEE8023_ARCHIVE_SHA256: dict[str, str] = {}
+"""Known SHA-256 of GitHub's zip archive, by commit. A commit fixes the files, and GitHub serves the same archive
+bytes for it in practice, but the hash of the pinned commit's archive could not be measured when it was pinned
+(no network). Until one is entered here, the first download records the hash it got in ``download.json`` and
+every later download of the same commit into that folder must match it."""
+DOWNLOAD_RECORD_NAME = "download.json"
+"""What was downloaded (repository, ref, commit, URL, archive SHA-256), written beside the data."""
 KAGGLE_DATASET = "paultimothymooney/chest-xray-pneumonia"
 KAGGLE_DATASET_URL = f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}"
+DEFAULT_IEEE8023_URL = f"https://github.com/{IEEE8023_REPOSITORY}/archive/{IEEE8023_COMMIT}.zip"
 CACHE_DIRNAME = ".download"
 """Downloaded archives are kept in ``<dest>/.download/`` unless a cache folder is given."""
 
@@ -57,21 +72,13 @@ def _part_path(dest: Path) -> Path:
     return dest.with_suffix(dest.suffix + ".part")
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verify_problem(path: Path, expected_size: int | None, sha256: str | None) -> str | None:
     """What is wrong with ``path`` against the expected size and checksum, or None when it matches."""
     size = path.stat().st_size
     if expected_size is not None and size != expected_size:
         return f"has {size} bytes, expected {expected_size}"
     if sha256:
-        actual = _sha256_file(path)
+        actual = file_sha256(path)
         if actual.lower() != sha256.strip().lower():
             return f"has SHA-256 {actual}, expected {sha256.strip().lower()}"
     return None
@@ -201,7 +208,7 @@ class _Member:
     size: int
     crc: int | None
     link: str
-    ref: zipfile.ZipInfo | tarfile.TarInfo
+    ref: zipfile.ZipInfo | tarfile.TarInfo | Path
 
 
 def _safe_parts(name: str, archive: Path) -> list[str]:
@@ -217,11 +224,32 @@ def _safe_parts(name: str, archive: Path) -> list[str]:
     return parts
 
 
-_RawMember = tuple[str, str, int, "int | None", str, "zipfile.ZipInfo | tarfile.TarInfo"]
+_RawMember = tuple[str, str, int, "int | None", str, "zipfile.ZipInfo | tarfile.TarInfo | Path"]
+
+
+def _folder_members(folder: Path) -> Iterator[_RawMember]:
+    """The entries of an unpacked download (a folder) as archive members; the source is the entry's path."""
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in [*dirs, *sorted(files)]:
+            path = Path(root, name)
+            rel = path.relative_to(folder).as_posix()
+            if path.is_symlink():
+                yield rel, "symlink", 0, None, os.readlink(path), path
+            elif path.is_dir():
+                yield rel, "dir", 0, None, "", path
+            elif path.is_file():
+                yield rel, "file", path.stat().st_size, None, "", path
+            else:
+                raise DataError(f"{path}: refusing a special file (not a regular file, folder or link); move it "
+                                f"out of {folder} and rerun.")
 
 
 def _raw_members(archive: Path) -> Iterator[_RawMember]:
-    """(name, kind, size, crc, link target, info) for every member of a zip or tar archive."""
+    """(name, kind, size, crc, link target, info) for every member of a zip or tar archive, or of a folder."""
+    if archive.is_dir():
+        yield from _folder_members(archive)
+        return
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
@@ -247,6 +275,8 @@ def _raw_members(archive: Path) -> Iterator[_RawMember]:
 
 
 def _archive_kind(archive: Path) -> str:
+    if archive.is_dir():
+        return "folder"
     if not archive.is_file():
         raise DataError(f"{archive}: no such file; check the path (or download it again).")
     if zipfile.is_zipfile(archive):
@@ -293,7 +323,7 @@ def _check_links(members: dict[str, _Member], archive: Path) -> None:
 
 def _read_members(archive: Path, strip_top: bool) -> dict[str, _Member]:
     """The archive's members by safe relative path, without ``__MACOSX/`` litter, top folder stripped if asked."""
-    entries: list[tuple[list[str], str, int, int | None, str, zipfile.ZipInfo | tarfile.TarInfo]] = []
+    entries: list[tuple[list[str], str, int, int | None, str, zipfile.ZipInfo | tarfile.TarInfo | Path]] = []
     for name, kind, size, crc, link, info in _raw_members(archive):
         parts = _safe_parts(name, archive)
         if not parts or any(p in _JUNK_DIRS for p in parts):
@@ -351,6 +381,9 @@ def _unchanged(member: _Member, target: Path, tf: tarfile.TarFile | None) -> boo
         return False
     if member.crc is not None:
         return _crc32_file(target) == member.crc
+    if isinstance(member.ref, Path):
+        with member.ref.open("rb") as source:
+            return _same_bytes(target, source)
     assert tf is not None and isinstance(member.ref, tarfile.TarInfo)
     stream = tf.extractfile(member.ref)
     if stream is None:
@@ -400,7 +433,9 @@ def _write_member(member: _Member, target: Path, zf: zipfile.ZipFile | None, tf:
     if member.kind == "symlink":
         os.symlink(member.link, target)
         return
-    if zf is not None:
+    if isinstance(member.ref, Path):
+        source: IO[bytes] = member.ref.open("rb")
+    elif zf is not None:
         assert isinstance(member.ref, zipfile.ZipInfo)
         source = zf.open(member.ref)
     else:
@@ -414,7 +449,7 @@ def _write_member(member: _Member, target: Path, zf: zipfile.ZipFile | None, tf:
 
 
 def extract_archive(archive: Path, dest: Path, *, strip_top: bool = False, progress: bool = False) -> Path:
-    """Safely extract a zip or tar archive into ``dest`` and return ``dest``.
+    """Safely extract a zip or tar archive (or copy an unpacked download, a folder) into ``dest``; return ``dest``.
 
     Refuses absolute paths, ``..`` members and links that leave ``dest``; skips ``__MACOSX/``. Changed members
     are extracted into a temporary sibling folder first and then renamed into place, so an interrupted run
@@ -473,15 +508,103 @@ def _cache_name(prefix: str, url: str) -> str:
     return f"{prefix}-{hashlib.sha256(url.encode()).hexdigest()[:8]}-{base}"
 
 
-def download_ieee8023(dest: Path = COVID_XRAY_DIR, *, url: str = DEFAULT_IEEE8023_URL,
-                      cache_dir: Path | None = None, progress: bool = True) -> Path:
-    """Download the ieee8023 covid-chestxray-dataset archive and unpack it so ``dest/metadata.csv`` exists.
+def ieee8023_url(ref: str = IEEE8023_COMMIT) -> str:
+    """The GitHub archive URL of ieee8023/covid-chestxray-dataset at ``ref``: a full commit SHA, or "latest"
+    (today's master, which moves: a build from it cannot be repeated later)."""
+    if ref == "latest":
+        return f"https://github.com/{IEEE8023_REPOSITORY}/archive/refs/heads/master.zip"
+    if not re.fullmatch(r"[0-9a-fA-F]{40}", ref):
+        raise DataError(f"--ieee8023-ref {ref!r}: give a full 40-character commit SHA of {IEEE8023_REPOSITORY} "
+                        f"(see https://github.com/{IEEE8023_REPOSITORY}/commits/master) or 'latest'; the default "
+                        f"is the pinned commit {IEEE8023_COMMIT}.")
+    return f"https://github.com/{IEEE8023_REPOSITORY}/archive/{ref.lower()}.zip"
 
-    The archive stays in ``cache_dir`` (default ``dest/.download/``): a rerun neither downloads nor rewrites.
+
+def read_download_record(folder: str | Path) -> dict[str, Any] | None:
+    """The ``download.json`` that ``covidxray download`` wrote into a source folder, or None where there is none.
+
+    The dataset build copies it into ``summary.json`` so a dataset names the exact source it was built from.
+    """
+    path = Path(folder) / DOWNLOAD_RECORD_NAME
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the download record ({exc}); delete it, or rerun `covidxray download` "
+                        "to write it again.") from exc
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: the download record is not a JSON object; delete it, or rerun `covidxray download` "
+                        "to write it again.")
+    return record
+
+
+def _write_download_record(dest: Path, record: dict[str, Any]) -> None:
+    """Write ``download.json`` into ``dest`` (recorded as ours) unless it already says the same."""
+    if read_download_record(dest) == record:
+        return
+    if not replaceable(dest, DOWNLOAD_RECORD_NAME):
+        raise refusal(dest, [DOWNLOAD_RECORD_NAME], "destination")
+    write_json(record, dest / DOWNLOAD_RECORD_NAME)
+    record_files(dest, "download", [DOWNLOAD_RECORD_NAME])
+
+
+def _archive_commit(archive: Path) -> str | None:
+    """The commit a GitHub (git archive) zip was made from: git writes its SHA as the zip comment."""
+    if not zipfile.is_zipfile(archive):
+        return None
+    with zipfile.ZipFile(archive) as zf:
+        comment = zf.comment.decode("ascii", errors="replace").strip()
+    return comment.lower() if re.fullmatch(r"[0-9a-fA-F]{40}", comment) else None
+
+
+_GIVEN, _PINNED, _FIRST = "given (--ieee8023-sha256)", "pinned in covidxray", "recorded by the first download"
+
+
+def _expected_sha256(dest: Path, url: str, ref: str | None, sha256: str | None) -> tuple[str | None, str]:
+    """The archive hash to verify against and where it comes from: given, pinned in covidxray, or recorded in
+    ``download.json`` by the first download of the same URL into ``dest`` (None: nothing known yet). Today's
+    master ("latest") moves, so no earlier record applies to it."""
+    if sha256:
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", sha256.strip()):
+            raise DataError(f"--ieee8023-sha256 {sha256!r}: give the 64 hex digits of a SHA-256 (as in the "
+                            f"archive_sha256 of a {DOWNLOAD_RECORD_NAME}).")
+        return sha256.strip().lower(), _GIVEN
+    if ref is not None and ref.lower() in IEEE8023_ARCHIVE_SHA256:
+        return IEEE8023_ARCHIVE_SHA256[ref.lower()], _PINNED
+    previous = read_download_record(dest)
+    if ref != "latest" and previous and previous.get("url") == url and previous.get("archive_sha256"):
+        return str(previous["archive_sha256"]), str(previous.get("archive_sha256_origin", _FIRST))
+    return None, _FIRST
+
+
+def download_ieee8023(dest: Path = COVID_XRAY_DIR, *, ref: str = IEEE8023_COMMIT, url: str | None = None,
+                      sha256: str | None = None, cache_dir: Path | None = None, progress: bool = True) -> Path:
+    """Download the ieee8023 covid-chestxray-dataset archive at ``ref`` and unpack it so ``dest/metadata.csv`` exists.
+
+    ``ref`` is a commit SHA (default: the pinned :data:`IEEE8023_COMMIT`) or "latest"; ``url`` replaces the
+    GitHub URL (a mirror). The archive is verified against ``sha256``, else the hash known for the commit, else
+    the hash recorded by the first download into ``dest``; what was downloaded is written to ``dest/download.json``.
+    The archive stays in ``cache_dir`` (default ``dest/.download/``): a rerun neither downloads nor rewrites (for
+    "latest" too: delete the cached archive to fetch today's master again; ``download.json`` names its commit).
     """
     dest = Path(dest)
+    ref_used = None if url is not None else ref
+    url = url if url is not None else ieee8023_url(ref)
+    if not replaceable(dest, DOWNLOAD_RECORD_NAME):
+        raise refusal(dest, [DOWNLOAD_RECORD_NAME], "destination")
+    expected, origin = _expected_sha256(dest, url, ref_used, sha256)
     cache = Path(cache_dir) if cache_dir is not None else dest / CACHE_DIRNAME
     archive = download_file(url, cache / _cache_name("ieee8023", url), progress=progress)
+    actual = file_sha256(archive)
+    if expected is not None and actual != expected:
+        archive.unlink(missing_ok=True)
+        accept = (f"delete {dest / DOWNLOAD_RECORD_NAME} (it holds the hash of the first download) and rerun"
+                  if origin == _FIRST else f"rerun with --ieee8023-sha256 {actual}")
+        raise DataError(f"{url}: the archive has SHA-256 {actual}, expected {expected} ({origin}); the download "
+                        f"{archive} was deleted and nothing was extracted. Rerun to download it again; if the same "
+                        f"hash comes back, the server now sends other bytes for this ref: check the files, then "
+                        f"{accept}.")
     try:
         extract_archive(archive, dest, strip_top=True, progress=progress)
     except _CorruptArchiveError as exc:
@@ -490,6 +613,15 @@ def download_ieee8023(dest: Path = COVID_XRAY_DIR, *, url: str = DEFAULT_IEEE802
     if not (dest / "metadata.csv").is_file() or not (dest / "images").is_dir():
         raise DataError(f"{url}: the archive unpacked into {dest} has no metadata.csv and images/; is the URL "
                         f"the covid-chestxray-dataset repository archive ({DEFAULT_IEEE8023_URL})?")
+    commit = _archive_commit(archive) or (ref_used.lower() if ref_used not in (None, "latest") else None)
+    _write_download_record(dest, {
+        "source": IEEE8023_REPOSITORY,
+        "ref": ref_used,
+        "commit": commit,
+        "url": url,
+        "archive_sha256": actual,
+        "archive_sha256_origin": origin,
+    })
     return dest
 
 
@@ -503,10 +635,33 @@ def kermany_manual_steps(dest: Path) -> str:
         f"  1. Open {KAGGLE_DATASET_URL}, sign in and click Download (you get archive.zip).\n"
         f"  2. Either run `covidxray download --kermany-zip archive.zip`, or unzip archive.zip into "
         f"{dest.as_posix()}/ so that {normal}/ exists.\n"
-        "Or let `covidxray download` fetch it: `pip install kaggle`, create an API token on "
-        "https://www.kaggle.com/settings (API > Create New Token), save it as ~/.kaggle/kaggle.json "
-        "(or set KAGGLE_USERNAME and KAGGLE_KEY), then rerun `covidxray download`."
+        "Or let `covidxray download` fetch it: `pip install kagglehub` (in a checkout: `pip install -e "
+        "\".[kaggle]\"`; the older `kaggle` package works too), then rerun `covidxray download`. If Kaggle asks "
+        "for credentials, create an API token on https://www.kaggle.com/settings (API > Create New Token) and save "
+        "it as ~/.kaggle/kaggle.json (or set KAGGLE_USERNAME and KAGGLE_KEY)."
     )
+
+
+def _kagglehub() -> ModuleType | None:
+    """The ``kagglehub`` client (the current Kaggle one) when it is installed, else None."""
+    try:
+        import kagglehub
+    except ImportError:
+        return None
+    return kagglehub
+
+
+def _kagglehub_download(kagglehub: ModuleType, dest: Path) -> Path:
+    """Download the Kermany dataset with kagglehub (into its own cache, once) and return the unpacked folder."""
+    try:
+        folder = Path(kagglehub.dataset_download(KAGGLE_DATASET))
+    except Exception as exc:  # kagglehub raises many unrelated types; all mean "do it by hand"
+        raise DataError(f"kagglehub download of {KAGGLE_DATASET} failed ({type(exc).__name__}: {exc}).\n"
+                        f"{kermany_manual_steps(dest)}") from exc
+    if not folder.exists():
+        raise DataError(f"kagglehub download of {KAGGLE_DATASET} returned {folder}, which does not exist.\n"
+                        f"{kermany_manual_steps(dest)}")
+    return folder
 
 
 def _kaggle_installed() -> bool:
@@ -562,17 +717,21 @@ def _has_kermany_layout(folder: Path, depth: int = 4) -> bool:
 
 
 def download_kermany(dest: Path = CHEST_XRAY_DIR, *, zip_path: Path | None = None, progress: bool = True) -> Path:
-    """Unpack the Kermany dataset into ``dest`` from ``zip_path`` or through the Kaggle API, and return ``dest``.
+    """Unpack the Kermany dataset into ``dest`` from ``zip_path``, else through kagglehub, else through the older
+    Kaggle API, and return ``dest``.
 
-    Raises DataError carrying the manual steps when there is no zip and the Kaggle API is not usable.
+    Raises DataError carrying the manual steps when there is no zip and no Kaggle client is usable.
     """
     dest = Path(dest)
+    kagglehub = _kagglehub() if zip_path is None else None
     if zip_path is not None:
         source = Path(zip_path)
         if not source.is_file():
             raise DataError(f"{source}: no such file. Pass the archive.zip downloaded from {KAGGLE_DATASET_URL}.")
+    elif kagglehub is not None:
+        source = _kagglehub_download(kagglehub, dest)
     elif not _kaggle_installed():
-        raise DataError("The `kaggle` package is not installed, so the Kermany dataset cannot be downloaded "
+        raise DataError("Neither `kagglehub` nor `kaggle` is installed, so the Kermany dataset cannot be downloaded "
                         f"automatically.\n{kermany_manual_steps(dest)}")
     elif not _kaggle_credentials_found():
         raise DataError("No Kaggle API credentials found (~/.kaggle/kaggle.json, or KAGGLE_USERNAME and "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import socket
 import stat
@@ -20,14 +21,21 @@ from pathlib import Path
 import pytest
 
 from covidxray import download
+from covidxray.build import build_dataset
 from covidxray.download import (
+    DEFAULT_IEEE8023_URL,
+    IEEE8023_COMMIT,
     download_file,
     download_ieee8023,
     download_kermany,
     extract_archive,
+    ieee8023_url,
     kermany_manual_steps,
+    read_download_record,
 )
 from covidxray.errors import DataError
+from covidxray.manifest import dataset_summary
+from covidxray.outputs import RECORD_NAME
 
 
 @dataclass
@@ -93,22 +101,24 @@ def site() -> Iterator[Site]:
         thread.join(timeout=5)
 
 
-def _zip_bytes(entries: dict[str, bytes]) -> bytes:
+def _zip_bytes(entries: dict[str, bytes], comment: bytes = b"") -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in entries.items():
             zf.writestr(name, data)
+        zf.comment = comment
     return buffer.getvalue()
 
 
-def _ieee_zip() -> bytes:
+def _ieee_zip(comment: bytes = b"") -> bytes:
+    """A GitHub-style archive of the repository (git writes the commit SHA as the zip comment)."""
     top = "covid-chestxray-dataset-master/"
     return _zip_bytes({
         top + "metadata.csv": b"patientid,finding,filename\n1,COVID-19,a.jpeg\n",
         top + "images/a.jpeg": os.urandom(3000),
         top + "volumes/v.txt": b"volume",
         "__MACOSX/" + top + "._metadata.csv": b"junk",
-    })
+    }, comment)
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -212,6 +222,11 @@ def test_download_ieee8023_layout_and_rerun(site: Site, tmp_path: Path) -> None:
     assert not (dest / "covid-chestxray-dataset-master").exists()
     assert len(list((dest / ".download").glob("*.zip"))) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["Covid_XRAY"]  # no staging folder left behind
+    record = read_download_record(dest)
+    assert record == {"source": "ieee8023/covid-chestxray-dataset", "ref": None, "commit": None, "url": url,
+                      "archive_sha256": hashlib.sha256(site.files["/master.zip"]).hexdigest(),
+                      "archive_sha256_origin": "recorded by the first download"}
+    assert "download.json" in json.loads((dest / RECORD_NAME).read_text())["files"]
 
     before = _snapshot(dest)
     assert download_ieee8023(dest, url=url, progress=False) == dest
@@ -354,6 +369,7 @@ def _no_kaggle_credentials(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
     monkeypatch.setenv("USERPROFILE", str(home))
     for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_CONFIG_DIR", "XDG_CONFIG_HOME"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setitem(sys.modules, "kagglehub", None)  # `import kagglehub` fails: the client is not installed
 
 
 @pytest.mark.parametrize("installed", [False, True])
@@ -366,7 +382,8 @@ def test_kermany_without_kaggle_gives_manual_steps(monkeypatch: pytest.MonkeyPat
         download_kermany(dest, progress=False)
     message = str(info.value)
     assert kermany_manual_steps(dest) in message
-    assert ("not installed" in message) != installed
+    assert ("Neither `kagglehub` nor `kaggle` is installed" in message) != installed
+    assert "pip install kagglehub" in message
     assert "https://www.kaggle.com/datasets/paultimothymooney/chest-xray-pneumonia" in message
     assert "--kermany-zip" in message and "chest_xray/train/NORMAL" in message
     assert not dest.exists()
@@ -432,3 +449,202 @@ def test_kermany_through_kaggle_api(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert calls == ["paultimothymooney/chest-xray-pneumonia"]
     assert (dest / "chest_xray" / "train" / "NORMAL" / "IM-0115-0001.jpeg").is_file()
     assert (dest / ".download" / "chest-xray-pneumonia.zip").is_file()
+
+
+# Reproducible ieee8023 downloads: a pinned commit, a verified archive, a record beside the data
+
+
+def test_ieee8023_url_pins_a_commit_by_default() -> None:
+    pinned = f"https://github.com/ieee8023/covid-chestxray-dataset/archive/{IEEE8023_COMMIT}.zip"
+    assert ieee8023_url() == DEFAULT_IEEE8023_URL == pinned
+    assert ieee8023_url("latest").endswith("/archive/refs/heads/master.zip")
+    assert ieee8023_url("A" * 40).endswith("/archive/" + "a" * 40 + ".zip")
+    for bad in ("master", "6a42423", "x" * 40, ""):
+        with pytest.raises(DataError, match="full 40-character commit SHA") as info:
+            ieee8023_url(bad)
+        assert "'latest'" in str(info.value) and IEEE8023_COMMIT in str(info.value)
+
+
+def _serve_at(monkeypatch: pytest.MonkeyPatch, site: Site, body: bytes) -> None:
+    """Point the GitHub archive URL of every ref at the local test server (the only network stand-in)."""
+    site.files["/archive.zip"] = body
+    monkeypatch.setattr(download, "ieee8023_url", lambda ref=IEEE8023_COMMIT: f"{site.base}/archive.zip")
+
+
+def test_ieee8023_hash_recorded_first_then_verified(monkeypatch: pytest.MonkeyPatch, site: Site,
+                                                    tmp_path: Path) -> None:
+    first = _ieee_zip(comment=IEEE8023_COMMIT.encode())
+    _serve_at(monkeypatch, site, first)
+    dest = tmp_path / "Covid_XRAY"
+    download_ieee8023(dest, progress=False)
+    record = read_download_record(dest)
+    assert record is not None
+    assert (record["ref"], record["commit"]) == (IEEE8023_COMMIT, IEEE8023_COMMIT)
+    assert record["archive_sha256"] == hashlib.sha256(first).hexdigest()
+    assert record["archive_sha256_origin"] == "recorded by the first download"
+
+    # The cache is gone and the server now sends other bytes for the same commit: refused, nothing touched.
+    for cached in (dest / ".download").iterdir():
+        cached.unlink()
+    site.files["/archive.zip"] = _ieee_zip(comment=IEEE8023_COMMIT.encode())
+    before = _snapshot(dest)
+    with pytest.raises(DataError) as info:
+        download_ieee8023(dest, progress=False)
+    message = str(info.value)
+    new_hash = hashlib.sha256(site.files["/archive.zip"]).hexdigest()
+    assert record["archive_sha256"] in message and new_hash in message
+    assert f"delete {dest / 'download.json'}" in message
+    assert _snapshot(dest) == before
+    assert not list((dest / ".download").iterdir())
+
+    # The user accepts the new archive by deleting the record (ours, so it may go): recorded afresh.
+    (dest / "download.json").unlink()
+    download_ieee8023(dest, progress=False)
+    assert read_download_record(dest)["archive_sha256"] == new_hash
+
+
+def test_ieee8023_given_or_pinned_hash_mismatch(monkeypatch: pytest.MonkeyPatch, site: Site, tmp_path: Path) -> None:
+    _serve_at(monkeypatch, site, _ieee_zip())
+    actual = hashlib.sha256(site.files["/archive.zip"]).hexdigest()
+    dest = tmp_path / "Covid_XRAY"
+    with pytest.raises(DataError, match=f"expected {'0' * 64} \\(given") as info:
+        download_ieee8023(dest, sha256="0" * 64, progress=False)
+    assert actual in str(info.value) and f"--ieee8023-sha256 {actual}" in str(info.value)
+    assert not (dest / "metadata.csv").exists()
+    monkeypatch.setitem(download.IEEE8023_ARCHIVE_SHA256, IEEE8023_COMMIT, "1" * 64)
+    with pytest.raises(DataError, match="expected 1{64} \\(pinned in covidxray\\)"):
+        download_ieee8023(dest, progress=False)
+    monkeypatch.setitem(download.IEEE8023_ARCHIVE_SHA256, IEEE8023_COMMIT, actual)
+    download_ieee8023(dest, progress=False)
+    assert read_download_record(dest)["archive_sha256_origin"] == "pinned in covidxray"
+    with pytest.raises(DataError, match="64 hex digits"):
+        download_ieee8023(dest, sha256="abc", progress=False)
+
+
+def test_ieee8023_latest_records_the_commit_and_may_move(monkeypatch: pytest.MonkeyPatch, site: Site,
+                                                         tmp_path: Path) -> None:
+    _serve_at(monkeypatch, site, _ieee_zip(comment=b"b" * 40))
+    dest = tmp_path / "Covid_XRAY"
+    download_ieee8023(dest, ref="latest", progress=False)
+    assert (read_download_record(dest)["ref"], read_download_record(dest)["commit"]) == ("latest", "b" * 40)
+    for cached in (dest / ".download").iterdir():
+        cached.unlink()
+    site.files["/archive.zip"] = _ieee_zip(comment=b"c" * 40)  # master moved on
+    download_ieee8023(dest, ref="latest", progress=False)
+    assert read_download_record(dest)["commit"] == "c" * 40
+
+
+def test_ieee8023_refuses_a_user_download_json(site: Site, tmp_path: Path) -> None:
+    site.files["/master.zip"] = _ieee_zip()
+    dest = tmp_path / "Covid_XRAY"
+    dest.mkdir()
+    (dest / "download.json").write_text('{"mine": true}')
+    with pytest.raises(DataError, match=r"did not write or that changed since \(download.json\)"):
+        download_ieee8023(dest, url=site.base + "/master.zip", progress=False)
+    assert site.requests == []
+    assert (dest / "download.json").read_text() == '{"mine": true}'
+
+
+def test_read_download_record_errors(tmp_path: Path) -> None:
+    assert read_download_record(tmp_path) is None
+    (tmp_path / "download.json").write_text("{not json")
+    with pytest.raises(DataError, match="download.json: cannot read the download record"):
+        read_download_record(tmp_path)
+    (tmp_path / "download.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="not a JSON object"):
+        read_download_record(tmp_path)
+
+
+def test_dataset_summary_names_the_downloaded_source(site: Site, tmp_path: Path, synthetic_sources) -> None:
+    """download.json beside the ieee8023 data is not an image to the build, and its summary.json carries it."""
+    src = Path(synthetic_sources.covid_xray)
+    entries = {f"covid-chestxray-dataset-{IEEE8023_COMMIT}/{p.relative_to(src).as_posix()}": p.read_bytes()
+               for p in sorted(src.rglob("*")) if p.is_file()}
+    site.files["/archive.zip"] = _zip_bytes(entries, IEEE8023_COMMIT.encode())
+    covid = download_ieee8023(tmp_path / "Covid_XRAY", url=site.base + "/archive.zip", progress=False)
+    out = tmp_path / "dataset"
+    summary = build_dataset(out, chest_xray=synthetic_sources.chest_xray, covid_xray=covid, progress=False)
+    assert summary["sources"]["ieee8023"]["download"] == read_download_record(covid)
+    assert dataset_summary(out)["sources"]["ieee8023"]["download"]["commit"] == IEEE8023_COMMIT
+    assert "download.json" not in (out / "rejected.csv").read_text()
+
+
+# Kermany through kagglehub (the current Kaggle client); the fake module stands in for the network client only
+
+
+def _kermany_folder(root: Path) -> Path:
+    """What kagglehub leaves in its cache for the dataset: the archive, already unpacked."""
+    root.mkdir(parents=True)
+    archive = root.with_suffix(".zip")
+    archive.write_bytes(_kermany_zip())
+    extract_archive(archive, root)
+    archive.unlink()
+    (root / RECORD_NAME).unlink()  # kagglehub's cache has no covidxray record
+    return root
+
+
+def _fake_kagglehub(monkeypatch: pytest.MonkeyPatch, dataset_download) -> None:
+    module = types.ModuleType("kagglehub")
+    module.dataset_download = dataset_download  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "kagglehub", module)
+
+
+def test_kermany_through_kagglehub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _no_kaggle_credentials(monkeypatch, tmp_path / "home")
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "secret")
+    monkeypatch.setattr(download, "_kaggle_installed", lambda: True)  # kagglehub comes first all the same
+    monkeypatch.setitem(sys.modules, "kaggle.api.kaggle_api_extended", None)
+    cache = _kermany_folder(tmp_path / "kagglehub-cache" / "versions" / "2")
+    calls: list[str] = []
+
+    def dataset_download(handle: str) -> str:
+        calls.append(handle)
+        return str(cache)
+
+    _fake_kagglehub(monkeypatch, dataset_download)
+    dest = tmp_path / "Chest_XRAY"
+    dest.mkdir()
+    (dest / "README.md").write_text("placeholder")
+    assert download_kermany(dest, progress=False) == dest
+    assert (dest / "chest_xray" / "train" / "NORMAL" / "IM-0115-0001.jpeg").read_bytes() == b"n1"
+    assert (dest / "chest_xray" / "test" / "PNEUMONIA" / "person1_virus_6.jpeg").read_bytes() == b"p1"
+    assert not list(dest.rglob("__MACOSX"))
+    assert (dest / "README.md").read_text() == "placeholder"
+    before = _snapshot(dest)
+    download_kermany(dest, progress=False)
+    assert _snapshot(dest) == before
+    assert calls == ["paultimothymooney/chest-xray-pneumonia"] * 2
+    assert (cache / "chest_xray" / "train" / "NORMAL" / "IM-0115-0001.jpeg").is_file()  # kagglehub's cache kept
+
+    (dest / "chest_xray" / "train" / "NORMAL" / "IM-0115-0001.jpeg").write_bytes(b"edited by the user")
+    (cache / "chest_xray" / "train" / "NORMAL" / "IM-0115-0001.jpeg").write_bytes(b"a new version")
+    with pytest.raises(DataError, match="did not write or that changed since"):
+        download_kermany(dest, progress=False)
+    assert (dest / "chest_xray" / "train" / "NORMAL" / "IM-0115-0001.jpeg").read_bytes() == b"edited by the user"
+
+
+def test_kermany_kagglehub_failure_gives_manual_steps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _no_kaggle_credentials(monkeypatch, tmp_path / "home")
+
+    def dataset_download(handle: str) -> str:
+        raise ConnectionError("no route to www.kaggle.com")
+
+    _fake_kagglehub(monkeypatch, dataset_download)
+    dest = tmp_path / "Chest_XRAY"
+    with pytest.raises(DataError, match="kagglehub download of paultimothymooney/chest-xray-pneumonia failed "
+                                        r"\(ConnectionError: no route") as info:
+        download_kermany(dest, progress=False)
+    assert kermany_manual_steps(dest) in str(info.value)
+    assert not dest.exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="symlinks need privileges on Windows")
+def test_extract_from_a_folder_refuses_links_outside(tmp_path: Path) -> None:
+    source = tmp_path / "unpacked"
+    (source / "sub").mkdir(parents=True)
+    (source / "ok.txt").write_text("ok")
+    os.symlink("../../outside.txt", source / "sub" / "link")
+    with pytest.raises(DataError, match="symbolic link"):
+        extract_archive(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
