@@ -273,6 +273,30 @@ def cmd_cam(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="P(covid) for any X-ray image files with a trained model",
+                       description="Predict image files, folders (searched recursively) and CSV lists (a 'path' "
+                       "column) with a trained run at its threshold (from the run's model.json). Files that cannot "
+                       "be read are skipped with the reason. Writes predictions.csv, and heatmaps/ with --cam.")
+    p.add_argument("--model", type=Path, required=True, help="run folder or .keras file")
+    p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT",
+                   help="image file, folder of images, or CSV with a 'path' column; repeatable")
+    p.add_argument("--out", type=Path, required=True, help="output folder (predictions.csv, heatmaps/)")
+    p.add_argument("--cam", default=None, choices=["auto", "cam", "gradcam", "gradcam++"],
+                   help="also draw one heatmap per image with this method (auto: CAM when the model allows it)")
+    _number(p, "--batch-size", limits.POSITIVE_INT, "images per prediction step", default=32)
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict images and print a short table."""
+    from covidxray.predict import format_predictions, predict
+
+    result = predict(args.model, args.inputs, args.out, cam=args.cam, batch_size=args.batch_size)
+    print("\n".join(format_predictions(result)))
+    return 0
+
+
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="data build, both models, evaluation and the results table",
                        description="One command for the results table: build (unless --presplit / --data), "
@@ -407,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="covidxray", description=__doc__)
     parser.add_argument("--version", action="version", version=f"covidxray {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add in (_add_data, _add_train, _add_evaluate, _add_cam, _add_probe, _add_reproduce, _add_demo, _add_download):
+    for add in (_add_data, _add_train, _add_evaluate, _add_cam, _add_predict, _add_probe, _add_reproduce, _add_demo,
+                _add_download):
         add(sub)
     return parser
 

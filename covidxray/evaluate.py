@@ -197,12 +197,14 @@ def evaluate_model(
     out_dir = Path(out_dir)
     ref_path = Path(reference) if reference is not None else _default_reference(meta, out_dir)
     ref = read_reference(ref_path) if ref_path is not None else None
-    with staged_output(out_dir, "evaluate", sources=[data]) as tmp, decodable(labeled) as usable:
+    with staged_output(out_dir, "evaluate", sources=[data, meta["model_path"]]) as tmp, \
+            decodable(labeled) as usable:
         df = usable.frame
         probs = predict_dataframe(model, df, image_size)
         result = evaluate_predictions(df, probs, threshold=thr, name=name, weights=str(config.get("weights", "")),
                                       n_boot=n_boot, seed=seed)
-        result.update({"data": str(data), "split": split, "kind": usable.kind, "trained_on": trained_on})
+        result.update({"data": str(data), "split": split, "kind": usable.kind, "trained_on": trained_on,
+                       "model_id": meta["model_id"]})
         result["skipped"] = {"count": len(usable.skipped),
                              "reasons": dict(sorted(Counter(_reason_kind(r) for _, r in usable.skipped).items()))}
         if ref is not None:
@@ -212,6 +214,11 @@ def evaluate_model(
         result["markdown"] = _markdown(result)
         write_evaluation(tmp, df, probs, result)
         write_skipped(usable.skipped, tmp / SKIPPED_FILE)
+    if split == "test" and meta["card"] is not None:
+        from covidxray.model_card import refresh_model_card
+
+        result["model_card"] = refresh_model_card(meta["run_dir"])
+        result["markdown"] += f"\nModel card: {result['model_card']}.\n"
     return result
 
 

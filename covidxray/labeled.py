@@ -120,7 +120,7 @@ def load_labeled(data: str | Path, split: str | None = "test") -> pd.DataFrame:
 @contextmanager
 def decodable(
     labeled: LabeledSet, *, check: bool | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-    min_side: int = DEFAULT_MIN_SIDE,
+    min_side: int = DEFAULT_MIN_SIDE, fix: str = "Replace the files or point --data at other images.",
 ) -> Iterator[LabeledSet]:
     """The set restricted to images the input pipeline decodes as the dataset build would; a context manager.
 
@@ -129,7 +129,7 @@ def decodable(
     image, too small or large, blank) move to ``skipped`` with the reason, and those TensorFlow would decode
     differently from the build (16-bit, CMYK, EXIF-rotated, DICOM, other formats) are read from normalised 8-bit
     PNG copies in a temporary folder removed on exit. ``path`` names each row's original file. A DataError when
-    no image is left.
+    no image is left, ending in ``fix``.
     """
     frame = labeled.frame.reset_index(drop=True).copy()
     if "path" not in frame.columns:
@@ -158,6 +158,5 @@ def decodable(
         frame = frame.iloc[keep].reset_index(drop=True)
         if frame.empty:
             shown = "; ".join(f"{f}: {r}" for f, r in skipped[:3])
-            raise DataError(f"none of the {len(labeled.frame)} image(s) can be used ({shown}). Replace the "
-                            "files or point --data at other images.")
+            raise DataError(f"none of the {len(labeled.frame)} image(s) can be used ({shown}). {fix}")
         yield replace(labeled, frame=frame, skipped=skipped)

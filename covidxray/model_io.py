@@ -3,7 +3,8 @@
 The contract every covidxray model meets (see covidxray.models) and every loaded model is held to: one input of
 shape (None, size, size, 3), raw [0, 255] RGB pixels of one fixed square size; one output of shape (None, 1) that
 ends in a sigmoid, P(covid). Models load in Keras safe mode: code stored in a model file (a ``Lambda`` layer) is
-refused, never run.
+refused, never run. A run's model card (``model.json``, see covidxray.model_card) gives the decision threshold and
+input size when the run has one.
 """
 
 from __future__ import annotations
@@ -22,10 +23,15 @@ import tensorflow as tf
 import covidxray
 from covidxray import LABELS
 from covidxray.errors import ModelError
+from covidxray.outputs import file_sha256
 from covidxray.pipeline import make_dataset, raise_unreadable
 
 MODEL_FILE = "model.keras"
 CHECKPOINT_DIR = "checkpoint"
+CARD_FILE = "model.json"
+"""The machine-readable model card of a run (see covidxray.model_card): the threshold and input contract."""
+CARD_TEXT = "model_card.md"
+"""The model card for people, rendered from the same content."""
 
 _NOT_OURS = ("it is not a covidxray chest X-ray model. Pass a run folder or model.keras written by "
              "`covidxray train`, or re-export the model to that contract.")
@@ -163,12 +169,51 @@ def _load_keras(model_path: Path) -> keras.Model:
                          "or corrupt: retrain or re-download it.") from exc
 
 
+def model_id(model_path: str | Path, sha256: str) -> str:
+    """A short name that tells models apart: the run folder's name (the file's stem for another .keras file) and
+    the first 12 hex digits of the model file's SHA-256, e.g. ``scratch-gap-none-s0@1a2b3c4d5e6f``."""
+    path = Path(model_path)
+    name = path.parent.name if path.name == MODEL_FILE and path.parent.name else path.stem
+    return f"{name}@{sha256[:12]}"
+
+
+def read_card(model_path: str | Path, sha256: str, image_size: int) -> dict | None:
+    """The run's ``model.json`` beside ``model_path`` (None when there is none: a bare .keras file, an older run).
+
+    A card written for another model file (its recorded SHA-256 differs: a resumed run killed before it
+    finished) or stating another input size is refused: its threshold would not be this model's.
+    """
+    path = Path(model_path)
+    card_path = path.parent / CARD_FILE
+    if path.name != MODEL_FILE or not card_path.is_file():
+        return None
+    card = read_run_json(card_path)
+    try:
+        recorded = card["model"]["sha256"]
+        card_size = int(card["input"]["image_size"])
+        float(card["decision"]["threshold"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{card_path}: not a covidxray model card (no {exc}); retrain the run or delete "
+                         f"{CARD_FILE} to fall back to threshold.json.") from exc
+    if recorded != sha256:
+        raise ModelError(f"{card_path}: describes another model file (sha256 {recorded[:12]}, {MODEL_FILE} has "
+                         f"{sha256[:12]}); the run was changed after its card was written (an unfinished --resume?). "
+                         "Finish the run with `covidxray train --resume`, or retrain it.")
+    if card_size != image_size:
+        raise ModelError(f"{card_path}: states an input size of {card_size} px, but {path} takes {image_size} px; "
+                         "retrain the run or delete the card.")
+    return card
+
+
 def load_run(run_or_model_path: str | Path) -> tuple[keras.Model, dict]:
     """Load a trained model from a run folder or a ``.keras`` file, with its run metadata; check its contract.
 
     The metadata holds ``model_path``, ``run_dir``, ``config`` (a dict, empty for a bare .keras file),
-    ``threshold`` (0.5 when there is no threshold.json), ``threshold_info`` (None then), ``image_size`` (from
-    ``model.input_shape``) and ``labels``. A model that does not fit ``check_model_contract`` is refused.
+    ``threshold`` and ``image_size`` (from the run's ``model.json`` when it has one, see :func:`read_card`; else
+    threshold.json's threshold, 0.5 without one, and ``model.input_shape``), ``threshold_source`` (which file
+    gave the threshold), ``threshold_info`` (threshold.json, None without one), ``card`` (model.json or None),
+    ``sha256`` and ``model_id`` (see :func:`model_id`) and ``labels``. A model that does not fit
+    ``check_model_contract`` is refused.
     """
     path = Path(run_or_model_path)
     if path.is_dir():
@@ -183,16 +228,26 @@ def load_run(run_or_model_path: str | Path) -> tuple[keras.Model, dict]:
         raise ModelError(f"{model_path}: no model file{hint}; train one with `covidxray train` or re-download it.")
     model = _load_keras(model_path)
     image_size = check_model_contract(model, model_path)
+    sha256 = file_sha256(model_path)
+    card = read_card(model_path, sha256, image_size)
     run_dir = model_path.parent
     config = read_run_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
     info = read_run_json(run_dir / "threshold.json") if (run_dir / "threshold.json").is_file() else None
+    if card is not None:
+        threshold, source = float(card["decision"]["threshold"]), CARD_FILE
+    else:
+        threshold, source = (float(info["threshold"]), "threshold.json") if info else (0.5, "default")
     meta = {
         "model_path": str(model_path),
         "run_dir": str(run_dir),
         "config": config,
-        "threshold": float(info["threshold"]) if info else 0.5,
+        "threshold": threshold,
+        "threshold_source": source,
         "threshold_info": info,
+        "card": card,
         "image_size": image_size,
+        "sha256": sha256,
+        "model_id": model_id(model_path, sha256),
         "labels": list(LABELS),
     }
     return model, meta

@@ -22,6 +22,10 @@ from covidxray.errors import ImageError
 from covidxray.manifest import check_frame
 
 AUTOTUNE = tf.data.AUTOTUNE
+RESIZE_METHOD = "bilinear"
+RESIZE_ANTIALIAS = True
+"""How :func:`decode_gray` resizes every image to the model's square size (aspect ratio not kept); model cards
+state it, so that a model can be used without covidxray."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ def decode_gray(path: tf.Tensor, image_size: int) -> tf.Tensor:
     """Read one file -> (s, s, 1) uint8 grayscale, resized with antialiasing (the cached, compact form)."""
     data = tf.io.read_file(path)
     image = tf.io.decode_image(data, channels=1, expand_animations=False, dtype=tf.uint8)
-    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+    image = tf.image.resize(image, [image_size, image_size], method=RESIZE_METHOD, antialias=RESIZE_ANTIALIAS)
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 

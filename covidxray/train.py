@@ -8,6 +8,8 @@ A run folder holds everything needed to judge and reproduce a model:
 - ``threshold.json``: the decision threshold chosen on val (:func:`covidxray.metrics.choose_threshold`) and
   the val metrics at it;
 - ``val_predictions.csv``: the best model's val probabilities; ``summary.json``: what ``train`` returns;
+- ``model.json`` / ``model_card.md``: the model card (covidxray.model_card): input contract, threshold, data
+  warnings, metrics;
 - ``checkpoint/``: the last epoch's model (optimizer included) and ``state.json`` (epoch, history, best score),
   so ``train(..., resume=True)`` continues an interrupted run or extends a finished one with more epochs.
 
@@ -56,6 +58,7 @@ from covidxray.features import (
 )
 from covidxray.manifest import MANIFEST_NAME, dataset_summary, read_manifest, split_frame
 from covidxray.metrics import THRESHOLD_METHODS, choose_threshold
+from covidxray.model_card import drop_model_card, write_model_card
 from covidxray.model_io import CHECKPOINT_DIR, MODEL_FILE, load_run, predict_dataframe, read_run_json, versions
 from covidxray.models import MODEL_NAMES, build_model, compile_model, set_trainable_from
 from covidxray.outputs import OutputDir, claim_output, command_line, fingerprint
@@ -581,6 +584,7 @@ def _finish(run: _Run, train_df: pd.DataFrame, val_df: pd.DataFrame, mixed: bool
     n_train, n_train_covid = len(train_df), int(train_df["y"].sum())
     if not (out_dir / MODEL_FILE).is_file():
         raise ModelError(f"{out_dir}: no epoch gave a finite {cfg.monitor}; lower the learning rate (lr={cfg.lr}).")
+    drop_model_card(run.out)
     best, _ = load_run(out_dir)
     if state.cached and run.val_store is not None:
         # The frozen part's val activations are cached (float32): only the best model's tail runs again.
@@ -634,4 +638,5 @@ def _finish(run: _Run, train_df: pd.DataFrame, val_df: pd.DataFrame, mixed: bool
         "dataset": state.dataset,
     }
     run.out.write_json("summary.json", summary, sort_keys=False)
+    write_model_card(run.out)
     return summary

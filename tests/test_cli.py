@@ -9,7 +9,7 @@ import pytest
 
 from covidxray.cli import build_parser, main
 
-VERBS = ["data", "train", "evaluate", "cam", "probe", "reproduce", "demo", "download"]
+VERBS = ["data", "train", "evaluate", "cam", "predict", "probe", "reproduce", "demo", "download"]
 
 
 @pytest.mark.parametrize("verb", VERBS)

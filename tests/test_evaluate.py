@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pandas as pd
+import pytest
+from conftest import tree_digest
 
 from covidxray.cams import checks_table, render_model_cams
+from covidxray.errors import DataError
 from covidxray.evaluate import evaluate_model
 from covidxray.manifest import read_manifest
 from covidxray.reproduce import ReproduceConfig, reproduce
@@ -76,3 +81,11 @@ def test_reproduce_with_two_seeds(tiny_dataset, tmp_path):
     assert "seeds (mean ± std)" in result["table"]
     assert (tmp_path / "rep" / "results.md").read_text() == result["table"]
     assert json.loads((tmp_path / "rep" / "results.json").read_text())["machine"]["versions"]["tensorflow"]
+
+
+def test_evaluate_into_the_run_folder_is_refused_and_the_run_stays(tiny_run, tiny_dataset, tmp_path):
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    before = tree_digest(run)
+    with pytest.raises(DataError, match=r"--out .*run contains the source .*model\.keras"):
+        evaluate_model(run, tiny_dataset, out_dir=run, n_boot=0)
+    assert tree_digest(run) == before
