@@ -182,20 +182,22 @@ def test_the_test_evaluation_updates_the_model_card(run_copy: Path, tiny_dataset
     assert foreign_entries(run_copy) == []
 
 
-def test_six_lines_of_plain_keras_give_covidxrays_p_covid(tiny_run: Path, tmp_path: Path) -> None:
+def test_the_readmes_six_lines_of_plain_keras_give_covidxrays_p_covid(tiny_run: Path, tmp_path: Path) -> None:
+    """The README's code block, run as printed (paths swapped for the test's), agrees with `covidxray predict`."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Using a trained model"):]
+    block = section[section.index("```python\n") + len("```python\n"):]
+    block = block[:block.index("```")]
+    assert len(block.strip().splitlines()) == 6
     image = write_image(tmp_path / "xray.png", size=(97, 81), seed=7)
     expected = predict(tiny_run, [image], tmp_path / "out")["predictions"]["p_covid"][0]
-
-    import keras
-    import numpy as np
-    import tensorflow as tf
-    from PIL import Image
-    model = keras.models.load_model(tiny_run / "model.keras")
-    gray = np.asarray(Image.open(image).convert("L"), np.float32)[..., None]
-    x = tf.round(tf.image.resize(gray, model.input_shape[1:3], method="bilinear", antialias=True))
-    p_covid = float(model(tf.image.grayscale_to_rgb(x)[None])[0, 0])
-
-    assert abs(p_covid - expected) < 1e-5
+    code = block.replace('"runs/vgg16/model.keras"', repr(str(tiny_run / "model.keras"))).replace(
+        '"xray.png"', repr(str(image)))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert abs(namespace["p_covid"] - expected) < 1e-5
+    assert "runs/vgg16/model.json\"))[\"decision\"][\"threshold\"]" in section
+    assert 0.0 <= _card(tiny_run)["decision"]["threshold"] <= 1.0
 
 
 def test_a_user_file_in_the_run_leaves_its_card_alone_and_evaluate_works(run_copy: Path, tiny_dataset: Path) -> None:
