@@ -251,3 +251,15 @@ def test_tensorboard_run_can_be_resumed(tiny_dataset, tmp_path, capsys):
     files = sorted(p.relative_to(out).as_posix() for p in (out / "tensorboard").rglob("*") if p.is_file())
     assert len(files) > len(first)
     assert set(files) <= set(json.loads((out / RECORD_NAME).read_text())["files"])
+
+
+def test_tensorboard_without_its_package_fails_before_any_work(tiny_dataset, tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    out = tmp_path / "run"
+    assert main(["train", "--tensorboard", "--model", "scratch-gap", "--data", str(tiny_dataset), "--out",
+                 str(out)]) == 2
+    assert 'pip install "covidxray[tensorboard]"' in capsys.readouterr().err
+    assert not out.exists()
