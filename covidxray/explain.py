@@ -31,6 +31,7 @@ from covidxray import LABELS
 from covidxray.errors import ModelError
 from covidxray.images import IMAGE_EXTENSIONS
 from covidxray.manifest import check_frame
+from covidxray.progress import progress_bar
 
 METHODS: tuple[str, ...] = ("auto", "cam", "gradcam", "gradcam++")
 """Heatmap methods accepted by :func:`heatmaps`; "auto" = CAM when the model allows it, else Grad-CAM."""
@@ -480,7 +481,7 @@ def render_cams(
     truths = [str(v) for v in df["label"]]
     outcomes = _outcomes(truths, p, threshold)
     rows, taken = [], set()
-    for i in range(len(x)):
+    for i in progress_bar(range(len(x)), desc=f"heatmaps {model_name}", unit="image"):
         pred = LABELS[int(p[i] >= threshold)]
         filename = cam_filename(model_name, names[i], truths[i], pred, p[i])
         copy = 1

@@ -32,6 +32,8 @@ import tensorflow as tf
 
 from covidxray.errors import ModelError
 from covidxray.pipeline import AugmentConfig, make_dataset
+from covidxray.progress import progress_bar
+from covidxray.tfenv import traced
 
 FEATURE_DTYPE = np.float16
 FEATURE_MEMORY_LIMIT = 2 * 1024**3
@@ -214,8 +216,7 @@ def extractor(frozen: keras.Model, jit_compile: bool = False,
     """A compiled call images -> activations of ``frozen`` as ``dtype`` (inference mode, any batch size)."""
     spec = tf.TensorSpec((None, *frozen.input_shape[1:]), tf.float32)
     out = tf.as_dtype(np.dtype(dtype))
-    return tf.function(lambda x: tf.cast(frozen(x, training=False), out), input_signature=[spec],
-                       jit_compile=bool(jit_compile))
+    return traced(lambda x: tf.cast(frozen(x, training=False), out), spec, jit_compile=bool(jit_compile))
 
 
 def extract_features(
@@ -257,7 +258,7 @@ def extract_features(
     gflop = conv_flops(frozen) / 1e9
     count, start, t0 = 0, 0, time.perf_counter()
     try:
-        for x, _ in ds:
+        for x, _ in progress_bar(ds, desc=name, total=-(-len(df) // batch_size), unit="batch"):
             store.write(0, start, run(x).numpy())
             if transform is not None:
                 gray = x[..., :1]
@@ -322,7 +323,7 @@ class FeatureBatches:
 def predict_cached(tail: keras.Model, store: FeatureStore, batch_size: int = 32, view: int = 0) -> np.ndarray:
     """P(covid) of ``tail`` for every item of one view of ``store``, in order, through a compiled call."""
     spec = tf.TensorSpec((None, *store.shape), tf.float32)
-    fn = tf.function(lambda x: tail(x, training=False), input_signature=[spec])
+    fn = traced(lambda x: tail(x, training=False), spec)
     out = []
     for i in range(0, store.n, batch_size):
         index = np.arange(i, min(i + batch_size, store.n))

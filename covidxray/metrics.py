@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from covidxray import LABELS
+from covidxray.progress import progress_bar
 
 METRIC_NAMES: tuple[str, ...] = (
     "accuracy",
@@ -167,11 +168,13 @@ def bootstrap_distribution(
         return dist
     rng = np.random.default_rng(seed)
     chunk = max(1, min(n_boot, _CHUNK_ELEMENTS // max(y.size, n_units)))
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        arrays = _metric_arrays(y, p, float(threshold), _resample_weights(rng, b, codes, n_units))
-        for name in METRIC_NAMES:
-            dist[name][start : start + b] = arrays[name]
+    with progress_bar(desc="bootstrap", total=n_boot, unit="resample") as bar:
+        for start in range(0, n_boot, chunk):
+            b = min(chunk, n_boot - start)
+            arrays = _metric_arrays(y, p, float(threshold), _resample_weights(rng, b, codes, n_units))
+            for name in METRIC_NAMES:
+                dist[name][start : start + b] = arrays[name]
+            bar.update(b)
     return dist
 
 

@@ -25,6 +25,7 @@ from covidxray import LABELS
 from covidxray.errors import ModelError
 from covidxray.outputs import file_sha256
 from covidxray.pipeline import make_dataset, raise_unreadable
+from covidxray.tfenv import traced
 
 MODEL_FILE = "model.keras"
 CHECKPOINT_DIR = "checkpoint"
@@ -264,7 +265,7 @@ def _predict_fn(model: keras.Model) -> Callable[[tf.Tensor], tf.Tensor]:
     if fn is None:
         ref = weakref.ref(model)
         spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
-        fn = tf.function(lambda x: ref()(x, training=False), input_signature=[spec])
+        fn = traced(lambda x: ref()(x, training=False), spec)
         _PREDICT_FNS[model] = fn
     return fn
 

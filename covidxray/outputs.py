@@ -373,6 +373,7 @@ class OutputDir:
     def adopt(self, rel: str) -> None:
         """Record a file that a library call wrote inside the scratch folder and the caller renamed into place."""
         self.record["files"][Path(rel).as_posix()] = file_sha256(self.path / rel)
+        self.written.add(Path(rel).as_posix())
         self._save()
 
     def remove(self, rel: str) -> None:

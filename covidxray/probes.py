@@ -37,6 +37,7 @@ from covidxray.images import open_grayscale
 from covidxray.manifest import MANIFEST_NAME, read_manifest, split_frame
 from covidxray.metrics import choose_threshold, format_metric, summarize
 from covidxray.outputs import staged_output, write_json, write_text
+from covidxray.progress import progress_bar
 
 DEFAULT_BORDER = 0.15
 """Share of each side kept by the source probe; the central (1 - 2 * border) box of every image is blacked out."""
@@ -127,7 +128,7 @@ def masked_dataset(data_dir: str | Path, out_dir: str | Path, *, border: float =
     read_manifest(data_dir)
     manifest = pd.read_csv(data_dir / MANIFEST_NAME, dtype=str, keep_default_na=False)
     paths, shas = [], []
-    for rel in manifest["path"]:
+    for rel in progress_bar(manifest["path"], desc="masking", unit="image"):
         gray = open_grayscale(data_dir / rel)
         if max(gray.size) > max_side:
             scale = max_side / max(gray.size)
@@ -219,7 +220,7 @@ def image_statistics(df: pd.DataFrame) -> pd.DataFrame:
     manifest has them, else those of the dataset file; intensities come from the dataset file.
     """
     rows = []
-    for _, row in df.iterrows():
+    for _, row in progress_bar(df.iterrows(), desc="image statistics", total=len(df), unit="image"):
         mean, std = _intensity(str(row["filepath"]))
         w, h, fmt, mode = _header(str(row["filepath"]))
         width = _number(row.get("width"), w)

@@ -146,6 +146,7 @@ def reproduce(
     """
 
     config.validate()
+    _check_weights(config)
     if design is not None:
         config = dataclasses.replace(config, design=get_design(design).name)
     out_root = Path(out_root)
@@ -365,6 +366,14 @@ def _cross_notes(matrix: Mapping[str, Any], left_out: Mapping[str, Mapping[str, 
     return notes
 
 
+def _check_weights(config: ReproduceConfig) -> None:
+    """Fail before any work when the VGG16 weights of ``config`` cannot be had (e.g. ImageNet offline)."""
+    if "vgg16" in config.models:
+        from covidxray.backbones import check_weights_available
+
+        check_weights_available(config.weights)
+
+
 def reproduce_designs(
     config: ReproduceConfig,
     out_root: str | Path,
@@ -380,6 +389,7 @@ def reproduce_designs(
     """Run :func:`reproduce` once per design (``out_root/<design>/``), then the cross-design evaluation of the
     first seed's runs (``out_root/cross/``). Returns {"designs": {name: reproduce result}, "cross": ...}."""
     config.validate()
+    _check_weights(config)
     out_root = Path(out_root)
     names = [get_design(d).name for d in designs]
     if len(set(names)) != len(names):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import math
 import sys
 import time
@@ -44,7 +45,7 @@ import pandas as pd
 import tensorflow as tf
 
 from covidxray import LABELS
-from covidxray.backbones import VGG16_CONV_LAYERS, load_vgg16_backbone_weights
+from covidxray.backbones import VGG16_CONV_LAYERS, check_weights_available, load_vgg16_backbone_weights
 from covidxray.errors import DataError, ModelError
 from covidxray.features import (
     FeatureBatches,
@@ -65,6 +66,8 @@ from covidxray.outputs import OutputDir, claim_output, command_line, fingerprint
 from covidxray.pipeline import AugmentConfig, make_dataset, raise_unreadable
 
 STATE_FILE = "state.json"
+TENSORBOARD_DIR = "tensorboard"
+"""Where ``train(..., tensorboard=True)`` has Keras write TensorBoard logs, inside the run folder."""
 VAL_SUMMARY: tuple[str, ...] = ("n", "n_pos", "roc_auc", "accuracy", "recall", "specificity")
 """The val metrics (at the chosen threshold) repeated in ``summary.json``; all of threshold.json has them."""
 MONITORS: dict[str, str] = {"val_loss": "min", "val_auc": "max", "val_accuracy": "max"}
@@ -222,7 +225,7 @@ def _check_same_dataset(out_dir: Path, recorded: dict | None, current: dict) -> 
 
 def _say(progress: bool, message: str) -> None:
     if progress:
-        print(f"[covidxray.train] {message}", flush=True)
+        print(f"[covidxray.train] {message}", file=sys.stderr, flush=True)
 
 
 
@@ -293,8 +296,10 @@ class _RunCallback(keras.callbacks.Callback):
 class _Run:
     """One training session on a run folder."""
 
-    def __init__(self, cfg: TrainConfig, data_dir: Path, out: OutputDir, progress: bool) -> None:
+    def __init__(self, cfg: TrainConfig, data_dir: Path, out: OutputDir, progress: bool,
+                 tensorboard: bool = False) -> None:
         self.cfg, self.data_dir, self.out, self.progress = cfg, data_dir, out, progress
+        self.tensorboard = tensorboard
         self.out_dir = out.path
         self.ckpt_dir = self.out_dir / CHECKPOINT_DIR
         self.state: _State | None = None
@@ -376,17 +381,30 @@ def _fit(run: _Run, model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.da
          end: int, paths: list[str], export: keras.Model | None = None,
          callbacks: list[keras.callbacks.Callback] | None = None) -> None:
     state = run.state
-    verbose = (1 if sys.stdout.isatty() else 2) if run.progress else 0
+    verbose = (1 if sys.stderr.isatty() else 2) if run.progress else 0
     _say(run.progress, f"stage {stage}: epochs {state.epoch + 1}..{end}")
+    board = [keras.callbacks.TensorBoard(str(run.out_dir / TENSORBOARD_DIR))] if run.tensorboard else []
     try:
-        model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=state.epoch,
-                  callbacks=[*(callbacks or []), _RunCallback(run, stage, export)], verbose=verbose, shuffle=False)
+        with contextlib.redirect_stdout(sys.stderr):  # Keras prints its progress to stdout, which carries results
+            model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=state.epoch,
+                      callbacks=[*(callbacks or []), *board, _RunCallback(run, stage, export)], verbose=verbose,
+                      shuffle=False)
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
         raise_unreadable(paths, exc)
     except tf.errors.AlreadyExistsError as exc:
         raise DataError(f"the on-disk image cache in {run.cfg.cache} is locked ({exc.message.splitlines()[0]}). "
                         "Another run may be filling it; if none is, delete its *.lockfile files (or the cache "
                         "folder) and retry, or use cache='memory'.") from exc
+    finally:
+        _adopt_tensorboard(run)
+
+
+def _adopt_tensorboard(run: _Run) -> None:
+    """Record the files TensorBoard wrote itself in the run folder, so a resume or rerun does not refuse them."""
+    board = run.out_dir / TENSORBOARD_DIR
+    if run.tensorboard and board.is_dir():
+        for path in sorted(p for p in board.rglob("*") if p.is_file() and not p.is_symlink()):
+            run.out.adopt(path.relative_to(run.out_dir).as_posix())
 
 
 @contextlib.contextmanager
@@ -458,7 +476,7 @@ def _feature_data(run: _Run, model: keras.Model, train_df: pd.DataFrame, val_df:
 
 
 def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, progress: bool = True,
-          resume: bool = False) -> dict:
+          resume: bool = False, tensorboard: bool = False) -> dict:
     """Train ``config`` on ``data_dir``'s manifest, writing the run folder ``out_dir``; returns the summary.
 
     Uses the ``train`` split for fitting and ``val`` for early stopping, checkpoint selection and the decision
@@ -466,12 +484,19 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, pro
     frozen backbone runs once per val image: selection, ``val_predictions.csv`` and the threshold use its
     cached float32 activations with the best model's tail. ``resume=True`` continues from
     ``out_dir/checkpoint`` (a finished run is returned unchanged unless the config asks for more epochs).
+    ``tensorboard=True`` adds Keras' TensorBoard logs in ``out_dir/tensorboard``. VGG16 weights that cannot be
+    had (ImageNet offline, hed not installed, a missing file) fail here, before any work.
     """
     cfg = config.resolved()
+    if cfg.model == "vgg16":
+        check_weights_available(str(cfg.weights))
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ModelError('--tensorboard: the tensorboard package, which writes the logs, is not installed: pip '
+                         'install "covidxray[tensorboard]" (or leave --tensorboard out).')
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     dataset = dataset_record(data_dir)
     with claim_output(out_dir, "train", sources=[data_dir]) as out:
-        run = _Run(cfg, data_dir, out, progress)
+        run = _Run(cfg, data_dir, out, progress, tensorboard)
         try:
             return _train(run, cfg, dataset, resume)
         except BaseException:

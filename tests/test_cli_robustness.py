@@ -24,7 +24,7 @@ from covidxray.cli import build_parser, failure_line, main, os_error_line
 from covidxray.errors import DataError, ModelError
 
 REPO = Path(__file__).resolve().parents[1]
-VERBS = ["data", "train", "evaluate", "cam", "probe", "reproduce", "demo", "download"]
+VERBS = ["data", "train", "evaluate", "cam", "predict", "probe", "reproduce", "demo", "download"]
 
 
 def run_main(argv: list[str]) -> int:
