@@ -396,3 +396,16 @@ def test_mutated_dicom_gives_image_error_only(kind, data):
             return
         assert info.format == "DICOM" and info.normalized_png is not None
         dicom_tags(path)
+
+
+def test_predict_reads_dicom_as_every_reader_does(tmp_path, model_run):
+    from covidxray.predict import predict
+
+    folder = tmp_path / "scans"
+    for i, (bits, photometric) in enumerate([(16, "MONOCHROME2"), (12, "MONOCHROME1"), (8, "MONOCHROME2")]):
+        write_dicom(folder / f"scan{i}.dcm", pattern(bits, seed=i), bits=bits, photometric=photometric)
+    (folder / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00")
+    table = predict(model_run, [folder], tmp_path / "out")["predictions"]
+    read = table[table["skipped"].fillna("") == ""]
+    assert len(read) == 3 and read["p_covid"].between(0, 1).all()
+    assert table.loc[table["path"].str.endswith("broken.dcm"), "skipped"].iloc[0]
