@@ -12,12 +12,20 @@
   :mod:`covidxray.image_regions`: padding and flat regions, burnt-in markers, and the outside of the (estimated)
   body. A fixed band misses padding above a pasted-in figure or a marker inside the frame; these masks do not.
 
-Shortcut warning rule (:data:`OFF_ANATOMY_LIMITS`): for each region, the mean over the images of a group of
-the share of heatmap mass in the region is compared with the mean share of the image area the region covers.
-The warning fires when, for any class (or source, or all images together), the mass share exceeds both an
-absolute level and a multiple of the area share: padding and flat regions 0.25 and 1.5x, markers 0.10 and 3x,
-outside the body 0.25 and 1.5x. Each image's own ratio is counted too (``n_images_over``). checks.json holds
-the rule's text, the limits and every number it used.
+Shortcut warning rule (:data:`OFF_ANATOMY_LIMITS`, :data:`IMAGE_FRACTION`), per region (padding and markers
+with a rim around them, see :func:`covidxray.image_regions.measured_regions`; outside the body), for each group
+of images (all, each class, each source):
+
+1. group means: the mean share of heatmap mass in the region exceeds both an absolute level and a multiple of
+   the region's mean share of the image area; or
+2. single images: at least a quarter of the group's maps each put more than the absolute level of their mass
+   in the region and are enriched there by at least the multiple as an odds ratio,
+   ``(share / (1 - share)) / (area / (1 - area))`` (an odds ratio still grows when the region is half the
+   image, as with a figure pasted into padding, where no share can reach twice the area).
+
+Levels and multiples: padding and flat regions 0.25 and 1.5x (mean) / 2x (odds, per image), markers 0.10 and
+3x / 3x, outside the body 0.25 and 1.5x / 2x. The warning names each group and region that fired; checks.json
+holds the rule's text, the limits and every number it used.
 
 :func:`write_checks` runs them all and writes them as JSON next to the overlays.
 """
@@ -35,7 +43,7 @@ from scipy.stats import pearsonr, spearmanr
 from covidxray import LABELS, image_regions
 from covidxray.errors import ModelError
 from covidxray.explain import as_image_batch, heatmaps, resolve_method, safe_name
-from covidxray.image_regions import REGIONS, mass_shares
+from covidxray.image_regions import REGIONS, mass_shares, measured_regions
 from covidxray.metrics import binary_metrics
 from covidxray.outputs import json_text, to_jsonable, write_text
 
@@ -51,12 +59,14 @@ MIN_SEPARATION_AUC = 0.6
 """Below this ROC-AUC on the explained images the randomisation check does not apply (reported as failed)."""
 MIN_PROB_SPREAD = 0.05
 """Below this spread of p(covid) (95th minus 5th percentile) the randomisation check does not apply."""
-OFF_ANATOMY_LIMITS: dict[str, tuple[float, float]] = {
-    "padding": (0.25, 1.5),
-    "markers": (0.10, 3.0),
-    "outside_body": (0.25, 1.5),
+OFF_ANATOMY_LIMITS: dict[str, tuple[float, float, float]] = {
+    "padding": (0.25, 1.5, 2.0),
+    "markers": (0.10, 3.0, 3.0),
+    "outside_body": (0.25, 1.5, 2.0),
 }
-"""Per region (absolute level, multiple of the area share): a group's mean mass share above both warns."""
+"""Per region (absolute level, multiple of the mean area share, per-image odds ratio); see the module doc."""
+IMAGE_FRACTION = 0.25
+"""A group warns when at least this fraction of its maps is over the per-image limit."""
 OFF_ANATOMY_WARNING = (
     "shortcut warning: the heatmaps put their mass on padding, burnt-in markers or outside the body"
 )
@@ -349,44 +359,56 @@ def attention_distribution(
 
 def off_anatomy_shares(images: object, maps: object) -> pd.DataFrame:
     """One row per image: ``<region>_share`` (heatmap mass) and ``<region>_area`` for the regions of
-    :data:`covidxray.image_regions.REGIONS`, and ``empty`` (an all-zero map: its shares are NaN)."""
+    :func:`covidxray.image_regions.measured_regions` (padding and markers with their rim), and ``empty`` (an
+    all-zero map: its shares are NaN)."""
     x = as_image_batch(images)
     m = np.asarray(maps, dtype=np.float64)
     if m.shape != x.shape[:3]:
         raise ValueError(f"maps shape {m.shape} does not match the images' {x.shape[:3]}.")
     rows = []
     for image, heat in zip(x, m, strict=True):
-        masks = image_regions.region_masks(image)
-        row = mass_shares(heat, {region: masks[region] for region in REGIONS})
+        row = mass_shares(heat, measured_regions(image_regions.region_masks(image)))
         row["empty"] = not np.isfinite(row[f"{REGIONS[0]}_share"])
         rows.append(row)
     columns = [f"{r}_{k}" for r in REGIONS for k in ("share", "area")] + ["empty"]
     return pd.DataFrame(rows, columns=columns)
 
 
+def _odds_ratio(share: np.ndarray, area: np.ndarray) -> np.ndarray:
+    """Odds of the heatmap mass over odds of the area (shares clipped to [1e-6, 1 - 1e-6])."""
+    s, a = (np.clip(np.asarray(v, dtype=np.float64), 1e-6, 1 - 1e-6) for v in (share, area))
+    return (s / (1 - s)) / (a / (1 - a))
+
+
 def _off_group(shares: pd.DataFrame) -> dict:
     used = shares[~shares["empty"].astype(bool)]
     stats: dict = {"n_images": len(shares), "n_empty": int(shares["empty"].astype(bool).sum()), "over": []}
     for region in REGIONS:
-        level, multiple = OFF_ANATOMY_LIMITS[region]
+        level, multiple, odds = OFF_ANATOMY_LIMITS[region]
         share = float(used[f"{region}_share"].mean()) if len(used) else None
         area = float(used[f"{region}_area"].mean()) if len(used) else None
-        over = share is not None and share > level and share > multiple * area
-        per_image = (used[f"{region}_share"] > level) & (used[f"{region}_share"] > multiple * used[f"{region}_area"])
+        by_mean = share is not None and share > level and share > multiple * area
+        per_image = (used[f"{region}_share"] > level) & (
+            _odds_ratio(used[f"{region}_share"], used[f"{region}_area"]) >= odds)
+        n_over = int(per_image.sum())
+        by_images = len(used) > 0 and n_over >= IMAGE_FRACTION * len(used)
         stats[region] = {"mass_share": share, "area_share": area,
                          "ratio": share / area if share is not None and area else None,
-                         "over_limit": bool(over), "n_images_over": int(per_image.sum())}
-        if over:
+                         "over_by_mean": bool(by_mean), "n_images_over": n_over,
+                         "over_by_images": bool(by_images), "over_limit": bool(by_mean or by_images)}
+        if by_mean or by_images:
             stats["over"].append(region)
     return stats
 
 
 def off_anatomy_rule() -> str:
     """The warning rule in words, with its numbers (written into checks.json)."""
-    parts = [f"{region.replace('_', ' ')} > {level:g} and > {multiple:g}x its area share"
-             for region, (level, multiple) in OFF_ANATOMY_LIMITS.items()]
-    return ("warn when, for all images, any class or any source, the mean share of heatmap mass on a region "
-            "exceeds both an absolute level and a multiple of the region's mean share of the image area: "
+    parts = [f"{region.replace('_', ' ')}: level {level:g}, {multiple:g}x the mean area, odds ratio {odds:g}"
+             for region, (level, multiple, odds) in OFF_ANATOMY_LIMITS.items()]
+    return ("warn for a region (padding and markers with a rim, outside the body) and a group (all images, a "
+            "class, a source) when the group's mean share of heatmap mass in the region exceeds both the level "
+            "and a multiple of the region's mean share of the image area, or when at least "
+            f"{IMAGE_FRACTION:.0%} of the group's maps each exceed the level and the odds ratio of mass vs area: "
             + "; ".join(parts) + " (regions estimated per image by covidxray.image_regions)")
 
 
@@ -395,7 +417,9 @@ def off_anatomy(images: object, maps: object, df: pd.DataFrame | None = None) ->
     per source (``df`` columns "label", "source"), with the warning of the module's rule (None: no warning)."""
     shares = off_anatomy_shares(images, maps)
     result: dict = {"rule": off_anatomy_rule(),
-                    "limits": {r: {"level": lv, "multiple": mu} for r, (lv, mu) in OFF_ANATOMY_LIMITS.items()},
+                    "limits": {r: {"level": lv, "multiple": mu, "odds_ratio": od}
+                               for r, (lv, mu, od) in OFF_ANATOMY_LIMITS.items()},
+                    "image_fraction": IMAGE_FRACTION,
                     "overall": _off_group(shares)}
     flagged = [f"all images: {', '.join(result['overall']['over'])}"] if result["overall"]["over"] else []
     if df is not None:

@@ -33,6 +33,10 @@ markers (a few pixels each) and misses markers that overlap bright anatomy.
 
 :func:`region_masks` returns all three plus ``outside_body`` (= not body; it contains padding and markers), and
 :func:`mass_shares` the share of a heatmap's mass in each mask beside the mask's share of the image area.
+:func:`measured_regions` are the masks the heatmap checks weigh: padding and markers each with a rim of
+``max(2, 0.05 s)`` px around them, because heatmaps are coarse (a CAM has 1/8 of the input's resolution or less)
+and a blob on the edge of a pasted-in figure or on a 4-px marker spreads to both sides of it; and the outside of
+the body as it is.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ MARKER_MAX_SIDE = 0.12
 """Largest marker bounding-box side, as a fraction of the image's short side."""
 MARKER_SE = 0.15
 """Side of the top-hat's square structuring element, as a fraction of the short side."""
+RIM = 0.05
+"""Rim around padding and markers counted with them by :func:`measured_regions`, as a fraction of the short side."""
 AIR_LEVEL = 0.12
 """Dark air beside the body: at most the 1st percentile of the non-padding pixels plus this fraction of the range."""
 _EIGHT = np.ones((3, 3), bool)
@@ -208,6 +214,19 @@ def region_masks(image: object) -> dict[str, np.ndarray]:
     mk = marker_mask(gray) & ~pad
     body = body_mask(gray, padding=pad, markers=mk)
     return {"padding": pad, "markers": mk, "body": body, "outside_body": ~body}
+
+
+def measured_regions(masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The regions of :data:`REGIONS` as the heatmap checks weigh them: padding and markers dilated by a rim of
+    ``max(2, RIM * s)`` px (module doc), outside of the body as it is."""
+    rim = max(2, int(round(RIM * min(masks["padding"].shape))))
+    disk = np.hypot(*np.mgrid[-rim:rim + 1, -rim:rim + 1]) <= rim
+    out = {}
+    for region in ("padding", "markers"):
+        mask = masks[region]
+        out[region] = ndimage.binary_dilation(mask, disk) if mask.any() else mask.copy()
+    out["outside_body"] = masks["outside_body"]
+    return out
 
 
 def mass_shares(heatmap: object, masks: dict[str, np.ndarray]) -> dict[str, float]:

@@ -116,3 +116,17 @@ def test_off_anatomy_warning_fires_on_padding_and_markers_only() -> None:
     assert list(shares["empty"]) == [False] * 4 and len(shares) == 4
     empty = off_anatomy(x, np.zeros((4, 64, 64)), df)
     assert empty["warning"] is None and empty["overall"]["padding"]["mass_share"] is None
+
+
+def test_one_map_in_four_on_a_large_padding_fires_by_images() -> None:
+    """A figure pasted into padding that covers half the image: no share can reach 1.5x the area, the odds can."""
+    images, truths = zip(*(padded_chest(seed=s, pad=p) for s, p in ((0, 20), (1, 0), (2, 0), (3, 0))), strict=True)
+    x = np.repeat(np.stack(images)[..., None], 3, axis=-1)
+    body = np.stack([t["body"] * 1.0 for t in truths])
+    maps = body.copy()
+    pad, inner = truths[0]["padding"], truths[0]["body"]
+    maps[0] = 0.9 * pad / pad.sum() + 0.1 * inner / inner.sum()
+    result = off_anatomy(x, maps, pd.DataFrame({"label": ["covid"] * 4}))
+    stats = result["per_class"]["covid"]["padding"]
+    assert not stats["over_by_mean"] and stats["over_by_images"] and stats["n_images_over"] == 1
+    assert "label=covid: padding" in result["warning"] and "odds ratio" in result["rule"]
