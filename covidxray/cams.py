@@ -1,9 +1,13 @@
 """``covidxray cam``: heatmaps of one trained model over a labeled image set, with the two sanity checks.
 
-Loads the run, picks the images (default: the test split), predicts, computes the maps once, and writes the
-overlays, the summary grid and ``<model>__checks.json`` into ``Class_Activation_Images/``. External images that
-cannot be used are skipped and listed in ``<model>__skipped.csv``; the files are written to a temporary folder
-and moved into place only when all of them are done.
+Loads the run, picks the images (default: the test split; with a limit, a sample stratified by outcome TP/TN/FP/FN
+and source, so the summary grid's cells fill), predicts, computes the maps once, and writes the overlays, the
+summary grid and ``<model>__checks.json`` into ``Class_Activation_Images/``. Overlays and grid share one colour
+scale per model (raw maps / the 99th percentile of the set's map values, clipped at 1; see
+:func:`covidxray.explain.model_scale`); the checks use the maps normalised per image. A rerun replaces all of that
+model's files (and only those). External images that cannot be used are skipped and listed in
+``<model>__skipped.csv``; the files are written to a temporary folder and moved into place only when all of
+them are done.
 """
 
 from __future__ import annotations
@@ -16,19 +20,57 @@ import pandas as pd
 
 from covidxray import paths
 from covidxray.evaluate import write_skipped
-from covidxray.explain import heatmaps, render_cams, resolve_method, safe_name
+from covidxray.explain import (
+    OUTCOMES,
+    heatmaps,
+    model_scale,
+    normalise_maps,
+    render_cams,
+    resolve_method,
+    safe_name,
+    scale_label,
+    scale_maps,
+    select_examples,
+)
 from covidxray.explain_checks import write_checks
+from covidxray.image_regions import REGIONS
 from covidxray.labeled import decodable, read_labeled
 from covidxray.outputs import staged_output
 
 
-def pick_images(df: pd.DataFrame, limit: int | None, seed: int = 0) -> pd.DataFrame:
-    """At most ``limit`` rows, balanced between classes and chosen with a fixed seed (all rows when None)."""
+def pick_images(
+    df: pd.DataFrame, limit: int | None, seed: int = 0, *, probs: object | None = None, threshold: float = 0.5
+) -> pd.DataFrame:
+    """At most ``limit`` rows chosen with a fixed seed (all rows when None), stratified so every kind shows.
+
+    With ``probs`` (p(covid) per row) the strata are the outcomes TP, TN, FP, FN, taken in turn, and within an
+    outcome the sources (column "source" when present), taken in turn; without, the classes (column "y").
+    Rows are drawn at random (``seed``) within a stratum; a stratum that runs out leaves its turn to the others.
+    """
     if limit is None or len(df) <= limit:
         return df.reset_index(drop=True)
-    per_class = max(1, limit // max(1, df["y"].nunique()))
-    parts = [g.sample(n=min(len(g), per_class), random_state=seed) for _, g in df.groupby("y", sort=True)]
-    return pd.concat(parts).sort_index().reset_index(drop=True)
+    df = df.reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    if probs is not None:
+        groups = select_examples(df, probs, threshold, per_cell=len(df))
+        outer = [groups[o] for o in OUTCOMES if groups[o]]
+    else:
+        outer = [list(g.index) for _, g in df.groupby("y", sort=True)]
+    sources = df["source"].astype(str) if "source" in df.columns else pd.Series([""] * len(df))
+    queues = []
+    for rows in outer:
+        by_source = [[i for i in rows if sources[i] == s] for s in sorted(set(sources[rows]))]
+        queues.append(_interleave([list(rng.permutation(r)) for r in by_source]))
+    chosen = _interleave(queues)[:limit]
+    return df.loc[sorted(chosen)].reset_index(drop=True)
+
+
+def _interleave(queues: list[list[int]]) -> list[int]:
+    """One from each queue in turn until all are empty."""
+    out, depth = [], max((len(q) for q in queues), default=0)
+    for k in range(depth):
+        out.extend(int(q[k]) for q in queues if k < len(q))
+    return out
 
 
 def render_model_cams(
@@ -44,7 +86,7 @@ def render_model_cams(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Write overlays, grid and checks for one model; return the checks, the files and the files skipped."""
-    from covidxray.model_io import load_run, predict_proba
+    from covidxray.model_io import load_run, predict_dataframe, predict_proba
     from covidxray.pipeline import load_images
 
     model, meta = load_run(model_path)
@@ -53,26 +95,42 @@ def render_model_cams(
     name = name or config.get("model") or Path(model_path).stem
     method, layer = resolve_method(model, method, layer)
     labeled = read_labeled(data, split=split)
+    threshold = float(meta.get("threshold", 0.5))
     prefix = f"{safe_name(name, 'model', 60)}__"
     with staged_output(out_dir, "cam", sources=[data], prefix=prefix) as tmp, decodable(labeled) as usable:
-        df = pick_images(usable.frame, limit, seed)
+        frame = usable.frame
+        all_probs = predict_dataframe(model, frame, image_size) if limit is not None and len(frame) > limit else None
+        df = pick_images(frame, limit, seed, probs=all_probs, threshold=threshold)
         images = load_images(df["filepath"].tolist(), image_size)
         probs = predict_proba(model, images)
-        threshold = float(meta.get("threshold", 0.5))
-        maps = heatmaps(model, images, method=method, layer=layer)
+        raw = heatmaps(model, images, method=method, layer=layer, normalise=False)
+        scale = model_scale(raw)
         files = render_cams(model, images, df, tmp, model_name=name, threshold=threshold, method=method,
-                            probs=probs, layer=layer, maps=maps)
-        checks = write_checks(model, images, tmp, model_name=name, df=df, maps=maps, method=method, layer=layer,
-                              seed=seed)
+                            probs=probs, layer=layer, maps=scale_maps(raw, scale), label=scale_label(scale))
+        checks = write_checks(model, images, tmp, model_name=name, df=df, maps=normalise_maps(raw), method=method,
+                              layer=layer, seed=seed, probs=probs)
         write_skipped(usable.skipped, tmp / skipped_filename(name))
     return {"model": name, "method": method, "layer": layer, "images": len(df), "threshold": threshold,
-            "mean_probability": float(np.mean(probs)) if len(probs) else float("nan"),
+            "mean_probability": float(np.mean(probs)) if len(probs) else float("nan"), "map_scale": scale,
             "files": len(files), "checks": checks, "skipped": [list(s) for s in usable.skipped]}
 
 
 def skipped_filename(model_name: str) -> str:
     """File listing the images a model's heatmaps left out, e.g. ``scratch-gap__skipped.csv``."""
     return f"{safe_name(model_name, 'model', 60)}__skipped.csv"
+
+
+def restore_aspect(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A square model-input heatmap resized (bilinear) back to the original image's (height, width)."""
+    from PIL import Image
+
+    h, w = size
+    img = Image.fromarray(np.asarray(heatmap, dtype=np.float32), mode="F")
+    return np.asarray(img.resize((int(w), int(h)), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+SIDE_BY_SIDE_LABEL = ("evidence for covid / the model's scale (99th pct. of its maps on these images, "
+                      "in each title), clipped at 1")
 
 
 def side_by_side(
@@ -83,12 +141,19 @@ def side_by_side(
     n: int = 4,
     seed: int = 0,
     path: str | Path | None = None,
+    max_side: int = 320,
 ):
-    """One row per image (half covid, half normal, seeded), one column per model: the same X-ray explained by
-    each model, with its probability. Returns the matplotlib Figure (saved atomically when ``path`` is given)."""
+    """One row per image (classes and sources in turn, seeded), one column per model: the same X-ray explained
+    by each model, with its probability. Images are shown in their original aspect (at most ``max_side`` px),
+    each model's square heatmap resized back to it; each model's maps share one scale (:func:`model_scale` over
+    these images, named in the column titles) and one colour bar says so. Returns the matplotlib Figure (saved
+    atomically when ``path`` is given)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
+    from covidxray.images import open_grayscale
     from covidxray.model_io import load_run, predict_proba
     from covidxray.outputs import claim_output
     from covidxray.pipeline import load_images
@@ -96,28 +161,32 @@ def side_by_side(
 
     with decodable(read_labeled(data, split=split)) as usable:
         df = pick_images(usable.frame, n, seed)
-        fig = Figure(figsize=(3.2 * (len(runs) + 1), 3.2 * len(df)), dpi=90)
+        originals = [np.asarray(open_grayscale(p, max_side=max_side), dtype=np.float32) for p in df["filepath"]]
+        fig = Figure(figsize=(3.2 * (len(runs) + 1) + 0.8, 3.4 * len(df)), dpi=90)
         FigureCanvasAgg(fig)
         axes = fig.subplots(len(df), len(runs) + 1, squeeze=False)
+        for row, gray in enumerate(originals):
+            axes[row, 0].imshow(gray, cmap="gray")
+            axes[row, 0].set_title(f"truth: {df['label'][row]}\n{gray.shape[1]}x{gray.shape[0]} (shown)", fontsize=9)
+            axes[row, 0].set_axis_off()
         for col, (name, run) in enumerate(runs.items(), start=1):
             model, meta = load_run(run)
             images = load_images(df["filepath"].tolist(), meta["image_size"])
             probs = predict_proba(model, images)
             method, layer = resolve_method(model, "auto", None)
-            maps = heatmaps(model, images, method=method, layer=layer)
-            for row in range(len(df)):
-                gray = images[row, ..., 0]
-                if col == 1:
-                    axes[row, 0].imshow(gray, cmap="gray")
-                    axes[row, 0].set_title(f"truth: {df['label'][row]}", fontsize=9)
-                    axes[row, 0].set_axis_off()
+            raw = heatmaps(model, images, method=method, layer=layer, normalise=False)
+            scale = model_scale(raw)
+            maps = scale_maps(raw, scale)
+            for row, gray in enumerate(originals):
                 ax = axes[row, col]
                 ax.imshow(gray, cmap="gray")
-                ax.imshow(maps[row], cmap="jet", alpha=0.45, vmin=0, vmax=1,
-                          extent=(-0.5, gray.shape[1] - 0.5, gray.shape[0] - 0.5, -0.5))
-                ax.set_title(f"{name} ({method})\np(covid) = {probs[row]:.2f}", fontsize=9)
+                ax.imshow(restore_aspect(maps[row], gray.shape), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+                ax.set_title(f"{name} ({method}, scale {scale:.3g})\np(covid) = {probs[row]:.2f}", fontsize=9)
                 ax.set_axis_off()
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.0, 0.93, 1.0))
+    cax = fig.add_axes((0.945, 0.25, 0.015, 0.5))
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap="jet"), cax=cax)
+    bar.set_label(SIDE_BY_SIDE_LABEL, fontsize=8)
     if path is not None:
         path = Path(path)
         with claim_output(path.parent, "cam", sources=[data]) as out:
@@ -125,8 +194,14 @@ def side_by_side(
     return fig
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def checks_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """One row per model: randomisation correlation and where the heatmap mass is (overall, per class and source)."""
+    """One row per model: randomisation correlation and where the heatmap mass is: the fixed border band (overall,
+    per class and source) and the off-anatomy regions (mass share and, in brackets, area share; all images and
+    per class), with the warning."""
     rows = []
     for name, result in results.items():
         rnd, att = result["checks"]["randomization"], result["checks"]["attention"]
@@ -143,6 +218,12 @@ def checks_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
         for key, prefix in (("per_class", "border mass, "), ("per_source", "border mass, ")):
             for group, stats in (att.get(key) or {}).items():
                 row[prefix + group] = stats["border_share"]
-        row["warning"] = att.get("warning") or ""
+        off = result["checks"].get("off_anatomy") or {}
+        for group, stats in [("all", off.get("overall")), *(off.get("per_class") or {}).items()]:
+            for region in REGIONS:
+                if stats is not None:
+                    row[f"{region.replace('_', ' ')} mass (area), {group}"] = (
+                        f"{_fmt(stats[region]['mass_share'])} ({_fmt(stats[region]['area_share'])})")
+        row["warning"] = result["checks"].get("warning") or att.get("warning") or ""
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")

@@ -1,14 +1,22 @@
 """Class activation heatmaps: where in the X-ray the model finds evidence for covid, and overlays to look at.
 
 Three methods, all for the covid class (positive = evidence for covid) and all returned as (B, H, W) maps
-at the input resolution, normalised to [0, 1] per image (an all-zero map stays zero):
+at the input resolution, normalised to [0, 1] per image (an all-zero map stays zero), or with
+``normalise=False`` on their raw scale (ReLU only):
 
 * CAM (Zhou et al. 2016): exact for models whose head is features -> GlobalAveragePooling2D -> Dense "logit";
   the map is sum_k w_k A_k + b, whose spatial mean is the logit itself.
 * Grad-CAM (Selvaraju et al. 2017): any model; channel weights are the spatially averaged logit gradients.
 * Grad-CAM++ (Chattopadhay et al. 2018): Grad-CAM with pixel-wise weights of the positive gradients.
 
-Sanity checks of the maps (randomisation test, border attention) live in :mod:`covidxray.explain_checks`.
+Scale of the figures: a per-image maximum paints a full-red blob on an image the model calls normal with
+p(covid) = 0.00, so :func:`render_cams` draws maps on one scale per model and image set instead: the raw maps
+divided by :func:`model_scale` (the 99th percentile of all raw map values of the set), clipped to [0, 1]
+(:func:`scale_maps`); the colour bar label (:func:`scale_label`) names the scale and its value. A colour on one
+overlay therefore means the same evidence as on another overlay of the same model and set.
+
+Sanity checks of the maps (randomisation test, border attention, off-anatomy mass) live in
+:mod:`covidxray.explain_checks`.
 """
 
 from __future__ import annotations
@@ -184,6 +192,40 @@ def _upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out.numpy()[..., 0]
 
 
+def _finish_maps(maps: np.ndarray, normalise: bool) -> np.ndarray:
+    """Per-image normalisation, or only the ReLU (non-finite values to 0)."""
+    if normalise:
+        return normalise_maps(maps)
+    return np.nan_to_num(np.maximum(np.asarray(maps, dtype=np.float32), 0.0), nan=0.0, posinf=0.0)
+
+
+def model_scale(raw_maps: object, percentile: float = 99.0) -> float:
+    """One scale for a model's maps of an image set: the ``percentile`` of all their positive-part values
+    (their maximum when that is 0; 1.0 for all-zero maps), so overlays of the set share one colour scale."""
+    values = np.maximum(np.nan_to_num(np.asarray(raw_maps, dtype=np.float64), nan=0.0, posinf=0.0), 0.0)
+    if values.size == 0 or values.max() <= 0.0:
+        return 1.0
+    scale = float(np.percentile(values, percentile))
+    return scale if scale > 0.0 else float(values.max())
+
+
+def scale_maps(raw_maps: object, scale: float) -> np.ndarray:
+    """Raw maps divided by ``scale`` (see :func:`model_scale`), negative parts to 0, clipped to [0, 1]."""
+    if not np.isfinite(scale) or scale <= 0.0:
+        raise ValueError(f"scale must be a positive number, got {scale!r}.")
+    values = np.nan_to_num(np.asarray(raw_maps, dtype=np.float32), nan=0.0, posinf=0.0)
+    return np.clip(np.maximum(values, 0.0) / np.float32(scale), 0.0, 1.0)
+
+
+PER_IMAGE_LABEL = "evidence for covid (normalised per image: max = 1)"
+"""Colour bar label of maps normalised per image (:func:`normalise_maps`)."""
+
+
+def scale_label(scale: float) -> str:
+    """Colour bar label of maps on the per-model scale of :func:`scale_maps`."""
+    return f"evidence for covid / {scale:.3g} (99th pct. of this model's maps on this set), clipped at 1"
+
+
 def normalise_maps(maps: np.ndarray) -> np.ndarray:
     """ReLU, then divide each map by its maximum: maps in [0, 1]; a map without positive values stays 0."""
     pos = np.nan_to_num(np.maximum(np.asarray(maps, dtype=np.float32), 0.0), nan=0.0, posinf=0.0)
@@ -193,9 +235,15 @@ def normalise_maps(maps: np.ndarray) -> np.ndarray:
 
 
 def class_activation_maps(
-    model: keras.Model, images: object, layer: str | None = "last_conv", *, batch_size: int = 32
+    model: keras.Model,
+    images: object,
+    layer: str | None = "last_conv",
+    *,
+    batch_size: int = 32,
+    normalise: bool = True,
 ) -> np.ndarray:
-    """Exact CAM for covid: sum_k w_k A_k + b from the "logit" weights, upsampled (bilinear), then normalised.
+    """Exact CAM for covid: sum_k w_k A_k + b from the "logit" weights, upsampled (bilinear), then normalised
+    per image (``normalise=False``: ReLU only, the raw logit-contribution scale).
 
     ``layer`` must be the layer feeding the global average pooling (None = that layer, whatever its name).
     """
@@ -211,7 +259,7 @@ def class_activation_maps(
     for start in range(0, len(x), batch_size):
         acts = np.asarray(sub(x[start : start + batch_size], training=False), dtype=np.float64)
         raw = acts @ kernel + bias
-        maps.append(normalise_maps(_upsample(raw.astype(np.float32), x.shape[1:3])))
+        maps.append(_finish_maps(_upsample(raw.astype(np.float32), x.shape[1:3]), normalise))
     return np.concatenate(maps) if maps else np.zeros((0, *x.shape[1:3]), np.float32)
 
 
@@ -226,12 +274,18 @@ def _score_output(model: keras.Model) -> object:
 
 
 def grad_cam(
-    model: keras.Model, images: object, layer: str | None = None, *, plus: bool = False, batch_size: int = 32
+    model: keras.Model,
+    images: object,
+    layer: str | None = None,
+    *,
+    plus: bool = False,
+    batch_size: int = 32,
+    normalise: bool = True,
 ) -> np.ndarray:
     """Grad-CAM (Grad-CAM++ with ``plus``) of the covid "logit" w.r.t. ``layer``, one pass per batch.
 
     Falls back to the model output (its last unit) when there is no "logit" layer. ReLU, bilinear upsampling
-    to the input size, then per-map normalisation to [0, 1].
+    to the input size, then per-map normalisation to [0, 1] (not with ``normalise=False``).
     """
     x = as_image_batch(images)
     name = find_target_layer(model, layer)
@@ -250,7 +304,7 @@ def grad_cam(
         g = np.asarray(grads, dtype=np.float64)
         weights = _gradcam_plus_weights(a, g) if plus else g.mean(axis=(1, 2))
         raw = np.maximum(np.einsum("bhwk,bk->bhw", a, weights), 0.0).astype(np.float32)
-        maps.append(normalise_maps(_upsample(raw, x.shape[1:3])))
+        maps.append(_finish_maps(_upsample(raw, x.shape[1:3]), normalise))
     return np.concatenate(maps) if maps else np.zeros((0, *x.shape[1:3]), np.float32)
 
 
@@ -269,12 +323,14 @@ def heatmaps(
     layer: str | None = None,
     *,
     batch_size: int = 32,
+    normalise: bool = True,
 ) -> np.ndarray:
-    """(B, H, W) covid heatmaps in [0, 1] by ``method`` ("auto": CAM for a GAP->logit head, else Grad-CAM)."""
+    """(B, H, W) covid heatmaps in [0, 1] by ``method`` ("auto": CAM for a GAP->logit head, else Grad-CAM);
+    ``normalise=False``: on the method's raw scale (>= 0), for :func:`model_scale`."""
     used, name = resolve_method(model, method, layer)
     if used == "cam":
-        return class_activation_maps(model, images, layer=name, batch_size=batch_size)
-    return grad_cam(model, images, name, plus=used == "gradcam++", batch_size=batch_size)
+        return class_activation_maps(model, images, layer=name, batch_size=batch_size, normalise=normalise)
+    return grad_cam(model, images, name, plus=used == "gradcam++", batch_size=batch_size, normalise=normalise)
 
 
 # ------------------------------------------------------------ files
@@ -345,8 +401,11 @@ def _draw_overlay(ax: object, image: object, heatmap: object, alpha: float) -> o
     return ax.imshow(heat, cmap=_CMAP, alpha=alpha, vmin=0.0, vmax=1.0, interpolation="nearest")
 
 
-def overlay_figure(image: object, heatmap: object, *, title: str, alpha: float = 0.45) -> Figure:
-    """The X-ray in gray at the input resolution, the heatmap over it (colormap, ``alpha``), a colour bar."""
+def overlay_figure(
+    image: object, heatmap: object, *, title: str, alpha: float = 0.45, label: str = PER_IMAGE_LABEL
+) -> Figure:
+    """The X-ray in gray at the input resolution, the heatmap over it (colormap, ``alpha``), a colour bar
+    whose ``label`` says the heatmap's scale."""
     fig = Figure(figsize=(5.0, 4.4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -354,7 +413,7 @@ def overlay_figure(image: object, heatmap: object, *, title: str, alpha: float =
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
     bar = fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.04)
-    bar.set_label("evidence for covid (normalised)", fontsize=8)
+    bar.set_label(label, fontsize=7)
     return fig
 
 
@@ -399,8 +458,10 @@ def summary_grid(
     *,
     model_name: str,
     per_cell: int = 2,
+    label: str = PER_IMAGE_LABEL,
 ) -> Path:
-    """One PNG per model: rows TP, TN, FP, FN, the ``per_cell`` most confident each, empty cells "none"."""
+    """One PNG per model: rows TP, TN, FP, FN, the ``per_cell`` most confident each, empty cells "none";
+    the images are the model inputs (stretched to a square); ``label`` names the maps' scale on the colour bar."""
     if per_cell < 1:
         raise ValueError(f"per_cell must be >= 1, got {per_cell}.")
     x = as_image_batch(images)
@@ -430,11 +491,12 @@ def summary_grid(
                 ax.text(0.5, 0.5, "none", ha="center", va="center", color="0.4", transform=ax.transAxes)
             if c == 0:
                 ax.set_ylabel(OUTCOME_TITLES[outcome], fontsize=8)
-    fig.suptitle(f"{model_name}: most confident per outcome (threshold {threshold:.2f})", fontsize=10)
+    fig.suptitle(f"{model_name}: most confident per outcome (threshold {threshold:.2f})\n"
+                 "model input (stretched to a square)", fontsize=10)
     bar = fig.colorbar(
         ScalarMappable(Normalize(0.0, 1.0), cmap=_CMAP), ax=axes.ravel().tolist(), fraction=0.03
     )
-    bar.set_label("evidence for covid (normalised)", fontsize=8)
+    bar.set_label(label, fontsize=7)
     return save_figure(fig, out_path)
 
 
@@ -452,11 +514,14 @@ def render_cams(
     batch_size: int = 32,
     grid: bool = True,
     maps: object | None = None,
+    label: str | None = None,
 ) -> pd.DataFrame:
     """Write one overlay PNG per image (and the summary grid) into ``out_dir``; return one row per file.
 
     ``df`` is aligned with ``images`` and has a "label" column (and "path" for names); ``probs`` are p(covid),
-    predicted here when None; ``maps`` are precomputed heatmaps of the same ``method``, computed when None.
+    predicted here when None. ``maps`` are precomputed heatmaps of the same ``method`` in [0, 1] and ``label``
+    names their scale (default: normalised per image); when None they are computed here on one scale for the
+    whole set (:func:`model_scale`, :func:`scale_maps`), so colours compare across images.
     Columns: model, image, file, label, pred, prob, outcome, method, layer.
     """
     x = as_image_batch(images)
@@ -472,7 +537,10 @@ def render_cams(
         raise ValueError(f"{len(p)} probabilities for {len(x)} images.")
     used, name = resolve_method(model, method, layer)
     if maps is None:
-        maps = heatmaps(model, x, used, name, batch_size=batch_size)
+        raw = heatmaps(model, x, used, name, batch_size=batch_size, normalise=False)
+        scale = model_scale(raw)
+        maps, label = scale_maps(raw, scale), label or scale_label(scale)
+    label = label or PER_IMAGE_LABEL
     maps = np.asarray(maps, dtype=np.float32)
     if maps.shape != x.shape[:3]:
         raise ValueError(f"maps shape {maps.shape} does not match the images' {x.shape[:3]}.")
@@ -490,7 +558,7 @@ def render_cams(
             filename = cam_filename(model_name, f"{_image_stem(names[i])}-{copy}", truths[i], pred, p[i])
         taken.add(filename)
         title = f"{model_name} ({used}): true {truths[i]}, predicted {pred}, p(covid) = {p[i]:.2f}"
-        save_figure(overlay_figure(x[i], maps[i], title=title), out_dir / filename)
+        save_figure(overlay_figure(x[i], maps[i], title=title, label=label), out_dir / filename)
         rows.append(
             {
                 "model": model_name,
@@ -505,7 +573,8 @@ def render_cams(
             }
         )
     if grid:
-        summary_grid(x, maps, df, p, threshold, out_dir / grid_filename(model_name), model_name=model_name)
+        summary_grid(x, maps, df, p, threshold, out_dir / grid_filename(model_name), model_name=model_name,
+                     label=label)
     return pd.DataFrame(
         rows, columns=["model", "image", "file", "label", "pred", "prob", "outcome", "method", "layer"]
     )

@@ -3,10 +3,31 @@
 * :func:`randomization_check`: model-randomisation test (Adebayo et al. 2018). Heatmaps of the trained model
   are compared with those of the same architecture with fresh random weights; a high rank correlation means
   the method mostly shows image structure (edges), not what the model learned.
-* :func:`attention_distribution`: share of heatmap mass in the central thoracic box versus the image border,
-  where text, markers and collimation edges are (a shortcut that separates data sources rather than diseases).
+  It only applies to a model whose predictions separate the classes: with labels, a model whose ROC-AUC on
+  the images is below 0.6, or whose probabilities hardly vary (5th to 95th percentile spread below 0.05), gets
+  "not applicable / failed" (``passed`` false), whatever the correlation: a model no better than chance has
+  learned nothing for its heatmaps to show.
+* :func:`attention_distribution`: share of heatmap mass in the central thoracic box versus a fixed outer band.
+* :func:`off_anatomy`: share of heatmap mass on what is not anatomy, measured per image with the masks of
+  :mod:`covidxray.image_regions`: padding and flat regions, burnt-in markers, and the outside of the (estimated)
+  body. A fixed band misses padding above a pasted-in figure or a marker inside the frame; these masks do not.
 
-:func:`write_checks` runs both and writes them as JSON next to the overlays.
+Shortcut warning rule (:data:`OFF_ANATOMY_LIMITS`, :data:`IMAGE_FRACTION`), per region (padding and markers
+with a rim around them, see :func:`covidxray.image_regions.measured_regions`; outside the body), for each group
+of images (all, each class, each source):
+
+1. group means: the mean share of heatmap mass in the region exceeds both an absolute level and a multiple of
+   the region's mean share of the image area; or
+2. single images: at least a quarter of the group's maps each put more than the absolute level of their mass
+   in the region and are enriched there by at least the multiple as an odds ratio,
+   ``(share / (1 - share)) / (area / (1 - area))`` (an odds ratio still grows when the region is half the
+   image, as with a figure pasted into padding, where no share can reach twice the area).
+
+Levels and multiples: padding and flat regions 0.25 and 1.5x (mean) / 2x (odds, per image), markers 0.10 and
+3x / 3x, outside the body 0.25 and 1.5x / 2x. The warning names each group and region that fired; checks.json
+holds the rule's text, the limits and every number it used.
+
+:func:`write_checks` runs them all and writes them as JSON next to the overlays.
 """
 
 from __future__ import annotations
@@ -19,8 +40,11 @@ import numpy as np
 import pandas as pd
 from scipy.stats import pearsonr, spearmanr
 
+from covidxray import LABELS, image_regions
 from covidxray.errors import ModelError
 from covidxray.explain import as_image_batch, heatmaps, resolve_method, safe_name
+from covidxray.image_regions import REGIONS, mass_shares, measured_regions
+from covidxray.metrics import binary_metrics
 from covidxray.outputs import json_text, to_jsonable, write_text
 
 LOW_CORRELATION = 0.5
@@ -31,6 +55,21 @@ SHORTCUT_WARNING = (
     "shortcut warning: the model looks at the image border, where text, markers and collimation edges are"
 )
 TOP_FRACTION = 0.1
+MIN_SEPARATION_AUC = 0.6
+"""Below this ROC-AUC on the explained images the randomisation check does not apply (reported as failed)."""
+MIN_PROB_SPREAD = 0.05
+"""Below this spread of p(covid) (95th minus 5th percentile) the randomisation check does not apply."""
+OFF_ANATOMY_LIMITS: dict[str, tuple[float, float, float]] = {
+    "padding": (0.25, 1.5, 2.0),
+    "markers": (0.10, 3.0, 3.0),
+    "outside_body": (0.25, 1.5, 2.0),
+}
+"""Per region (absolute level, multiple of the mean area share, per-image odds ratio); see the module doc."""
+IMAGE_FRACTION = 0.25
+"""A group warns when at least this fraction of its maps is over the per-image limit."""
+OFF_ANATOMY_WARNING = (
+    "shortcut warning: the heatmaps put their mass on padding, burnt-in markers or outside the body"
+)
 
 
 # ------------------------------------------------------------ randomisation
@@ -94,15 +133,26 @@ def randomization_check(
     maps: np.ndarray | None = None,
     batch_size: int = 32,
     max_images: int | None = None,
+    labels: object | None = None,
+    probs: object | None = None,
 ) -> dict:
     """Model-randomisation sanity check: rank correlation of heatmaps from trained vs re-initialised weights.
 
     ``maps`` are the trained model's heatmaps when already computed; ``max_images`` caps the cost with evenly
     spaced images. A low mean Spearman correlation (< 0.5) means the heatmaps depend on the weights, as they
     must; correlations of constant (e.g. all-zero) maps are undefined and left out of the mean (counted in
-    ``n_undefined``).
+    ``n_undefined``). With ``labels`` ("normal"/"covid" or 0/1 per image; ``probs`` = p(covid), predicted when
+    None) the check first asks whether the model separates the classes at all (:func:`separation`); if not, it
+    reports "not applicable / failed" and ``passed`` is False.
     """
     x = as_image_batch(images)
+    sep = None
+    if labels is not None:
+        if probs is None:
+            from covidxray.model_io import predict_proba
+
+            probs = predict_proba(model, x, batch_size=batch_size)
+        sep = separation(labels, probs)
     if maps is not None and len(maps) != len(x):
         raise ValueError(f"{len(maps)} maps for {len(x)} images.")
     if max_images is not None and len(x) > max_images:
@@ -116,7 +166,10 @@ def randomization_check(
     rho = stats["spearman"]
     mean_rho = _mean(rho)
     n_undefined = sum(not math.isfinite(v) for v in rho)
-    if mean_rho is None:
+    if sep is not None and not sep["separates"]:
+        passed = False
+        text = f"not applicable / failed: {sep['reason']}; its heatmaps cannot show learned evidence."
+    elif mean_rho is None:
         passed = None
         text = (
             "undefined: the trained or the random heatmaps are constant (e.g. all zero) for every image, "
@@ -150,9 +203,46 @@ def randomization_check(
         "top10_iou_mean": _mean(stats["top10_iou"]),
         "random_all_zero": int(sum(float(m.max()) == 0.0 for m in random)),
         "threshold": LOW_CORRELATION,
+        "separation": sep,
         "passed": passed,
         "interpretation": text,
     }
+
+
+def _binary_labels(labels: object) -> np.ndarray:
+    """0/1 per image from "normal"/"covid" strings or 0/1 numbers."""
+    values = list(np.asarray(labels, dtype=object).reshape(-1))
+    out = []
+    for v in values:
+        text = str(v).strip().lower()
+        if text in (LABELS[1], "1", "1.0", "true"):
+            out.append(1)
+        elif text in (LABELS[0], "0", "0.0", "false"):
+            out.append(0)
+        else:
+            raise ValueError(f"label {v!r} is neither {LABELS[0]!r} nor {LABELS[1]!r} (nor 0/1).")
+    return np.asarray(out, dtype=np.int64)
+
+
+def separation(labels: object, probs: object) -> dict:
+    """Does the model tell the classes apart on these images? ROC-AUC (when both classes are present) and the
+    spread of p(covid) (95th minus 5th percentile); ``separates`` is False below :data:`MIN_SEPARATION_AUC` or
+    :data:`MIN_PROB_SPREAD`, with the ``reason`` in words."""
+    y = _binary_labels(labels)
+    p = np.asarray(probs, dtype=np.float64).reshape(-1)
+    if len(p) != len(y):
+        raise ValueError(f"{len(p)} probabilities for {len(y)} labels.")
+    auc = binary_metrics(y, p)["roc_auc"] if len(y) and 0 < y.sum() < len(y) else float("nan")
+    spread = float(np.percentile(p, 95) - np.percentile(p, 5)) if len(p) else 0.0
+    reasons = []
+    if math.isfinite(auc) and auc < MIN_SEPARATION_AUC:
+        reasons.append(f"ROC-AUC {auc:.2f} on these images, below {MIN_SEPARATION_AUC}")
+    if spread < MIN_PROB_SPREAD:
+        reasons.append(f"p(covid) spans only {spread:.3f} (5th-95th percentile), below {MIN_PROB_SPREAD}")
+    reason = ("the model's predictions do not separate the classes (" + "; ".join(reasons) + ")") if reasons else ""
+    return {"roc_auc": _nan_to_none(auc), "prob_spread": spread, "n_images": len(p),
+            "min_roc_auc": MIN_SEPARATION_AUC, "min_prob_spread": MIN_PROB_SPREAD,
+            "separates": not reasons, "reason": reason}
 
 
 # ------------------------------------------------------------ attention
@@ -264,6 +354,92 @@ def attention_distribution(
     return result
 
 
+# ------------------------------------------------------------ off anatomy
+
+
+def off_anatomy_shares(images: object, maps: object) -> pd.DataFrame:
+    """One row per image: ``<region>_share`` (heatmap mass) and ``<region>_area`` for the regions of
+    :func:`covidxray.image_regions.measured_regions` (padding and markers with their rim), and ``empty`` (an
+    all-zero map: its shares are NaN)."""
+    x = as_image_batch(images)
+    m = np.asarray(maps, dtype=np.float64)
+    if m.shape != x.shape[:3]:
+        raise ValueError(f"maps shape {m.shape} does not match the images' {x.shape[:3]}.")
+    rows = []
+    for image, heat in zip(x, m, strict=True):
+        row = mass_shares(heat, measured_regions(image_regions.region_masks(image)))
+        row["empty"] = not np.isfinite(row[f"{REGIONS[0]}_share"])
+        rows.append(row)
+    columns = [f"{r}_{k}" for r in REGIONS for k in ("share", "area")] + ["empty"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _odds_ratio(share: np.ndarray, area: np.ndarray) -> np.ndarray:
+    """Odds of the heatmap mass over odds of the area (shares clipped to [1e-6, 1 - 1e-6])."""
+    s, a = (np.clip(np.asarray(v, dtype=np.float64), 1e-6, 1 - 1e-6) for v in (share, area))
+    return (s / (1 - s)) / (a / (1 - a))
+
+
+def _off_group(shares: pd.DataFrame) -> dict:
+    used = shares[~shares["empty"].astype(bool)]
+    stats: dict = {"n_images": len(shares), "n_empty": int(shares["empty"].astype(bool).sum()), "over": []}
+    for region in REGIONS:
+        level, multiple, odds = OFF_ANATOMY_LIMITS[region]
+        share = float(used[f"{region}_share"].mean()) if len(used) else None
+        area = float(used[f"{region}_area"].mean()) if len(used) else None
+        by_mean = share is not None and share > level and share > multiple * area
+        per_image = (used[f"{region}_share"] > level) & (
+            _odds_ratio(used[f"{region}_share"], used[f"{region}_area"]) >= odds)
+        n_over = int(per_image.sum())
+        by_images = len(used) > 0 and n_over >= IMAGE_FRACTION * len(used)
+        stats[region] = {"mass_share": share, "area_share": area,
+                         "ratio": share / area if share is not None and area else None,
+                         "over_by_mean": bool(by_mean), "n_images_over": n_over,
+                         "over_by_images": bool(by_images), "over_limit": bool(by_mean or by_images)}
+        if by_mean or by_images:
+            stats["over"].append(region)
+    return stats
+
+
+def off_anatomy_rule() -> str:
+    """The warning rule in words, with its numbers (written into checks.json)."""
+    parts = [f"{region.replace('_', ' ')}: level {level:g}, {multiple:g}x the mean area, odds ratio {odds:g}"
+             for region, (level, multiple, odds) in OFF_ANATOMY_LIMITS.items()]
+    return ("warn for a region (padding and markers with a rim, outside the body) and a group (all images, a "
+            "class, a source) when the group's mean share of heatmap mass in the region exceeds both the level "
+            "and a multiple of the region's mean share of the image area, or when at least "
+            f"{IMAGE_FRACTION:.0%} of the group's maps each exceed the level and the odds ratio of mass vs area: "
+            + "; ".join(parts) + " (regions estimated per image by covidxray.image_regions)")
+
+
+def off_anatomy(images: object, maps: object, df: pd.DataFrame | None = None) -> dict:
+    """Heatmap mass on padding/flat regions, markers and outside the body vs their area: overall, per class and
+    per source (``df`` columns "label", "source"), with the warning of the module's rule (None: no warning)."""
+    shares = off_anatomy_shares(images, maps)
+    result: dict = {"rule": off_anatomy_rule(),
+                    "limits": {r: {"level": lv, "multiple": mu, "odds_ratio": od}
+                               for r, (lv, mu, od) in OFF_ANATOMY_LIMITS.items()},
+                    "image_fraction": IMAGE_FRACTION,
+                    "overall": _off_group(shares)}
+    flagged = [f"all images: {', '.join(result['overall']['over'])}"] if result["overall"]["over"] else []
+    if df is not None:
+        if len(df) != len(shares):
+            raise ValueError(f"df has {len(df)} rows but there are {len(shares)} maps.")
+        for column, key in (("label", "per_class"), ("source", "per_source")):
+            if column not in df.columns:
+                continue
+            values = df[column].astype(str).to_numpy()
+            groups = {}
+            for value in sorted(set(values)):
+                groups[value] = _off_group(shares[values == value].reset_index(drop=True))
+                if groups[value]["over"]:
+                    flagged.append(f"{column}={value}: {', '.join(groups[value]['over'])}")
+            result[key] = groups
+    result["per_image"] = shares.to_dict(orient="list")
+    result["warning"] = f"{OFF_ANATOMY_WARNING} ({'; '.join(flagged)})" if flagged else None
+    return result
+
+
 # ------------------------------------------------------------ output
 
 
@@ -287,27 +463,35 @@ def write_checks(
     max_random_images: int | None = 64,
     center_fraction: float = 0.6,
     border_fraction: float = 0.1,
+    probs: object | None = None,
 ) -> dict:
-    """Run both checks, write them to ``out_dir/<model>__checks.json`` (atomically), return the same dict.
+    """Run the checks, write them to ``out_dir/<model>__checks.json`` (atomically), return the same dict.
 
     ``maps`` (this model's heatmaps of ``images``, e.g. from :func:`covidxray.explain.heatmaps`) save a pass;
-    the randomisation check uses at most ``max_random_images`` of the images.
+    the randomisation check uses at most ``max_random_images`` of the images, and ``df["label"]`` with
+    ``probs`` (p(covid), predicted when None) to ask first whether the model separates the classes.
+    ``warning`` joins the border-band and the off-anatomy warnings (None: neither fired).
     """
     x = as_image_batch(images)
     used, name = resolve_method(model, method, layer)
     if maps is None:
         maps = heatmaps(model, x, used, name, batch_size=batch_size)
+    labels = df["label"].tolist() if df is not None and "label" in df.columns else None
+    attention = attention_distribution(maps, df, center_fraction=center_fraction, border_fraction=border_fraction)
+    off = off_anatomy(x, maps, df)
+    warnings = [w for w in (off["warning"], attention["warning"]) if w]
     result = {
         "model": model_name,
         "method": used,
         "layer": name,
         "n_images": len(x),
         "randomization": randomization_check(
-            model, x, used, seed, layer=name, maps=maps, batch_size=batch_size, max_images=max_random_images
+            model, x, used, seed, layer=name, maps=maps, batch_size=batch_size, max_images=max_random_images,
+            labels=labels, probs=probs,
         ),
-        "attention": attention_distribution(
-            maps, df, center_fraction=center_fraction, border_fraction=border_fraction
-        ),
+        "attention": attention,
+        "off_anatomy": off,
+        "warning": "; ".join(warnings) if warnings else None,
     }
     result = to_jsonable(result)
     write_text(json_text(result, sort_keys=False), Path(out_dir) / checks_filename(model_name))

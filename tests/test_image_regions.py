@@ -1,0 +1,132 @@
+"""Off-anatomy masks (padding, markers, body) on numpy-built X-ray-like images with planted regions, and the
+shortcut warning they feed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covidxray.explain_checks import OFF_ANATOMY_WARNING, off_anatomy, off_anatomy_shares
+from covidxray.image_regions import body_mask, flat_mask, marker_mask, mass_shares, region_masks
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def padded_chest(size: int = 64, pad: int = 12, seed: int = 0,
+                 marker_at: tuple[int, int] | None = (18, 6)) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A chest-like blob (textured body, two dark lungs) on noisy dark air, black bands above and below (a
+    figure pasted into padding) and an "R"-like bright block marker; returns the image and the planted masks."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size].astype(float)
+    img = 25 + rng.normal(0, 4, (size, size))
+    c = size / 2
+    body = ((yy - c) / (0.36 * size)) ** 2 + ((xx - c) / (0.40 * size)) ** 2 <= 1
+    lungs = ((yy - c + 2) / (0.22 * size)) ** 2 + ((np.abs(xx - c) - 0.17 * size) / (0.11 * size)) ** 2 <= 1
+    img[body] = 150 + rng.normal(0, 6, body.sum()) + 20 * np.sin(yy[body] / 3)
+    img[lungs & body] = 70 + rng.normal(0, 6, (lungs & body).sum())
+    padding = np.zeros((size, size), bool)
+    padding[:pad] = padding[size - pad:] = True
+    img[padding] = 0
+    marker = np.zeros((size, size), bool)
+    if marker_at is not None:
+        r, k = marker_at
+        marker[r:r + 5, k:k + 4] = True
+        img[marker] = 245
+        img[r + 1, k + 1:k + 3] = img[r + 3, k + 1] = 25  # holes, like the inside of an "R"
+    return np.clip(img, 0, 255), {"padding": padding, "markers": marker, "body": body & ~padding}
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("size", [64, 128])
+def test_masks_match_the_planted_regions(seed: int, size: int) -> None:
+    img, truth = padded_chest(size, pad=size // 5, seed=seed, marker_at=(size * 18 // 64, size * 6 // 64))
+    masks = region_masks(img)
+    for region in ("padding", "markers", "body"):
+        assert iou(masks[region], truth[region]) > 0.8, (region, iou(masks[region], truth[region]))
+    assert np.array_equal(masks["outside_body"], ~masks["body"])
+    assert not (masks["body"] & (masks["padding"] | masks["markers"])).any()
+
+
+def test_text_in_the_padding_and_rgb_input() -> None:
+    img, truth = padded_chest(marker_at=(3, 40))
+    masks = region_masks(np.repeat(img[..., None], 3, axis=-1))
+    assert iou(masks["markers"], truth["markers"]) > 0.8 and iou(masks["padding"], truth["padding"]) > 0.8
+
+
+def test_no_padding_no_markers_on_a_full_frame_image() -> None:
+    img, _ = padded_chest(pad=0, marker_at=None)
+    assert flat_mask(img).sum() == 0 and marker_mask(img).sum() == 0
+    assert body_mask(img).mean() > 0.3
+
+
+def test_smooth_blobs_bones_and_saturated_anatomy_are_no_markers_or_padding() -> None:
+    img, _ = padded_chest(pad=0, marker_at=None)
+    yy, xx = np.mgrid[:64, :64]
+    blob = 120 * np.exp(-((yy - 30) ** 2 + (xx - 40) ** 2) / (2 * 3.0 ** 2))  # a soft opacity
+    bone = img.copy()
+    bone[20:50, 30:33] = 250  # long and thin: a bone, not a marker
+    assert marker_mask(np.clip(img + blob, 0, 255)).sum() == 0
+    assert marker_mask(bone).sum() == 0
+    saturated = img.copy()
+    saturated[44:, 20:44] = 255  # a burnt-out abdomen touching the lower edge, no band across the image
+    assert flat_mask(saturated)[44:, 20:44].sum() == 0
+    band = img.copy()
+    band[:8] = 255  # a white margin across the image is padding
+    assert iou(flat_mask(band), np.arange(64)[:, None] < 8 + np.zeros((1, 64), bool)) > 0.8
+
+
+def test_mass_shares_on_padding_and_on_the_body() -> None:
+    img, truth = padded_chest()
+    masks = region_masks(img)
+    on_pad = mass_shares(truth["padding"].astype(float), masks)
+    on_body = mass_shares(truth["body"].astype(float) * np.random.default_rng(0).uniform(0.5, 1, (64, 64)), masks)
+    on_marker = mass_shares(truth["markers"].astype(float), masks)
+    assert on_pad["padding_share"] > 0.95 and on_pad["outside_body_share"] > 0.95
+    assert on_body["padding_share"] < 0.05 and on_body["markers_share"] < 0.05 and on_body["outside_body_share"] < 0.05
+    assert on_marker["markers_share"] > 0.95
+    assert on_pad["padding_area"] == pytest.approx(truth["padding"].mean(), abs=0.02)
+    assert np.isnan(mass_shares(np.zeros((64, 64)), masks)["padding_share"])
+    with pytest.raises(ValueError, match="shape"):
+        mass_shares(np.zeros((8, 8)), masks)
+
+
+def test_off_anatomy_warning_fires_on_padding_and_markers_only() -> None:
+    images, truths = zip(*(padded_chest(seed=s) for s in range(4)), strict=True)
+    x = np.repeat(np.stack(images)[..., None], 3, axis=-1)
+    df = pd.DataFrame({"label": ["covid", "covid", "normal", "normal"], "source": ["a", "b", "a", "b"]})
+    rng = np.random.default_rng(1)
+    body = np.stack([t["body"] * rng.uniform(0.5, 1.0, (64, 64)) for t in truths])
+    clean = off_anatomy(x, body, df)
+    assert clean["warning"] is None and "1.5x" in clean["rule"]
+    on_pad = body.copy()
+    on_pad[:2] = np.stack([t["padding"] * 1.0 for t in truths[:2]])  # covid maps on the padding
+    padded = off_anatomy(x, on_pad, df)
+    assert padded["warning"].startswith(OFF_ANATOMY_WARNING) and "label=covid: padding" in padded["warning"]
+    assert "label=normal" not in padded["warning"]
+    covid = padded["per_class"]["covid"]["padding"]
+    assert covid["mass_share"] > 0.95 and covid["over_limit"] and covid["n_images_over"] == 2
+    on_marker = body.copy()
+    on_marker[2:] = np.stack([t["markers"] * 1.0 for t in truths[2:]])
+    marked = off_anatomy(x, on_marker, df)
+    assert "label=normal: markers" in marked["warning"]
+    shares = off_anatomy_shares(x, on_marker)
+    assert list(shares["empty"]) == [False] * 4 and len(shares) == 4
+    empty = off_anatomy(x, np.zeros((4, 64, 64)), df)
+    assert empty["warning"] is None and empty["overall"]["padding"]["mass_share"] is None
+
+
+def test_one_map_in_four_on_a_large_padding_fires_by_images() -> None:
+    """A figure pasted into padding that covers half the image: no share can reach 1.5x the area, the odds can."""
+    images, truths = zip(*(padded_chest(seed=s, pad=p) for s, p in ((0, 20), (1, 0), (2, 0), (3, 0))), strict=True)
+    x = np.repeat(np.stack(images)[..., None], 3, axis=-1)
+    body = np.stack([t["body"] * 1.0 for t in truths])
+    maps = body.copy()
+    pad, inner = truths[0]["padding"], truths[0]["body"]
+    maps[0] = 0.9 * pad / pad.sum() + 0.1 * inner / inner.sum()
+    result = off_anatomy(x, maps, pd.DataFrame({"label": ["covid"] * 4}))
+    stats = result["per_class"]["covid"]["padding"]
+    assert not stats["over_by_mean"] and stats["over_by_images"] and stats["n_images_over"] == 1
+    assert "label=covid: padding" in result["warning"] and "odds ratio" in result["rule"]
