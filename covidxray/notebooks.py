@@ -158,10 +158,11 @@ def rendered_note(name: str, parameters: Mapping[str, Any], shared: str,
 def replace_injected_cell(path: str | Path, note: str) -> None:
     """Replace papermill's ``injected-parameters`` cell of a rendered notebook by a Markdown cell with ``note``
     (an earlier note cell is dropped; with no injected cell the note goes after the ``parameters`` cell), and
-    drop the parameter values papermill records in the notebook's metadata. Outputs are kept as they are."""
+    drop the parameter values and paths papermill records in the notebook's metadata. Outputs stay as they are."""
     import nbformat
 
     nb = nbformat.read(str(path), as_version=4)
+    old_ids = [c.get("id") for c in nb.cells if NOTE_TAG in c.metadata.get("tags", [])]
     cells = [c for c in nb.cells if NOTE_TAG not in c.metadata.get("tags", [])]
     tags = [c.metadata.get("tags", []) for c in cells]
     at = next((i for i, t in enumerate(tags) if INJECTED_TAG in t), None)
@@ -172,10 +173,13 @@ def replace_injected_cell(path: str | Path, note: str) -> None:
         cells.insert(params + 1, None)
         at = params + 1
     cells[at] = nbformat.v4.new_markdown_cell(note, metadata={"tags": [NOTE_TAG]})
+    if old_ids and old_ids[0]:
+        cells[at]["id"] = old_ids[0]  # a re-render keeps the cell's id: no churn in the diff
     nb.cells = cells
     papermill = nb.metadata.get("papermill")
     if papermill is not None:
-        papermill.pop("parameters", None)
+        for key in ("parameters", "input_path", "output_path"):
+            papermill.pop(key, None)
     nbformat.write(nb, str(path))
 
 

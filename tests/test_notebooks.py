@@ -79,8 +79,11 @@ def test_injected_cell_becomes_a_note_without_paths_and_outputs_stay(tmp_path):
                                                "SOURCES": "seed"}, "../shared/data")
     assert "shared/data" not in note and '`VIEWS = ["PA"]`' in note and '`SOURCES = "seed"`' in note
     assert "the 2020 project's `Dataset/` folder" in note
-    for _ in range(2):  # a second run (a re-render of a rendered notebook) keeps one note
+    ids = set()
+    for _ in range(2):  # a second run (a re-render of a rendered notebook) keeps one note, with the same id
         replace_injected_cell(path, note)
+        ids.add(nbformat.read(path, as_version=4).cells[1]["id"])
+    assert len(ids) == 1
     nb = nbformat.read(path, as_version=4)
     assert [c.cell_type for c in nb.cells] == ["code", "markdown", "code"]
     assert nb.cells[1].metadata["tags"] == [NOTE_TAG] and nb.cells[1].source == note
@@ -153,6 +156,9 @@ def test_notebooks_run_top_to_bottom_on_synthetic_data(tmp_path):
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                   if o.get("output_type") == "error"]
         assert not errors, f"{name}: {errors}"
+        replace_injected_cell(out, rendered_note(name, params[name], str(tmp_path)))  # as the render does
+        text = out.read_text(encoding="utf-8")
+        assert INJECTED_TAG not in text and str(nih) not in text and str(tmp_path) not in text
     assert (tmp_path / "dataset" / "manifest.csv").is_file()
     assert (tmp_path / "dataset-adult-normals" / "manifest.csv").is_file()
     assert (tmp_path / "runs" / "probes" / "adult-normals" / "probes.json").is_file()
