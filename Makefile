@@ -36,8 +36,10 @@ reproduce-seed: install
 	$(BIN)/covidxray reproduce --presplit $(SHARED)/seed-dataset --metadata $(SHARED)/ieee8023-metadata/metadata-early.csv \
 		--weights hed --out runs/seed-original-split
 
+# Renders from a clean slate: refuses while dataset/, runs/scratch etc. hold earlier results; FRESH=1 moves them
+# aside into runs/before-render-<time>/ first.
 notebooks: install
-	$(BIN)/python -m covidxray.notebooks --shared $(SHARED)
+	$(BIN)/python -m covidxray.notebooks --shared $(SHARED) $(if $(FRESH),--fresh)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

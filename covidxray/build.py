@@ -45,6 +45,7 @@ from covidxray.sources import (
 )
 from covidxray.sources.generic import default_source
 from covidxray.split import assign_splits, cap_groups, group_ids, near_duplicate_pairs
+from covidxray.synthetic import is_synthetic
 
 
 @dataclass
@@ -279,6 +280,7 @@ def _build(out: OutputDir, *, chest_xray, covid_xray, presplit, metadata, nih, e
     summary = _summary(rows, rejected, stats, n_exact, pairs, cands, config, presplit is not None)
     summary["design"] = design_report
     summary["confounders"] = confounders(rows)
+    summary["synthetic"] = any(is_synthetic(s) for s in (chest_xray, covid_xray, presplit, nih) if s is not None)
     if download is not None:
         summary["sources"] = {"ieee8023": {"download": download}}
     _write_output(out, cands, rows, rejected, summary)

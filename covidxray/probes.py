@@ -282,9 +282,12 @@ def stats_probe(data_dir: str | Path, *, seed: int = 0, n_boot: int = 2000, prog
 # ------------------------------------------------------------------------------------------ both
 
 
-def probes_markdown(result: dict[str, Any]) -> str:
-    """A short Markdown verdict: one table row per probe, then the warnings (or that there are none)."""
-    lines = [f"# Shortcut probes: {result['data']}", "",
+def probes_markdown(result: dict[str, Any], heading: str | None = None) -> str:
+    """A short Markdown verdict: one table row per probe, then the warnings (or that there are none).
+
+    ``heading`` replaces the default first line (``# Shortcut probes: <dataset folder>``), e.g. in a notebook
+    section that names the design instead of the folder."""
+    lines = [heading or f"# Shortcut probes: {result['data']}", "",
              "| probe | what it sees | accuracy [95 % CI] | ROC-AUC [95 % CI] | chance | n test | verdict |",
              "|---|---|---|---|---|---|---|"]
     for key in ("source", "statistics"):

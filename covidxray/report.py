@@ -7,6 +7,7 @@ each plot function returns its Figure and, given ``path``, also saves it as PNG.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from covidxray import LABELS
+from covidxray.designs import PEDIATRIC_SOURCES
 from covidxray.errors import DataError
 from covidxray.images import open_grayscale
 from covidxray.manifest import check_frame
@@ -335,6 +337,43 @@ def _unavailable(ax: Axes, title: str) -> None:
     _no_curve(ax, "not available")
 
 
+def age_unknown_note(df: pd.DataFrame, label: str) -> str | None:
+    """"age unknown for all N <label> images (...)" when no image of the class has a known age, else None; for a
+    class from a pediatric source the note says what the source describes (Kermany files carry no age)."""
+    part = df[_labels_of(df) == label]
+    ages = pd.to_numeric(part["age"], errors="coerce") if "age" in part.columns else pd.Series(dtype=float)
+    if part.empty or ages.notna().any():
+        return None
+    note = f"age unknown for all {len(part)} {label} images"
+    sources = sorted({_text(v) for v in part["source"]}) if "source" in part.columns else []
+    if sources and all(s in PEDIATRIC_SOURCES for s in sources):
+        described = "; ".join(PEDIATRIC_SOURCES[s] for s in sources)
+        names = " and ".join(s.capitalize() for s in sources)
+        note += f" ({names} files carry no age; the source describes children: {described})"
+    return note
+
+
+def _age_panel(ax: Axes, df: pd.DataFrame, labels: pd.Series, age: pd.Series) -> None:
+    """Age histogram of the classes with known ages; a class without any gets a sentence instead of ``n=0``."""
+    ax.set(title="Age", xlabel="years", ylabel="images")
+    notes = [note for label in LABELS if (note := age_unknown_note(df, label))]
+    known = [label for label in LABELS if age[(labels == label) & age.notna()].size]
+    if known:
+        edges = np.histogram_bin_edges(age.dropna(), bins=20)
+        for label in known:
+            sel = age[(labels == label) & age.notna()]
+            ax.hist(sel, bins=edges, alpha=0.6, color=CLASS_COLORS[label], label=f"{label} (n={len(sel)})")
+        ax.legend(fontsize=8, loc="upper right")
+        if notes:
+            ax.set_ylim(top=ax.get_ylim()[1] * 1.6)  # room for the notes above the bars
+    else:
+        ax.set_axis_off()
+    if notes:
+        text = "\n".join(textwrap.fill(note, 48) for note in notes)
+        ax.text(0.02, 0.97 if known else 0.5, text, transform=ax.transAxes, fontsize=8, va="top" if known
+                else "center", ha="left", bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+
+
 def plot_distributions(df: pd.DataFrame, *, path: str | Path | None = None) -> Figure:
     """Dataset composition by class: per split, source, view and sex, age histogram, image size scatter.
 
@@ -364,16 +403,10 @@ def plot_distributions(df: pd.DataFrame, *, path: str | Path | None = None) -> F
             _bar_by_class(ax, labels, values, title, order)
 
     age = pd.to_numeric(df["age"], errors="coerce") if "age" in df.columns else None
-    if age is None or age.notna().sum() == 0:
+    if age is None:
         _unavailable(axes[3], "Age")
     else:
-        edges = np.histogram_bin_edges(age.dropna(), bins=20)
-        for label in LABELS:
-            sel = age[(labels == label) & age.notna()]
-            axes[3].hist(sel, bins=edges, alpha=0.6, color=CLASS_COLORS[label],
-                         label=f"{label} (n={len(sel)})")
-        axes[3].set(title="Age", xlabel="years", ylabel="images")
-        axes[3].legend(fontsize=8)
+        _age_panel(axes[3], df, labels, age)
 
     if not {"width", "height"} <= set(df.columns):
         _unavailable(axes[4], "Image size")

@@ -1,16 +1,34 @@
-"""The four notebooks run top to bottom on the synthetic data, with tiny settings, in pipeline order."""
+"""The four notebooks: as committed they carry no machine path and run top to bottom in a fresh clone; with
+injected parameters they run on the synthetic data; the render starts from a clean slate."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import REPO
+from conftest import REPO, tree_digest
 
-from covidxray.notebooks import NOTEBOOKS, run_notebook
+from covidxray.errors import DataError
+from covidxray.notebooks import (
+    INJECTED_TAG,
+    NOTE_TAG,
+    NOTEBOOKS,
+    prepare_clean_slate,
+    render,
+    rendered_note,
+    replace_injected_cell,
+    run_notebook,
+    shared_parameters,
+)
+from covidxray.outputs import RECORD_NAME, claim_output, foreign_entries
 
-pytestmark = pytest.mark.slow
+SYNTHETIC_LINE = ("no data in Chest_XRAY/ and Covid_XRAY/: using the embedded SYNTHETIC data; numbers say nothing "
+                  "about X-rays")
 
 
 def _parameter_cells(path):
@@ -18,11 +36,109 @@ def _parameter_cells(path):
     return [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
 
 
+def _text_outputs(nb) -> str:
+    """Every text a notebook's code cells showed (streams, plain text, Markdown), joined."""
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            parts.append(out.get("text", ""))
+            data = out.get("data", {})
+            parts += [data.get("text/plain", ""), data.get("text/markdown", "")]
+    return "\n".join(p if isinstance(p, str) else "".join(p) for p in parts)
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_each_notebook_has_one_parameters_cell(name):
     assert len(_parameter_cells(REPO / name)) == 1
 
 
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_notebook_names_no_machine_path_and_has_no_injected_cell(name):
+    text = (REPO / name).read_text(encoding="utf-8")
+    assert "../shared" not in text and "shared/data" not in text
+    nb = nbformat.read(REPO / name, as_version=4)
+    assert not [c for c in nb.cells if INJECTED_TAG in c.metadata.get("tags", [])]
+    assert "parameters" not in nb.metadata.get("papermill", {})
+
+
+def _rendered_like(path: Path) -> Path:
+    """A small notebook as papermill leaves it: parameters cell, injected cell, one output."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell('DATA = None', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell('# Parameters\nDATA = "../shared/data/seed-dataset"\n',
+                                          metadata={"tags": [INJECTED_TAG]}),
+                nbformat.v4.new_code_cell("print(1)", outputs=[nbformat.v4.new_output("stream", text="1\n")])]
+    nb.metadata["papermill"] = {"parameters": {"DATA": "../shared/data/seed-dataset"}}
+    nbformat.write(nb, str(path))
+    return path
+
+
+def test_injected_cell_becomes_a_note_without_paths_and_outputs_stay(tmp_path):
+    path = _rendered_like(tmp_path / "n.ipynb")
+    note = rendered_note("Create_Data.ipynb", {"SEED_DATASET": "../shared/data/seed-dataset", "VIEWS": ["PA"],
+                                               "SOURCES": "seed"}, "../shared/data")
+    assert "shared/data" not in note and '`VIEWS = ["PA"]`' in note and '`SOURCES = "seed"`' in note
+    assert "the 2020 project's `Dataset/` folder" in note
+    ids = set()
+    for _ in range(2):  # a second run (a re-render of a rendered notebook) keeps one note, with the same id
+        replace_injected_cell(path, note)
+        ids.add(nbformat.read(path, as_version=4).cells[1]["id"])
+    assert len(ids) == 1
+    nb = nbformat.read(path, as_version=4)
+    assert [c.cell_type for c in nb.cells] == ["code", "markdown", "code"]
+    assert nb.cells[1].metadata["tags"] == [NOTE_TAG] and nb.cells[1].source == note
+    assert nb.cells[2].outputs[0]["text"] == "1\n"
+    assert "../shared" not in path.read_text(encoding="utf-8")
+
+
+def test_render_passes_the_real_training_settings():
+    params = shared_parameters("S")
+    for name in ("Train_Scratch_CNN.ipynb", "Train_VGG16.ipynb"):
+        assert params[name]["EPOCHS"] == 20 and params[name]["IMAGE_SIZE"] == 224
+    assert params["Train_VGG16.ipynb"]["WEIGHTS"] == "hed"
+
+
+def _earlier_render(root: Path) -> None:
+    """What an earlier render leaves: a dataset (the repository's README kept), a training run, a user's file."""
+    (root / "dataset").mkdir(parents=True)
+    (root / "dataset" / "README.md").write_text("kept\n")
+    with claim_output(root / "dataset", "data") as out:
+        out.write_text("manifest.csv", "path,label,split\n")
+    with claim_output(root / "runs" / "scratch", "train") as out:
+        out.write_text("summary.json", "{}\n")
+    (root / "runs" / "scratch-gap").mkdir(parents=True)
+    (root / "runs" / "scratch-gap" / "notes.txt").write_text("the user's\n")
+
+
+def test_render_refuses_earlier_results_and_fresh_moves_them_aside(tmp_path):
+    _earlier_render(tmp_path)
+    before = tree_digest(tmp_path)
+    with pytest.raises(DataError, match=r"dataset/, runs/scratch/, runs/scratch-gap/.*--fresh"):
+        prepare_clean_slate(NOTEBOOKS, tmp_path)
+    assert tree_digest(tmp_path) == before
+    aside = prepare_clean_slate(NOTEBOOKS, tmp_path, fresh=True)
+    assert aside.parent == tmp_path / "runs" and aside.name.startswith("before-render-")
+    assert sorted(p.name for p in aside.iterdir()) == [RECORD_NAME, "dataset", "scratch", "scratch-gap"]
+    assert (tmp_path / "dataset" / "README.md").read_text() == "kept\n"
+    assert not (tmp_path / "runs" / "scratch").exists() and not (tmp_path / "runs" / "scratch-gap").exists()
+    prefix = f"runs/{aside.name}/"
+    moved = {k.removeprefix(prefix): v for k, v in tree_digest(tmp_path).items() if k.startswith(prefix)}
+    moved.pop(RECORD_NAME)
+    assert moved == {k.removeprefix("runs/"): v for k, v in before.items() if k != "dataset/README.md"}
+    assert foreign_entries(aside) == ["scratch-gap/notes.txt"]  # the tool's outputs stay recognised as its own
+    assert prepare_clean_slate(NOTEBOOKS, tmp_path) is None
+
+
+def test_render_refuses_foreign_heatmaps_and_a_missing_dataset(tmp_path):
+    (tmp_path / "Class_Activation_Images").mkdir()
+    (tmp_path / "Class_Activation_Images" / "mine.png").write_bytes(b"x")
+    with pytest.raises(DataError, match="mine.png"):
+        prepare_clean_slate(["Class_Activation_Maps.ipynb"], tmp_path, fresh=True)
+    with pytest.raises(DataError, match="render Create_Data.ipynb first"):
+        render(["Train_Scratch_CNN.ipynb"], "S", root=tmp_path)
+
+
+@pytest.mark.slow
 def test_notebooks_run_top_to_bottom_on_synthetic_data(tmp_path):
     from covidxray.synthetic import make_synthetic_nih
 
@@ -40,6 +156,9 @@ def test_notebooks_run_top_to_bottom_on_synthetic_data(tmp_path):
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                   if o.get("output_type") == "error"]
         assert not errors, f"{name}: {errors}"
+        replace_injected_cell(out, rendered_note(name, params[name], str(tmp_path)))  # as the render does
+        text = out.read_text(encoding="utf-8")
+        assert INJECTED_TAG not in text and str(nih) not in text and str(tmp_path) not in text
     assert (tmp_path / "dataset" / "manifest.csv").is_file()
     assert (tmp_path / "dataset-adult-normals" / "manifest.csv").is_file()
     assert (tmp_path / "runs" / "probes" / "adult-normals" / "probes.json").is_file()
@@ -48,3 +167,60 @@ def test_notebooks_run_top_to_bottom_on_synthetic_data(tmp_path):
     checks = json.loads((tmp_path / "Class_Activation_Images" / "vgg16__checks.json").read_text())
     assert "randomization" in checks and "attention" in checks
     assert list((tmp_path / "Class_Activation_Images").glob("scratch-gap__*__true-*__pred-*__p*.png"))
+
+
+def _fresh_clone(dst: Path) -> Path:
+    """The repository's files as a fresh clone has them (tracked, plus new files git does not ignore), with no
+    ../shared beside them; a copy without .venv, runs and dataset contents where git is not available."""
+    try:
+        listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                                 capture_output=True, check=True).stdout.decode()
+    except (OSError, subprocess.CalledProcessError):
+        listing = ""
+    if not listing:
+        ignore = shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", "*.keras", "dataset-*",
+                                        ".pytest_cache", ".ruff_cache")
+        shutil.copytree(REPO, dst, ignore=ignore)
+        for folder in ("dataset", "Chest_XRAY", "Covid_XRAY"):
+            for entry in (dst / folder).iterdir():
+                if entry.name != "README.md":
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        return dst
+    for rel in filter(None, listing.split("\0")):
+        if (REPO / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dst / rel)
+    return dst
+
+
+@pytest.mark.slow
+def test_committed_notebooks_run_as_they_are_in_a_fresh_clone(tmp_path, monkeypatch):
+    """No parameter injection: each committed notebook, in data-flow order, in a copy of the repository with
+    nothing beside it, falls back to the synthetic data with small settings and says so."""
+    from nbclient import NotebookClient
+
+    clone = _fresh_clone(tmp_path / "clone")
+    assert not (clone.parent / "shared").exists()
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))  # no cached ImageNet weights
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    texts, seconds = {}, {}
+    for name in NOTEBOOKS:
+        nb = nbformat.read(clone / name, as_version=4)
+        start = time.perf_counter()
+        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(clone)}}).execute()
+        seconds[name] = round(time.perf_counter() - start, 1)
+        texts[name] = _text_outputs(nb)
+    print("seconds per notebook:", seconds)
+    assert SYNTHETIC_LINE in texts["Create_Data.ipynb"]
+    assert "### original design" in texts["Create_Data.ipynb"]
+    for name in ("Train_Scratch_CNN.ipynb", "Train_VGG16.ipynb"):
+        assert "**SYNTHETIC** data: training 5 epochs at 64 px" in texts[name]
+    assert "Epoch 5/5" in texts["Train_Scratch_CNN.ipynb"]  # one progress line per epoch
+    assert (clone / "runs" / "scratch" / "model.keras").is_file()
+    assert (clone / "runs" / "scratch-gap" / "model.keras").is_file()
+    if not (clone / "runs" / "vgg16" / "model.keras").is_file():  # offline: no ImageNet weights
+        assert '`WEIGHTS` in the parameters cell (`"hed"` works offline' in texts["Train_VGG16.ipynb"]
+        assert "--weights" not in texts["Train_VGG16.ipynb"]
+    assert "'scratch-gap'" in texts["Class_Activation_Maps.ipynb"]
+    assert list((clone / "Class_Activation_Images").glob("scratch-gap__*__true-*__pred-*__p*.png"))
