@@ -19,7 +19,8 @@ SOURCES = {p.relative_to(PACKAGE).as_posix(): p.read_text(encoding="utf-8") for 
 RULES = [
     # (meaning, regex a copy needs, modules allowed to hold it)
     ("atomic rename into place", r"\bos\.replace\(", {"outputs.py", "download.py"}),
-    ("JSON encoding", r"\bjson\.dumps?\(", {"outputs.py"}),
+    # notebooks.py writes a Python string literal in papermill's style with json.dumps, not a JSON file
+    ("JSON encoding", r"\bjson\.dumps?\(", {"outputs.py", "notebooks.py"}),
     ("JSON conversion of numpy types", r"def \w*json\w*\(", {"outputs.py", "model_io.py"}),
     ("grayscale conversion", r"\.convert\(\s*[\"']L[\"']", {"images.py"}),
     ("the set of image suffixes", r"[\"']\.jpe?g[\"']\s*,\s*[\"']\.(png|jpe?g)[\"']", {"images.py"}),
