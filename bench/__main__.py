@@ -1,4 +1,8 @@
-"""``python -m bench [--quick] [--out DIR]``: run the benchmark and write results.json and results.md."""
+"""``python -m bench [--quick] [--out DIR]``: run the benchmark and write results.json and results.md.
+
+``python -m bench --precision [--quick] [--out DIR]``: the float32 / bfloat16 benchmark instead (bench/precision.py,
+precision_results.json and .md).
+"""
 
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-n", type=int, default=d.scale_n, help="images of the full synthetic set")
     p.add_argument("--scale-models", default=",".join(d.scale_models), help="models of the scaling curve")
     p.add_argument("--mixed-precision", action="store_true", help="ours: float16 compute (GPU only)")
+    p.add_argument("--precision", action="store_true",
+                   help="run the float32 vs bfloat16 benchmark instead (see bench/precision.py; its own options)")
     p.add_argument("--jit-compile", choices=("auto", "on", "off"), default="auto",
                    help="ours: XLA (auto: on a GPU without op determinism, off on CPU)")
     p.add_argument("--workdir", type=Path, default=None, help="keep the work files here (default: a temp folder)")
@@ -41,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--precision" in argv:
+        from bench.precision import main as precision_main
+
+        return precision_main([a for a in argv if a != "--precision"])
     args = _parser().parse_args(argv)
     if args.scale_child:
         from bench.scaling import child
@@ -53,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides: dict = {"data": args.data, "weights": args.weights, "feature_views": args.views, "seed": args.seed,
                        "lr": args.lr,
-                       "workdir": args.workdir, "scale_n": args.scale_n, "mixed_precision": args.mixed_precision,
+                       "workdir": args.workdir, "scale_n": args.scale_n,
+                       "precision": "float16" if args.mixed_precision else "float32",
                        "jit_compile": {"auto": None, "on": True, "off": False}[args.jit_compile],
                        "scale_models": tuple(m for m in args.scale_models.split(",") if m)}
     if args.out is not None:

@@ -81,7 +81,7 @@ class Options:
     scale_fractions: tuple[float, ...] = (0.1, 0.3, 1.0)
     scale_models: tuple[str, ...] = ("vgg16", "scratch")
     scale_epochs: int = 1
-    mixed_precision: bool = False
+    precision: str = "float32"
     jit_compile: bool | None = None
     workdir: Path | None = None
     keep: bool = False
@@ -190,7 +190,7 @@ def run_original(kind: str, opts: Options, data: dict, work: Path) -> dict:
 def _ours_config(kind: str, opts: Options, views: int | None = None) -> TrainConfig:
     return TrainConfig(model=kind, weights=opts.weights if kind == "vgg16" else "none", image_size=opts.image_size,
                        batch_size=opts.batch_size, epochs=opts.epochs, lr=opts.lr, seed=opts.seed,
-                       patience=0, feature_views=views or opts.feature_views, mixed_precision=opts.mixed_precision,
+                       patience=0, feature_views=views or opts.feature_views, precision=opts.precision,
                        jit_compile=opts.jit_compile)
 
 

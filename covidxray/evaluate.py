@@ -175,17 +175,20 @@ def evaluate_model(
     threshold: float | None = None,
     seed: int = 0,
     reference: str | Path | None = None,
+    precision: str = "float32",
 ) -> dict[str, Any]:
     """Load a run (or .keras file), predict on ``data`` and summarise; the threshold defaults to the run's.
 
     External images that cannot be used are skipped and listed (``skipped`` in the result, ``skipped.csv``).
     ``reference`` is the metrics.json of the run's own test evaluation (default: ``RUN/eval-test/metrics.json``
     when it exists and is not the folder written now); the result then has ``change_vs_internal`` per metric.
+    ``precision`` is the model's compute precision (see covidxray.precision; default float32); the result's
+    ``precision`` says what was used and why.
     """
     from covidxray.model_io import load_run, predict_dataframe
     from covidxray.train import run_dataset
 
-    model, meta = load_run(model_path)
+    model, meta = load_run(model_path, precision=precision)
     trained_on = run_dataset(meta["run_dir"])
     image_size = meta["image_size"]
     labeled = read_labeled(data, split=split)
@@ -204,7 +207,7 @@ def evaluate_model(
         result = evaluate_predictions(df, probs, threshold=thr, name=name, weights=str(config.get("weights", "")),
                                       n_boot=n_boot, seed=seed)
         result.update({"data": str(data), "split": split, "kind": usable.kind, "trained_on": trained_on,
-                       "model_id": meta["model_id"]})
+                       "model_id": meta["model_id"], "precision": meta["precision"]})
         result["skipped"] = {"count": len(usable.skipped),
                              "reasons": dict(sorted(Counter(_reason_kind(r) for _, r in usable.skipped).items()))}
         if ref is not None:

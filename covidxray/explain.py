@@ -324,9 +324,18 @@ def heatmaps(
     *,
     batch_size: int = 32,
     normalise: bool = True,
+    precision: str | None = None,
 ) -> np.ndarray:
     """(B, H, W) covid heatmaps in [0, 1] by ``method`` ("auto": CAM for a GAP->logit head, else Grad-CAM);
-    ``normalise=False``: on the method's raw scale (>= 0), for :func:`model_scale`."""
+    ``normalise=False``: on the method's raw scale (>= 0), for :func:`model_scale`.
+
+    ``precision`` (float32, bfloat16, float16, auto; None: the model's own policy) is the precision of the
+    forward and backward passes; activations and gradients are combined in float64 whatever it is (bfloat16
+    maps correlate > 0.99 with float32 ones, see tests/test_precision.py).
+    """
+    from covidxray.precision import with_precision
+
+    model = with_precision(model, precision)
     used, name = resolve_method(model, method, layer)
     if used == "cam":
         return class_activation_maps(model, images, layer=name, batch_size=batch_size, normalise=normalise)

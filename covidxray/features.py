@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from covidxray.errors import ModelError
 from covidxray.pipeline import AugmentConfig, make_dataset
+from covidxray.precision import with_precision
 from covidxray.progress import progress_bar
 from covidxray.tfenv import traced
 
@@ -211,9 +212,11 @@ class ExtractionStats:
                 "images_per_second": self.images_per_second, "gflops": self.gflops}
 
 
-def extractor(frozen: keras.Model, jit_compile: bool = False,
-              dtype: type = FEATURE_DTYPE) -> Callable[[tf.Tensor], tf.Tensor]:
-    """A compiled call images -> activations of ``frozen`` as ``dtype`` (inference mode, any batch size)."""
+def extractor(frozen: keras.Model, jit_compile: bool = False, dtype: type = FEATURE_DTYPE,
+              precision: str | None = None) -> Callable[[tf.Tensor], tf.Tensor]:
+    """A compiled call images -> activations of ``frozen`` as ``dtype`` (inference mode, any batch size),
+    computed in ``precision`` (float32, bfloat16, float16, auto; None: the model's own policy)."""
+    frozen = with_precision(frozen, precision)
     spec = tf.TensorSpec((None, *frozen.input_shape[1:]), tf.float32)
     out = tf.as_dtype(np.dtype(dtype))
     return traced(lambda x: tf.cast(frozen(x, training=False), out), spec, jit_compile=bool(jit_compile))
@@ -234,12 +237,15 @@ def extract_features(
     memory_limit: int = FEATURE_MEMORY_LIMIT,
     jit_compile: bool = False,
     dtype: type = FEATURE_DTYPE,
+    precision: str | None = None,
 ) -> tuple[FeatureStore, ExtractionStats]:
     """Activations of ``frozen`` for every row of ``df`` (in order): view 0 plain, views 1.. augmented.
 
     Each image is decoded once per call and streamed through the frozen part ``views`` times (augmentation
     seeded with ``seed``, drawn in a fixed order: same seed, same views). The store lives in memory unless
     ``on_disk`` or it would exceed ``memory_limit`` bytes; then in a new file ``directory/<name>-*.f16``.
+    ``precision`` is the compute precision of the frozen part (None: its own policy; bfloat16 about doubles the
+    throughput on a CPU with bf16 instructions); the store holds ``dtype`` whatever it is.
     Decode errors propagate as tf.errors (the caller names the file).
     """
     views = max(1, int(views))
@@ -252,7 +258,7 @@ def extract_features(
         raise ModelError(f"the feature cache needs {views * len(df) * item_bytes / 2**30:.1f} GiB, more than the "
                          f"{memory_limit / 2**30:.1f} GiB memory limit: give a directory for it.")
     store = FeatureStore(len(df), views, shape, directory if disk else None, name=name, dtype=dtype)
-    run = extractor(frozen, jit_compile, dtype)
+    run = extractor(frozen, jit_compile, dtype, precision)
     transform = augment.augmenter(seed) if views > 1 else None
     ds = make_dataset(df, image_size=image_size, batch_size=batch_size, training=False, cache=None)
     gflop = conv_flops(frozen) / 1e9

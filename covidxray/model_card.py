@@ -161,6 +161,7 @@ def model_card(run_dir: str | Path, *, previous: dict | None = None) -> dict[str
         "format": CARD_FORMAT,
         "model": {"id": model_id(model_path, sha256), "file": MODEL_FILE, "sha256": sha256, **architecture,
                   "mixed_precision": summary.get("mixed_precision", False),
+                  "precision": summary.get("precision"),
                   "keras": versions.get("keras"), "tensorflow": versions.get("tensorflow"),
                   "covidxray": versions.get("covidxray", __version__)},
         "intended_use": INTENDED_USE,

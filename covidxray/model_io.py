@@ -25,6 +25,7 @@ from covidxray import LABELS
 from covidxray.errors import ModelError
 from covidxray.outputs import file_sha256
 from covidxray.pipeline import make_dataset, raise_unreadable
+from covidxray.precision import choose_precision, with_precision
 from covidxray.tfenv import traced
 
 MODEL_FILE = "model.keras"
@@ -206,7 +207,7 @@ def read_card(model_path: str | Path, sha256: str, image_size: int) -> dict | No
     return card
 
 
-def load_run(run_or_model_path: str | Path) -> tuple[keras.Model, dict]:
+def load_run(run_or_model_path: str | Path, precision: str = "float32") -> tuple[keras.Model, dict]:
     """Load a trained model from a run folder or a ``.keras`` file, with its run metadata; check its contract.
 
     The metadata holds ``model_path``, ``run_dir``, ``config`` (a dict, empty for a bare .keras file),
@@ -215,6 +216,10 @@ def load_run(run_or_model_path: str | Path) -> tuple[keras.Model, dict]:
     gave the threshold), ``threshold_info`` (threshold.json, None without one), ``card`` (model.json or None),
     ``sha256`` and ``model_id`` (see :func:`model_id`) and ``labels``. A model that does not fit
     ``check_model_contract`` is refused.
+
+    The model computes in ``precision`` (see covidxray.precision; default float32, whatever policy it was trained
+    and saved under: a bfloat16 run's model comes back computing in float32, same weights); ``meta["precision"]``
+    says what was asked, used and why. Its output is float32 in every precision.
     """
     path = Path(run_or_model_path)
     if path.is_dir():
@@ -227,8 +232,10 @@ def load_run(run_or_model_path: str | Path) -> tuple[keras.Model, dict]:
         unfinished = (model_path.parent / CHECKPOINT_DIR).is_dir()
         hint = " (the run is unfinished: resume it with --resume)" if unfinished else ""
         raise ModelError(f"{model_path}: no model file{hint}; train one with `covidxray train` or re-download it.")
+    choice = choose_precision(precision)
     model = _load_keras(model_path)
     image_size = check_model_contract(model, model_path)
+    model = with_precision(model, choice.used)
     sha256 = file_sha256(model_path)
     card = read_card(model_path, sha256, image_size)
     run_dir = model_path.parent
@@ -250,6 +257,7 @@ def load_run(run_or_model_path: str | Path) -> tuple[keras.Model, dict]:
         "sha256": sha256,
         "model_id": model_id(model_path, sha256),
         "labels": list(LABELS),
+        "precision": choice.to_dict(),
     }
     return model, meta
 
@@ -265,16 +273,20 @@ def _predict_fn(model: keras.Model) -> Callable[[tf.Tensor], tf.Tensor]:
     if fn is None:
         ref = weakref.ref(model)
         spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
-        fn = traced(lambda x: ref()(x, training=False), spec)
+        fn = traced(lambda x: tf.cast(ref()(x, training=False), tf.float32), spec)
         _PREDICT_FNS[model] = fn
     return fn
 
 
-def predict_proba(model: keras.Model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+def predict_proba(model: keras.Model, images: np.ndarray, batch_size: int = 32,
+                  precision: str | None = None) -> np.ndarray:
     """P(covid) for an (n, H, W, 3) array of raw [0, 255] pixels, batch by batch through a compiled call.
 
-    Faster than ``model.predict`` for small inputs. The array must match ``model.input_shape``.
+    Faster than ``model.predict`` for small inputs. The array must match ``model.input_shape``. ``precision``
+    (float32, bfloat16, float16, auto; None: the model's own) is the compute precision; the probabilities are
+    float32 computed, returned as float64, in every precision.
     """
+    model = with_precision(model, precision)
     images = np.asarray(images, dtype=np.float32)
     expected = tuple(model.input_shape[1:])
     if images.ndim != 4 or tuple(images.shape[1:]) != expected:
@@ -286,8 +298,10 @@ def predict_proba(model: keras.Model, images: np.ndarray, batch_size: int = 32) 
 
 
 def predict_dataframe(model: keras.Model, df: pd.DataFrame, image_size: int | None = None,
-                      batch_size: int = 32) -> np.ndarray:
-    """P(covid) for every manifest row of ``df``, in order, through the pipeline without augmentation."""
+                      batch_size: int = 32, precision: str | None = None) -> np.ndarray:
+    """P(covid) for every manifest row of ``df``, in order, through the pipeline without augmentation, computed
+    in ``precision`` (None: the model's own; see :func:`predict_proba`)."""
+    model = with_precision(model, precision)
     size = image_size or int(model.input_shape[1])
     ds = make_dataset(df, image_size=size, batch_size=batch_size, training=False, cache=None)
     fn = _predict_fn(model)

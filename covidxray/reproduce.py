@@ -33,6 +33,7 @@ from covidxray.evaluate import evaluate_model, evaluate_predictions
 from covidxray.manifest import dataset_summary, read_manifest, split_frame
 from covidxray.metrics import seed_summary
 from covidxray.outputs import OutputDir, claim_output
+from covidxray.precision import PRECISIONS
 from covidxray.report import plot_reliability, plot_roc_pr, results_table
 
 DEFAULT_LR = {"scratch": 1e-3, "scratch-gap": 1e-3, "vgg16": 1e-4}
@@ -59,6 +60,8 @@ class ReproduceConfig:
     cache: str | None = "memory"
     design: str = "original"
     """Which images form each class (see covidxray.designs): original, adult-normals or all."""
+    precision: str = "float32"
+    """Compute precision of training and test predictions (see covidxray.precision)."""
 
     def validate(self) -> None:
         """Raise ModelError naming each setting (and its ``covidxray reproduce`` flag) that is out of range."""
@@ -77,6 +80,8 @@ class ReproduceConfig:
         problems = [p for name, value, valid, flag in checks if (p := limits.out_of_range(name, value, valid, flag))]
         problems += [f"caps: unknown label {label!r} (--cap LABEL=N takes one of {list(LABELS)})"
                      for label in self.caps if label not in LABELS]
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision (--precision) must be one of {list(PRECISIONS)}")
         if not self.models:
             problems.append(f"models (--models) is empty; name at least one of {list(MODEL_NAMES)}")
         problems += [f"models (--models): unknown model {m!r}; use {list(MODEL_NAMES)}"
@@ -122,7 +127,7 @@ def train_config(model: str, config: ReproduceConfig, seed: int):
     return TrainConfig(model=model, weights=config.weights if model == "vgg16" else "none",
                        image_size=config.image_size, batch_size=config.batch_size, epochs=config.epochs,
                        lr=DEFAULT_LR.get(model, 1e-3), seed=seed, patience=config.patience, augment=config.augment,
-                       cache=config.cache)
+                       cache=config.cache, precision=config.precision)
 
 
 def reproduce(
@@ -194,7 +199,7 @@ def _reproduce(config: ReproduceConfig, out: OutputDir, *, presplit, metadata, c
             run_dir = out_root / "runs" / f"{model}-s{seed}"
             t = time.perf_counter()
             summary = train(tcfg, dataset, run_dir, progress=progress, resume=True)
-            keras_model, meta = load_run(run_dir)
+            keras_model, meta = load_run(run_dir, precision=config.precision)
             p = predict_dataframe(keras_model, test_df, config.image_size)
             thr = float(meta.get("threshold", 0.5))
             res = evaluate_predictions(test_df, p, threshold=thr, name=model, weights=tcfg.weights or "none",

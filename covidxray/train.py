@@ -35,7 +35,6 @@ import importlib.util
 import math
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -64,6 +63,7 @@ from covidxray.model_io import CHECKPOINT_DIR, MODEL_FILE, load_run, predict_dat
 from covidxray.models import MODEL_NAMES, build_model, compile_model, set_trainable_from
 from covidxray.outputs import OutputDir, claim_output, command_line, fingerprint
 from covidxray.pipeline import AugmentConfig, make_dataset, raise_unreadable
+from covidxray.precision import PRECISIONS, PrecisionChoice, choose_precision, dtype_policy
 
 STATE_FILE = "state.json"
 TENSORBOARD_DIR = "tensorboard"
@@ -84,8 +84,11 @@ class TrainConfig:
     second vgg16 stage that restarts from the best model, unfreezes from ``finetune_from`` and trains at
     ``finetune_lr``. ``cache`` is "memory", None/"none", or a folder for on-disk tf.data caches (one per split,
     named after its files and the image size). ``batch_size`` is the global batch (split across GPUs).
-    ``deterministic`` enables TensorFlow op determinism (same seed, same machine -> same metrics);
-    ``mixed_precision`` applies on GPU only.
+    ``deterministic`` enables TensorFlow op determinism (same seed, same machine -> same metrics).
+    ``precision`` is the compute precision asked for: float32 (the default), bfloat16, float16 (GPU only: float32
+    on a CPU) or auto (float16 on a GPU, bfloat16 on a CPU with bf16 instructions, else float32); see
+    covidxray.precision. What was used and why is ``summary.json``'s ``precision``. An older config's
+    ``mixed_precision`` is read as ``precision`` float16 (true) or float32 (false).
 
     ``cached_features`` trains the vgg16 tail on cached activations of the frozen backbone when the first
     trainable layer is ``block5_conv3`` or later and ``finetune_epochs`` is 0 (False: the plain end-to-end path;
@@ -119,7 +122,7 @@ class TrainConfig:
     finetune_from: str = "block4_conv1"
     cache: str | None = "memory"
     deterministic: bool = True
-    mixed_precision: bool = False
+    precision: str = "float32"
     threshold_method: str = "youden"
     cached_features: bool = True
     feature_views: int = 1
@@ -141,6 +144,8 @@ class TrainConfig:
             problems.append(f"model must be one of {list(MODEL_NAMES)}")
         if self.monitor not in MONITORS:
             problems.append(f"monitor must be one of {list(MONITORS)}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision (--precision) must be one of {list(PRECISIONS)}")
         if self.threshold_method not in THRESHOLD_METHODS:
             problems.append(f"threshold_method must be one of {list(THRESHOLD_METHODS)}")
         checks = [
@@ -179,7 +184,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        """Inverse of ``to_dict``; unknown keys are an error (a typo would otherwise be ignored silently)."""
+        """Inverse of ``to_dict``; unknown keys are an error (a typo would otherwise be ignored silently).
+
+        A config of an older version with ``mixed_precision`` (and no ``precision``) reads as precision float16
+        (true: float16 on a GPU, float32 elsewhere, as it then behaved) or float32 (false).
+        """
+        data = dict(data)
+        if "mixed_precision" in data:
+            mixed = data.pop("mixed_precision")
+            data.setdefault("precision", "float16" if mixed else "float32")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -371,10 +384,11 @@ def _remaining(state: _State | None, cfg: TrainConfig) -> bool:
     return not state.stopped_early and state.epoch < (state.stage1_end or 0) + cfg.finetune_epochs
 
 
-def _strategy(cfg: TrainConfig) -> tuple[tf.distribute.Strategy, bool]:
+def _strategy(cfg: TrainConfig) -> tuple[tf.distribute.Strategy, PrecisionChoice]:
+    """The distribution strategy (mirrored over several GPUs) and the precision ``cfg.precision`` gets here."""
     gpus = tf.config.list_physical_devices("GPU")
     strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
-    return strategy, bool(cfg.mixed_precision and gpus)
+    return strategy, choose_precision(cfg.precision, gpu=bool(gpus))
 
 
 def _fit(run: _Run, model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, stage: int,
@@ -405,18 +419,6 @@ def _adopt_tensorboard(run: _Run) -> None:
     if run.tensorboard and board.is_dir():
         for path in sorted(p for p in board.rglob("*") if p.is_file() and not p.is_symlink()):
             run.out.adopt(path.relative_to(run.out_dir).as_posix())
-
-
-@contextlib.contextmanager
-def _dtype_policy(mixed: bool) -> Iterator[None]:
-    """Keras' global dtype policy set to mixed_float16 (when ``mixed``) for the block, restored afterwards."""
-    previous = keras.mixed_precision.global_policy()
-    if mixed:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
 
 
 def _distribute(strategy: tf.distribute.Strategy, ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -534,9 +536,8 @@ def _train(run: _Run, cfg: TrainConfig, dataset: dict, resume: bool) -> dict:
     keras.utils.set_random_seed(cfg.seed + (state.epoch if state else 0))
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
-    strategy, mixed = _strategy(cfg)
-    if cfg.mixed_precision and not mixed:
-        _say(progress, "mixed precision needs a GPU; training in float32")
+    strategy, precision = _strategy(cfg)
+    _say(progress, f"precision: {precision.used} ({precision.reason})")
     jit = "auto" if cfg.jit_compile is None else bool(cfg.jit_compile)
 
     data_seed = cfg.seed + (state.epoch if state else 0)
@@ -555,7 +556,7 @@ def _train(run: _Run, cfg: TrainConfig, dataset: dict, resume: bool) -> dict:
 
     stores: list[FeatureStore] = []
     try:
-        with _dtype_policy(mixed), strategy.scope():
+        with dtype_policy(precision.policy), strategy.scope():
             if state is None:
                 model = build_model(cfg.model, image_size=cfg.image_size, weights="none",
                                     trainable_from=cfg.trainable_from, dropout=cfg.dropout, seed=cfg.seed)
@@ -596,21 +597,22 @@ def _train(run: _Run, cfg: TrainConfig, dataset: dict, resume: bool) -> dict:
                 end = (state.stage1_end or 0) + cfg.finetune_epochs
                 if not state.stopped_early and state.epoch < end:
                     _fit(run, model, *image_data(), 2, end, paths)
-        return _finish(run, train_df, val_df, mixed, strategy, resumed_from, time.perf_counter() - t_start)
+        return _finish(run, train_df, val_df, precision, strategy, resumed_from, time.perf_counter() - t_start)
     finally:
         for store in stores:
             store.close()
 
 
-def _finish(run: _Run, train_df: pd.DataFrame, val_df: pd.DataFrame, mixed: bool,
+def _finish(run: _Run, train_df: pd.DataFrame, val_df: pd.DataFrame, precision: PrecisionChoice,
             strategy: tf.distribute.Strategy, resumed_from: int | None, session_seconds: float) -> dict:
-    """Evaluate the best model on val, choose the threshold, and write the remaining run files."""
+    """Evaluate the best model on val (at the training precision), choose the threshold, and write the remaining
+    run files."""
     cfg, state, out_dir = run.cfg, run.state, run.out_dir
     n_train, n_train_covid = len(train_df), int(train_df["y"].sum())
     if not (out_dir / MODEL_FILE).is_file():
         raise ModelError(f"{out_dir}: no epoch gave a finite {cfg.monitor}; lower the learning rate (lr={cfg.lr}).")
     drop_model_card(run.out)
-    best, _ = load_run(out_dir)
+    best, _ = load_run(out_dir, precision=precision.used)
     if state.cached and run.val_store is not None:
         # The frozen part's val activations are cached (float32): only the best model's tail runs again.
         prob = predict_cached(tail_part(best, cfg.trainable_from), run.val_store, cfg.batch_size)
@@ -656,7 +658,8 @@ def _finish(run: _Run, train_df: pd.DataFrame, val_df: pd.DataFrame, mixed: bool
         "n_train_covid": n_train_covid,
         "threshold": threshold["threshold"],
         "val": {k: threshold[k] for k in VAL_SUMMARY},
-        "mixed_precision": mixed,
+        "precision": precision.to_dict(),
+        "mixed_precision": precision.mixed,
         "replicas": strategy.num_replicas_in_sync,
         "deterministic": cfg.deterministic,
         "train_seconds": timing["train_seconds"],

