@@ -33,6 +33,7 @@ holds the rule's text, the limits and every number it used.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import keras
@@ -303,6 +304,20 @@ def _group_stats(shares: pd.DataFrame, area_border: float) -> dict:
     return stats
 
 
+def _per_group(df: pd.DataFrame | None, shares: pd.DataFrame, stats: Callable[[pd.DataFrame], dict]
+               ) -> Iterator[tuple[str, str, dict[str, dict]]]:
+    """(column, result key, {value: stats of that group's rows}) per class and per source, when ``df`` has them."""
+    if df is None:
+        return
+    if len(df) != len(shares):
+        raise ValueError(f"df has {len(df)} rows but there are {len(shares)} maps.")
+    for column, key in (("label", "per_class"), ("source", "per_source")):
+        if column in df.columns:
+            values = df[column].astype(str).to_numpy()
+            yield column, key, {value: stats(shares[values == value].reset_index(drop=True))
+                                for value in sorted(set(values))}
+
+
 def attention_distribution(
     maps: object,
     df: pd.DataFrame | None = None,
@@ -335,19 +350,9 @@ def attention_distribution(
         "overall": _group_stats(shares, area["border"]),
     }
     heavy = ["overall"] if result["overall"]["border_heavy"] else []
-    if df is not None:
-        if len(df) != len(m):
-            raise ValueError(f"df has {len(df)} rows but there are {len(m)} maps.")
-        for column, key in (("label", "per_class"), ("source", "per_source")):
-            if column not in df.columns:
-                continue
-            values = df[column].astype(str).to_numpy()
-            groups = {}
-            for value in sorted(set(values)):
-                groups[value] = _group_stats(shares[values == value].reset_index(drop=True), area["border"])
-                if groups[value]["border_heavy"]:
-                    heavy.append(f"{column}={value}")
-            result[key] = groups
+    for column, key, groups in _per_group(df, shares, lambda part: _group_stats(part, area["border"])):
+        heavy.extend(f"{column}={value}" for value, stats in groups.items() if stats["border_heavy"])
+        result[key] = groups
     result["warning"] = (
         f"{SHORTCUT_WARNING} (border share above {limit:.2f} for: {', '.join(heavy)})" if heavy else None
     )
@@ -422,19 +427,10 @@ def off_anatomy(images: object, maps: object, df: pd.DataFrame | None = None) ->
                     "image_fraction": IMAGE_FRACTION,
                     "overall": _off_group(shares)}
     flagged = [f"all images: {', '.join(result['overall']['over'])}"] if result["overall"]["over"] else []
-    if df is not None:
-        if len(df) != len(shares):
-            raise ValueError(f"df has {len(df)} rows but there are {len(shares)} maps.")
-        for column, key in (("label", "per_class"), ("source", "per_source")):
-            if column not in df.columns:
-                continue
-            values = df[column].astype(str).to_numpy()
-            groups = {}
-            for value in sorted(set(values)):
-                groups[value] = _off_group(shares[values == value].reset_index(drop=True))
-                if groups[value]["over"]:
-                    flagged.append(f"{column}={value}: {', '.join(groups[value]['over'])}")
-            result[key] = groups
+    for column, key, groups in _per_group(df, shares, _off_group):
+        flagged.extend(f"{column}={value}: {', '.join(stats['over'])}" for value, stats in groups.items()
+                       if stats["over"])
+        result[key] = groups
     result["per_image"] = shares.to_dict(orient="list")
     result["warning"] = f"{OFF_ANATOMY_WARNING} ({'; '.join(flagged)})" if flagged else None
     return result
