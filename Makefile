@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install bench reproduce-seed notebooks clean
+.PHONY: demo test lint install bench reproduce-seed results notebooks clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ SHARED ?= ../shared/data
 reproduce-seed: install
 	$(BIN)/covidxray reproduce --presplit $(SHARED)/seed-dataset --metadata $(SHARED)/ieee8023-metadata/metadata-early.csv \
 		--weights hed --out runs/seed-original-split
+
+# README tables 1-3: both reproductions with 5 seeds in bfloat16 (about an hour on 2 cores with bf16 instructions),
+# their results files copied into results/, then the README's tables generated from them.
+results: install
+	$(BIN)/python -m bench.seeds --shared $(SHARED) --seeds 5 --precision bfloat16
+	$(BIN)/python -m covidxray.results_tables
 
 # Renders from a clean slate: refuses while dataset/, runs/scratch etc. hold earlier results; FRESH=1 moves them
 # aside into runs/before-render-<time>/ first.

@@ -102,11 +102,13 @@ def evaluate_runs(
     n_boot: int = 2000,
     baseline: bool = True,
     baseline_size: int = 32,
+    precision: str = "float32",
 ) -> tuple[list[dict], dict[str, object], pd.DataFrame]:
     """Evaluate trained runs once on the test split, with the trivial thumbnail baseline as the first row.
 
     Returns the results-table rows, the test probabilities per model, and the test frame. Thresholds come
-    from each run (chosen on validation); the baseline's is chosen on validation here.
+    from each run (chosen on validation); the baseline's is chosen on validation here. ``precision``: the
+    compute precision of the test predictions (as ``covidxray reproduce --precision`` uses it).
     """
     from covidxray.baseline import baseline_probabilities, fit_baseline_with_threshold
     from covidxray.evaluate import evaluate_predictions
@@ -126,7 +128,7 @@ def evaluate_runs(
         probs["baseline"] = p
     for name, run in runs.items():
         check_trained_on(run, data)
-        model, meta = load_run(run)
+        model, meta = load_run(run, precision=precision)
         p = predict_dataframe(model, test_df, int(model.input_shape[1]))
         config = meta.get("config", {})
         rows.append(evaluate_predictions(test_df, p, threshold=float(meta.get("threshold", 0.5)), name=name,

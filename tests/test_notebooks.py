@@ -98,6 +98,14 @@ def test_render_passes_the_real_training_settings():
     assert params["Train_VGG16.ipynb"]["WEIGHTS"] == "hed"
 
 
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_every_rendered_parameter_is_one_of_the_notebooks_parameters(name):
+    """A rendered parameter the notebook does not define would be injected and silently ignored."""
+    cell = next(c for c in nbformat.read(REPO / name, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    defined = {line.split("=", 1)[0].strip() for line in cell.source.splitlines() if "=" in line}
+    assert set(shared_parameters("S")[name]) <= defined
+
+
 def _earlier_render(root: Path) -> None:
     """What an earlier render leaves: a dataset (the repository's README kept), a training run, a user's file."""
     (root / "dataset").mkdir(parents=True)

@@ -1,0 +1,101 @@
+"""The README's results tables are generated from the committed results files, and a test notices when they differ."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from covidxray.errors import DataError
+from covidxray.results_tables import (
+    FILES,
+    check_readme,
+    load_results,
+    main,
+    markdown,
+    sections,
+    seed_table,
+    update_text,
+)
+
+RESULTS = REPO / "results"
+
+
+def test_readme_tables_agree_with_the_results_files():
+    assert check_readme(REPO / "README.md", RESULTS) == [], (
+        "README results sections differ from results/: run `python -m covidxray.results_tables`")
+
+
+def test_results_files_hold_five_seeds_per_cnn_and_no_machine_path():
+    results = load_results(RESULTS)
+    for table in ("table1", "table2", "table3"):
+        cnn_rows = [row for row in results[table]["rows"] if "per_seed" in row]
+        assert {row["model"] for row in cnn_rows} == {"scratch", "vgg16"}
+        assert all(len(row["per_seed"]) >= 5 for row in cnn_rows)
+        assert all(row["ci"]["accuracy"] for row in cnn_rows), "seed 0 carries its bootstrap interval"
+    for file in FILES.values():
+        text = (RESULTS / file).read_text(encoding="utf-8")
+        assert "/work/" not in text and "/tmp/" not in text and "/home/" not in text, file
+
+
+def _copy_results(tmp_path: Path) -> Path:
+    out = tmp_path / "results"
+    shutil.copytree(RESULTS, out)
+    return out
+
+
+def test_a_changed_per_seed_number_makes_the_check_fail(tmp_path):
+    results = _copy_results(tmp_path)
+    path = results / FILES["table2"]
+    data = json.loads(path.read_text(encoding="utf-8"))
+    row = next(r for r in data["rows"] if r["model"] == "scratch")
+    row["per_seed"][3]["accuracy"] = 0.5
+    path.write_text(json.dumps(data), encoding="utf-8")
+    assert set(check_readme(REPO / "README.md", results)) == {"table2", "per-seed"}
+    readme = tmp_path / "README.md"
+    shutil.copy(REPO / "README.md", readme)
+    assert main(["--check", "--readme", str(readme), "--results", str(results)]) == 1
+    assert main(["--readme", str(readme), "--results", str(results)]) == 0
+    assert check_readme(readme, results) == []
+    assert main(["--check", "--readme", str(readme), "--results", str(results)]) == 0
+
+
+def test_mean_and_std_are_those_of_the_per_seed_rows():
+    result = copy.deepcopy(load_results(RESULTS)["table1"])
+    row = next(r for r in result["rows"] if r["model"] == "vgg16")
+    values = [0.9, 0.8, 1.0, 0.85, 0.95]
+    for run, value in zip(row["per_seed"], values, strict=True):
+        run["accuracy"] = value
+    table = seed_table(result)
+    line = next(ln for ln in table.splitlines() if ln.startswith("| VGG16"))
+    expected = f"{np.mean(values) * 100:.1f} ± {np.std(values, ddof=1) * 100:.1f} %"
+    assert line.split(" | ")[3] == expected == "90.0 ± 7.9 %"
+
+
+def test_the_deterministic_baseline_says_so_and_has_no_spread():
+    line = next(ln for ln in sections(load_results(RESULTS))["table1"].splitlines() if ln.startswith("| baseline"))
+    assert "no seed (deterministic)" in line and "±" not in line
+
+
+def test_update_touches_only_marked_sections_and_names_a_missing_marker():
+    text = ("intro 1.0\n<!-- results:a -->\nold\n<!-- /results:a -->\nmiddle\n"
+            "<!-- results:b -->\nsame\n<!-- /results:b -->\n")
+    new, changed = update_text(text, {"a": "new\n", "b": "same\n"})
+    assert changed == ["a"]
+    assert new == text.replace("old\n", "new\n")
+    with pytest.raises(DataError, match=r"markers missing for \['c'\]"):
+        update_text(text, {"c": "x\n"})
+
+
+def test_missing_results_file_is_named_with_the_fix(tmp_path):
+    results = _copy_results(tmp_path)
+    (results / FILES["cross"]).unlink()
+    with pytest.raises(DataError, match=r"table3-cross-design.json: not found; run `python -m bench.seeds`"):
+        load_results(results)
+    with pytest.raises(DataError, match="no results section"):
+        markdown(["table9"], RESULTS)
