@@ -7,7 +7,8 @@ the initialisation, augmentation and shuffling; the datasets and their splits ar
 folders go to ``--work`` (git-ignored); the results files the README tables are generated from go to ``--out``
 (``results/``, committed): each reproduction's ``results.json`` (every row with its per-seed metrics, seed 0's
 patient-bootstrap intervals), the cross-design matrix, and ``timing.json`` (wall time per reproduction and in all,
-the CPU model and flags, the versions). ``python -m covidxray.results_tables`` then writes the README tables.
+the CPU model and flags, the versions), and the shortcut probes on the datasets of tables 2 and 3 (README table 4;
+run after the timed job). ``python -m covidxray.results_tables`` then writes the README tables.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def run(shared: Path, work: Path, out: Path, *, seeds: int, precision: str, weig
     timing["wall_s"]["tables2-3"] = round(time.perf_counter() - t, 1)
     timing["wall_s"]["all"] = round(time.perf_counter() - t0, 1)
     write_json(timing, work / "timing.json")
+    probes(work)
     collect(work, out, shared)
     return timing
 
@@ -59,6 +61,8 @@ RESULTS = {
     "table3-adult-normals.json": "tables2-3-designs/adult-normals/results.json",
     "table3-cross-design.json": "tables2-3-designs/cross/results.json",
     "timing.json": "timing.json",
+    "probes-original.json": "probes/original/probes.json",
+    "probes-adult-normals.json": "probes/adult-normals/probes.json",
 }
 """Committed results file -> the file of the run it is copied from (relative to ``--work``)."""
 
@@ -73,6 +77,15 @@ def portable(obj: Any, roots: dict[str, str]) -> Any:
         for root, name in roots.items():
             obj = obj.replace(root, name)
     return obj
+
+
+def probes(work: Path) -> None:
+    """Both shortcut probes (README table 4) on the datasets of tables 2 and 3, with the defaults that
+    ``Create_Data.ipynb`` uses, into ``work/probes/<design>/`` (not part of the timed job)."""
+    from covidxray.probes import run_probes
+
+    for design in ("original", "adult-normals"):
+        run_probes(work / "tables2-3-designs" / design / "dataset", work / "probes" / design, seed=0)
 
 
 def collect(work: Path, out: Path, shared: Path) -> None:
@@ -96,8 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224, help="likewise")
     parser.add_argument("--collect-only", action="store_true",
                         help="only copy the results files of finished runs in --work into --out")
+    parser.add_argument("--probes-only", action="store_true",
+                        help="only run the shortcut probes on the datasets of finished runs in --work, then collect")
     args = parser.parse_args(argv)
-    if args.collect_only:
+    if args.collect_only or args.probes_only:
+        if args.probes_only:
+            probes(args.work)
         collect(args.work, args.out, args.shared)
         return 0
     timing = run(args.shared, args.work, args.out, seeds=args.seeds, precision=args.precision, weights=args.weights,

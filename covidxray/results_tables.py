@@ -26,6 +26,8 @@ from covidxray.report import mean_std
 
 RESULTS_DIR = Path("results")
 README = Path("README.md")
+BENCH_FILES: dict[str, Path] = {"speed": Path("bench/results.json"), "precision": Path("bench/precision_results.json")}
+"""The benchmark results files (``python -m bench``, ``python -m bench --precision``) the Speed section is made of."""
 
 FILES: dict[str, str] = {
     "table1": "table1-2020-split.json",
@@ -33,6 +35,8 @@ FILES: dict[str, str] = {
     "table3": "table3-adult-normals.json",
     "cross": "table3-cross-design.json",
     "timing": "timing.json",
+    "probes-original": "probes-original.json",
+    "probes-adult-normals": "probes-adult-normals.json",
 }
 """Results file of each table (in ``results/``)."""
 
@@ -158,6 +162,20 @@ def cross_table(cross: Mapping[str, Any], designs: Mapping[str, tuple[str, str]]
     return "\n".join(lines) + "\n"
 
 
+def probes_table(probes: Mapping[str, Mapping[str, Any]]) -> str:
+    """README table 4: both shortcut probes per design (``probes``: design -> a ``probes.json``)."""
+    lines = ["| design | probe | what it sees | accuracy [95 % CI] | ROC-AUC [95 % CI] | chance | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for design, result in probes.items():
+        for key in ("source", "statistics"):
+            r = result[key]
+            verdict = "label readable without the lungs" if r["shortcut"] else "not far above chance"
+            lines.append(f"| {design} | {key} | {r['what']} | {format_metric(r['accuracy'], r['accuracy_ci'])} | "
+                         f"{format_metric(r['roc_auc'], r['roc_auc_ci'], percent=False)} | "
+                         f"{format_metric(r['chance'])} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
 def _setup(result: Mapping[str, Any]) -> str:
     config = result["config"]
     return (f"{config['seeds']} seeds (0-{config['seeds'] - 1}), {config['image_size']} px, at most "
@@ -178,7 +196,109 @@ def timing_text(timing: Mapping[str, Any]) -> str:
             f"{', '.join(cpu.get('bf16_flags') or []) or 'none'}){'; ' + soft if soft else ''}.\n")
 
 
-def sections(results: Mapping[str, Any]) -> dict[str, str]:
+def speed_table(bench: Mapping[str, Any]) -> str:
+    """The README's side-by-side table from ``bench/results.json``."""
+    s, v, t, peaks = bench["scratch"], bench["vgg16"], bench["targets"], bench["peaks"]
+    so, su, vo, vu = s["original"], s["ours"], v["original"], v["ours"]
+
+    def target(name: str, value: float) -> str:
+        return f"{value:.2f}" if t[name]["met"] else f"{value:.2f} (target missed)"
+
+    rows = [
+        ("scratch CNN: epoch time (median of epochs 2..N)", f"{so['epoch_seconds_median']:.1f} s",
+         f"{su['epoch_seconds_median']:.1f} s", target("scratch_epoch_time_ratio",
+                                                       t["scratch_epoch_time_ratio"]["value"]),
+         t["scratch_epoch_time_ratio"]["target"]),
+        ("scratch CNN: input pipeline vs the same steps on tensors in memory", "",
+         f"{su['epoch_seconds_median']:.2f} s vs {s['input_pipeline']['epoch_seconds_median']:.2f} s",
+         target("scratch_input_overhead_ratio", t["scratch_input_overhead_ratio"]["value"]),
+         t["scratch_input_overhead_ratio"]["target"]),
+        ("VGG16 transfer: total training time", f"{vo['total_train_seconds']:.1f} s",
+         f"{vu['total_train_seconds']:.1f} s", target("vgg16_total_time_ratio", t["vgg16_total_time_ratio"]["value"]),
+         t["vgg16_total_time_ratio"]["target"]),
+        ("VGG16 transfer: test ROC-AUC / F1", f"{vo['test']['roc_auc']:.3f} / {vo['test']['f1']:.3f}",
+         f"{vu['test']['roc_auc']:.3f} / {vu['test']['f1']:.3f}", "", "no worse"),
+        ("batch-1 latency, scratch (model.predict vs our compiled call)", f"{so['latency_b1_ms']:.1f} ms",
+         f"{su['latency_b1_ms']:.1f} ms",
+         f"{t['scratch_batch1_latency_vs_compiled']['value']:.2f} x a bare compiled call",
+         t["scratch_batch1_latency_vs_compiled"]["target"]),
+        ("batch-1 latency, VGG16", f"{vo['latency_b1_ms']:.1f} ms", f"{vu['latency_b1_ms']:.1f} ms",
+         f"{t['vgg16_batch1_latency_vs_compiled']['value']:.2f} x a bare compiled call",
+         t["vgg16_batch1_latency_vs_compiled"]["target"]),
+        ("frozen VGG16 extraction vs measured matmul peak", "",
+         f"{peaks['vgg16_extract_gflops']:.0f} vs {peaks['matmul_gflops']:.0f} GFLOP/s",
+         target("vgg16_extract_fraction_of_matmul", t["vgg16_extract_fraction_of_matmul"]["value"]),
+         t["vgg16_extract_fraction_of_matmul"]["target"]),
+    ]
+    lines = ["| | original-style | ours | ours / original | target |", "|---|---:|---:|---:|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    meta = bench.get("meta") or {}
+    scaling = (bench.get("scaling") or {}).get("growth") or {}
+    text = "\n".join(lines) + "\n"
+    if meta.get("bench_seconds") is not None:
+        load = meta.get("load_average_before"), meta.get("load_average_after")
+        text += (f"\n`python -m bench` ({meta.get('mode')} mode, {meta.get('cpu_count')} cores) took "
+                 f"{meta['bench_seconds']:.0f} s in all; load average before / after {load[0]} / {load[1]}.\n")
+    cache, check = vu.get("cached_features") or {}, v.get("cached_check") or {}
+    if cache and check:
+        text += ("\nOurs computes the frozen part of VGG16 once per image (a "
+                 f"{cache['cache_mb']:.0f} MiB float16 cache) and trains only `block5_conv3` and the head on it; "
+                 "the saved model is still a normal `.keras` model that takes images (cached and uncached "
+                 f"predictions on {check['n_images']} test images differ by at "
+                 f"most {check['max_abs_diff_float16_cache']:.0e}).\n")
+    if scaling:
+        text += ("\nScaling (10 %, 30 % and 100 % of a synthetic set of 6,000 images, one epoch, one subprocess per "
+                 "size): " + "; ".join(g["summary"] for g in scaling.values()) + ".\n\n" + scaling_table(bench))
+    return text
+
+
+def scaling_table(bench: Mapping[str, Any]) -> str:
+    """Time and peak memory per stage and size of the benchmark's scaling curve."""
+    rows = bench["scaling"]["rows"]
+    models = bench["scaling"].get("models", [])
+    header = ["share", "images", "build"] + [f"{m}: time, peak memory" for m in models]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---:"] * len(header)) + "|"]
+    for row in rows:
+        cells = [f"{row['fraction']:.0%}", str(row["n_images"]), f"{row['build']['seconds']:.1f} s"]
+        cells += [f"{row[m]['seconds']:.0f} s, {row[m]['peak_rss_mb'] / 1024:.1f} GiB" if m in row else "failed"
+                  for m in models]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def precision_text(bench: Mapping[str, Any]) -> str:
+    """The README's float32-vs-bfloat16 paragraph from ``bench/precision_results.json``."""
+    cpu, s, v = bench["cpu"], bench["scratch"], bench["vgg16"]
+    if not cpu.get("bf16"):
+        return (f"On this {cpu.get('cores')}-core {cpu.get('model')} (no bf16 instructions) only float32 was "
+                "measured.\n")
+    e, r, ex = s["epoch_seconds_median"], s["ratio_vs_original"], v["extraction"]
+
+    def auc(model: Mapping[str, Any]) -> str:
+        a = model["auc"]
+        return (f"{format_metric(a['float32']['roc_auc'], a['float32']['roc_auc_ci'], percent=False)} in float32, "
+                f"{format_metric(a['bfloat16']['roc_auc'], a['bfloat16']['roc_auc_ci'], percent=False)} in "
+                f"bfloat16 (not worse by the rule: {'yes' if a['not_worse'] else 'no'})")
+
+    return (f"On this {cpu['cores']}-core {cpu['model']} with `{', '.join(cpu['bf16_flags'])}`, on the 2020 images at "
+            f"224 px, batch 32: the scratch CNN's epoch took {e['bfloat16']:.1f} s in bfloat16 against "
+            f"{e['float32']:.1f} s in float32 ({s['bfloat16_vs_float32']:.2f}x) and "
+            f"{s['original']['epoch_seconds_median']:.1f} s for the original-style pipeline ({r['bfloat16']:.2f}x, "
+            f"target <= 0.4); frozen-VGG16 feature extraction ran {ex['speedup']:.2f}x faster "
+            f"({ex['by_precision']['bfloat16']['images_per_s']:.1f} against "
+            f"{ex['by_precision']['float32']['images_per_s']:.1f} images/s); test ROC-AUC: scratch {auc(s)}; "
+            f"VGG16 {auc(v)}.\n")
+
+
+def load_bench(files: Mapping[str, Path] = BENCH_FILES) -> dict[str, Any]:
+    """The benchmark results files by name (see :data:`BENCH_FILES`)."""
+    missing = [str(path) for path in files.values() if not Path(path).is_file()]
+    if missing:
+        raise DataError(f"{', '.join(missing)}: not found; run `python -m bench` and `python -m bench --precision`.")
+    return {name: json.loads(Path(path).read_text(encoding="utf-8")) for name, path in files.items()}
+
+
+def sections(results: Mapping[str, Any], bench: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Every generated README section, by marker name."""
     designs = {"original": ("original (pediatric normals)", "pediatric"), "adult-normals": ("adult-normals", "adult")}
     tables = {"table1": results["table1"], "table2": results["table2"], "table3": results["table3"]}
@@ -192,6 +312,9 @@ def sections(results: Mapping[str, Any]) -> dict[str, str]:
         "table3-cross": cross_table(results["cross"], designs),
         "per-seed": per_seed_table(tables),
         "timing": timing_text(results["timing"]),
+        "table4": probes_table({"original": results["probes-original"],
+                                "adult-normals": results["probes-adult-normals"]}),
+        **({"speed": speed_table(bench["speed"]), "precision": precision_text(bench["precision"])} if bench else {}),
     }
 
 
@@ -224,15 +347,19 @@ def update_text(text: str, generated: Mapping[str, str]) -> tuple[str, list[str]
     return _SECTION.sub(replace, text), changed
 
 
-def check_readme(readme: str | Path = README, results_dir: str | Path = RESULTS_DIR) -> list[str]:
+def check_readme(readme: str | Path = README, results_dir: str | Path = RESULTS_DIR,
+                 bench_files: Mapping[str, Path] = BENCH_FILES) -> list[str]:
     """The README sections that differ from what the results files generate (empty: they agree)."""
-    _, changed = update_text(Path(readme).read_text(encoding="utf-8"), sections(load_results(results_dir)))
+    _, changed = update_text(Path(readme).read_text(encoding="utf-8"),
+                             sections(load_results(results_dir), load_bench(bench_files)))
     return changed
 
 
-def update_readme(readme: str | Path = README, results_dir: str | Path = RESULTS_DIR) -> list[str]:
+def update_readme(readme: str | Path = README, results_dir: str | Path = RESULTS_DIR,
+                  bench_files: Mapping[str, Path] = BENCH_FILES) -> list[str]:
     """Rewrite the README's generated sections from the results files; returns the names of those that changed."""
-    text, changed = update_text(Path(readme).read_text(encoding="utf-8"), sections(load_results(results_dir)))
+    text, changed = update_text(Path(readme).read_text(encoding="utf-8"),
+                                sections(load_results(results_dir), load_bench(bench_files)))
     if changed:
         write_text(text, readme)
     return changed
