@@ -6,7 +6,9 @@ sample standard deviation over the seeds (every per-seed row is in the files), s
 patient-bootstrap interval beside it, the cross-design matrix, and the wall time of the whole job. The README
 holds each table between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``;
 ``python -m covidxray.results_tables`` rewrites those sections and ``--check`` lists the ones that disagree with
-the files (the test suite runs the check). The notebooks show the same tables through :func:`markdown`.
+the files (the test suite runs the check). The Speed section comes the same way from the benchmark's results files
+(``bench/results.json``, ``bench/precision_results.json``) and the heatmap table from the checks the heatmap notebook
+writes (``Class_Activation_Images/*__checks.json``). The notebooks show the tables through :func:`markdown`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from covidxray import paths
 from covidxray.errors import DataError
 from covidxray.metrics import format_metric, seed_summary
 from covidxray.outputs import write_text
@@ -290,6 +293,47 @@ def precision_text(bench: Mapping[str, Any]) -> str:
             f"VGG16 {auc(v)}.\n")
 
 
+HEATMAP_REGIONS: tuple[tuple[str, str], ...] = (
+    ("padding", "padding and flat regions"), ("markers", "burnt-in markers"), ("outside_body", "outside the body"))
+"""(off-anatomy region key of a checks.json, how the README names it)."""
+
+
+def load_heatmap_checks(cam_dir: str | Path = paths.CAM_DIR) -> dict[str, Any]:
+    """Every ``<model>__checks.json`` of the heatmap folder, by model name (sorted)."""
+    files = sorted(Path(cam_dir).glob("*__checks.json"))
+    if not files:
+        raise DataError(f"{cam_dir}: no *__checks.json; run Class_Activation_Maps.ipynb (or `covidxray cam`).")
+    checks = [json.loads(path.read_text(encoding="utf-8")) for path in files]
+    return {c["model"]: c for c in checks}
+
+
+def heatmap_table(checks: Mapping[str, Mapping[str, Any]]) -> str:
+    """Per model and group (all images, each class, each source): the share of heatmap mass in each off-anatomy
+    region against the region's share of the image area, the regions over the warning rule's limits, and whether
+    the randomisation check passed and the shortcut warning fired."""
+    header = (["model (method)", "group", "images"] + [f"{name}: mass / area" for _, name in HEATMAP_REGIONS]
+              + ["over the limit"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    verdicts = []
+    for model, check in checks.items():
+        off = check["off_anatomy"]
+        groups = [("all", off["overall"])]
+        groups += [(f"class {k}", v) for k, v in (off.get("per_class") or {}).items()]
+        groups += [(f"source {k}", v) for k, v in (off.get("per_source") or {}).items()]
+        for group, stats in groups:
+            cells = [f"{model} ({check['method']})", group, str(stats["n_images"])]
+            for key, _ in HEATMAP_REGIONS:
+                r = stats[key]
+                cells.append("n/a" if r["mass_share"] is None else f"{r['mass_share']:.2f} / {r['area_share']:.2f}")
+            cells.append(", ".join(region.replace("_", " ") for region in stats["over"]) or "none")
+            lines.append("| " + " | ".join(cells) + " |")
+        rand = check["randomization"]
+        verdicts.append(f"- **{model}**: randomisation check {'passed' if rand.get('passed') else 'not passed'} "
+                        f"({rand.get('interpretation', '')}); shortcut warning "
+                        + (f"**fired**: {check['warning']}." if check.get("warning") else "did not fire."))
+    return "\n".join(lines) + "\n\n" + "\n".join(verdicts) + "\n"
+
+
 def load_bench(files: Mapping[str, Path] = BENCH_FILES) -> dict[str, Any]:
     """The benchmark results files by name (see :data:`BENCH_FILES`)."""
     missing = [str(path) for path in files.values() if not Path(path).is_file()]
@@ -298,8 +342,9 @@ def load_bench(files: Mapping[str, Path] = BENCH_FILES) -> dict[str, Any]:
     return {name: json.loads(Path(path).read_text(encoding="utf-8")) for name, path in files.items()}
 
 
-def sections(results: Mapping[str, Any], bench: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """Every generated README section, by marker name."""
+def sections(results: Mapping[str, Any], bench: Mapping[str, Any] | None = None,
+             heatmaps: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Every generated README section, by marker name (the benchmark and heatmap sections when given)."""
     designs = {"original": ("original (pediatric normals)", "pediatric"), "adult-normals": ("adult-normals", "adult")}
     tables = {"table1": results["table1"], "table2": results["table2"], "table3": results["table3"]}
     return {
@@ -315,6 +360,7 @@ def sections(results: Mapping[str, Any], bench: Mapping[str, Any] | None = None)
         "table4": probes_table({"original": results["probes-original"],
                                 "adult-normals": results["probes-adult-normals"]}),
         **({"speed": speed_table(bench["speed"]), "precision": precision_text(bench["precision"])} if bench else {}),
+        **({"heatmaps": heatmap_table(heatmaps)} if heatmaps else {}),
     }
 
 
@@ -347,19 +393,26 @@ def update_text(text: str, generated: Mapping[str, str]) -> tuple[str, list[str]
     return _SECTION.sub(replace, text), changed
 
 
-def check_readme(readme: str | Path = README, results_dir: str | Path = RESULTS_DIR,
-                 bench_files: Mapping[str, Path] = BENCH_FILES) -> list[str]:
-    """The README sections that differ from what the results files generate (empty: they agree)."""
-    _, changed = update_text(Path(readme).read_text(encoding="utf-8"),
-                             sections(load_results(results_dir), load_bench(bench_files)))
+def readme_sections(root: str | Path = ".", results_dir: str | Path | None = None) -> dict[str, str]:
+    """Every generated section from the files of the repository at ``root``: ``results/`` (or ``results_dir``),
+    the benchmark results (:data:`BENCH_FILES`) and the heatmap checks (:data:`covidxray.paths.CAM_DIR`)."""
+    root = Path(root)
+    return sections(load_results(root / RESULTS_DIR if results_dir is None else results_dir),
+                    load_bench({name: root / path for name, path in BENCH_FILES.items()}),
+                    load_heatmap_checks(root / paths.CAM_DIR))
+
+
+def check_readme(readme: str | Path = README, results_dir: str | Path | None = None) -> list[str]:
+    """The README sections that differ from what the results files beside it generate (empty: they agree)."""
+    readme = Path(readme)
+    _, changed = update_text(readme.read_text(encoding="utf-8"), readme_sections(readme.parent, results_dir))
     return changed
 
 
-def update_readme(readme: str | Path = README, results_dir: str | Path = RESULTS_DIR,
-                  bench_files: Mapping[str, Path] = BENCH_FILES) -> list[str]:
+def update_readme(readme: str | Path = README, results_dir: str | Path | None = None) -> list[str]:
     """Rewrite the README's generated sections from the results files; returns the names of those that changed."""
-    text, changed = update_text(Path(readme).read_text(encoding="utf-8"),
-                                sections(load_results(results_dir), load_bench(bench_files)))
+    readme = Path(readme)
+    text, changed = update_text(readme.read_text(encoding="utf-8"), readme_sections(readme.parent, results_dir))
     if changed:
         write_text(text, readme)
     return changed
@@ -369,14 +422,14 @@ def main(argv: list[str] | None = None) -> int:
     """Write (or with --check, compare) the README's generated results sections."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--readme", type=Path, default=README)
-    parser.add_argument("--results", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--results", type=Path, default=None, help="default: results/ beside the README")
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a section disagrees")
     args = parser.parse_args(argv)
     try:
         if args.check:
             changed = check_readme(args.readme, args.results)
             for name in changed:
-                print(f"{args.readme}: section {name!r} disagrees with {args.results}/", file=sys.stderr)
+                print(f"{args.readme}: section {name!r} disagrees with the results files", file=sys.stderr)
             return 1 if changed else 0
         changed = update_readme(args.readme, args.results)
     except DataError as exc:

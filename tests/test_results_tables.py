@@ -44,8 +44,16 @@ def test_results_files_hold_five_seeds_per_cnn_and_no_machine_path():
 
 
 def _copy_results(tmp_path: Path) -> Path:
+    """A copy of every file the README's generated sections are made of, laid out as in the repository."""
     out = tmp_path / "results"
     shutil.copytree(RESULTS, out)
+    (tmp_path / "bench").mkdir()
+    for name in ("results.json", "precision_results.json"):
+        shutil.copy(REPO / "bench" / name, tmp_path / "bench" / name)
+    (tmp_path / "Class_Activation_Images").mkdir()
+    for path in (REPO / "Class_Activation_Images").glob("*__checks.json"):
+        shutil.copy(path, tmp_path / "Class_Activation_Images" / path.name)
+    shutil.copy(REPO / "README.md", tmp_path / "README.md")
     return out
 
 
@@ -56,9 +64,8 @@ def test_a_changed_per_seed_number_makes_the_check_fail(tmp_path):
     row = next(r for r in data["rows"] if r["model"] == "scratch")
     row["per_seed"][3]["accuracy"] = 0.5
     path.write_text(json.dumps(data), encoding="utf-8")
-    assert set(check_readme(REPO / "README.md", results)) == {"table2", "per-seed"}
     readme = tmp_path / "README.md"
-    shutil.copy(REPO / "README.md", readme)
+    assert set(check_readme(readme, results)) == {"table2", "per-seed"}
     assert main(["--check", "--readme", str(readme), "--results", str(results)]) == 1
     assert main(["--readme", str(readme), "--results", str(results)]) == 0
     assert check_readme(readme, results) == []
@@ -75,6 +82,21 @@ def test_mean_and_std_are_those_of_the_per_seed_rows():
     line = next(ln for ln in table.splitlines() if ln.startswith("| VGG16"))
     expected = f"{np.mean(values) * 100:.1f} ± {np.std(values, ddof=1) * 100:.1f} %"
     assert line.split(" | ")[3] == expected == "90.0 ± 7.9 %"
+
+
+def test_a_changed_benchmark_or_heatmap_number_makes_the_check_fail(tmp_path):
+    _copy_results(tmp_path)
+    readme = tmp_path / "README.md"
+    assert check_readme(readme) == []
+    bench = tmp_path / "bench" / "results.json"
+    data = json.loads(bench.read_text(encoding="utf-8"))
+    data["scratch"]["ours"]["epoch_seconds_median"] += 1.0
+    bench.write_text(json.dumps(data), encoding="utf-8")
+    checks = next((tmp_path / "Class_Activation_Images").glob("*__checks.json"))
+    data = json.loads(checks.read_text(encoding="utf-8"))
+    data["off_anatomy"]["overall"]["padding"]["mass_share"] = 0.99
+    checks.write_text(json.dumps(data), encoding="utf-8")
+    assert set(check_readme(readme)) == {"speed", "heatmaps"}
 
 
 def test_the_deterministic_baseline_says_so_and_has_no_spread():
