@@ -103,7 +103,7 @@ def render_model_cams(
     prefix = f"{safe_name(name, 'model', 60)}__"
     with staged_output(out_dir, "cam", sources=[data], prefix=prefix) as tmp, decodable(labeled) as usable:
         frame = usable.frame
-        all_probs = predict_dataframe(model, frame, image_size) if limit is not None and len(frame) > limit else None
+        all_probs = predict_dataframe(model, frame, image_size)
         df = pick_images(frame, limit, seed, probs=all_probs, threshold=threshold)
         images = load_images(df["filepath"].tolist(), image_size)
         probs = predict_proba(model, images)
@@ -112,7 +112,8 @@ def render_model_cams(
         files = render_cams(model, images, df, tmp, model_name=name, threshold=threshold, method=method,
                             probs=probs, layer=layer, maps=scale_maps(raw, scale), label=scale_label(scale))
         checks = write_checks(model, images, tmp, model_name=name, df=df, maps=normalise_maps(raw), method=method,
-                              layer=layer, seed=seed, probs=probs)
+                              layer=layer, seed=seed, probs=probs, split_labels=frame["label"].tolist(),
+                              split_probs=all_probs)
         write_skipped(usable.skipped, tmp / skipped_filename(name))
     return {"model": name, "method": method, "layer": layer, "images": len(df), "threshold": threshold,
             "mean_probability": float(np.mean(probs)) if len(probs) else float("nan"), "map_scale": scale,

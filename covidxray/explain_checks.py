@@ -9,11 +9,13 @@
   learned nothing for its heatmaps to show.
 * :func:`attention_distribution`: share of heatmap mass in the central thoracic box versus a fixed outer band.
 * :func:`off_anatomy`: share of heatmap mass on what is not anatomy, measured per image with the masks of
-  :mod:`covidxray.image_regions`: padding and flat regions, burnt-in markers, and the outside of the (estimated)
-  body. A fixed band misses padding above a pasted-in figure or a marker inside the frame; these masks do not.
+  :mod:`covidxray.image_regions`: padding and flat regions, burnt-in markers, the outside of the (estimated)
+  body, and the outside of the (estimated) lung fields (the abdomen, mediastinum, neck and shoulders included).
+  A fixed band misses padding above a pasted-in figure or a marker inside the frame; these masks do not.
 
 Shortcut warning rule (:data:`OFF_ANATOMY_LIMITS`, :data:`IMAGE_FRACTION`), per region (padding and markers
-with a rim around them, see :func:`covidxray.image_regions.measured_regions`; outside the body), for each group
+with a rim around them, see :func:`covidxray.image_regions.measured_regions`; outside the body; outside the lung
+fields), for each group
 of images (all, each class, each source):
 
 1. group means: the mean share of heatmap mass in the region exceeds both an absolute level and a multiple of
@@ -24,7 +26,10 @@ of images (all, each class, each source):
    image, as with a figure pasted into padding, where no share can reach twice the area).
 
 Levels and multiples: padding and flat regions 0.25 and 1.5x (mean) / 2x (odds, per image), markers 0.10 and
-3x / 3x, outside the body 0.25 and 1.5x / 2x. The warning names each group and region that fired; checks.json
+3x / 3x, outside the body 0.25 and 1.5x / 2x, outside the lung fields 0.5 and 1x / 2x (the lung fields are about a
+third of a typical film; a model whose evidence is in the lungs puts more of its mass on them than an even spread
+would, so the group means warn as soon as the mass outside the lung fields exceeds their share of the image). The
+warning names each group and region that fired; checks.json
 holds the rule's text, the limits and every number it used.
 
 :func:`write_checks` runs them all and writes them as JSON next to the overlays.
@@ -64,12 +69,14 @@ OFF_ANATOMY_LIMITS: dict[str, tuple[float, float, float]] = {
     "padding": (0.25, 1.5, 2.0),
     "markers": (0.10, 3.0, 3.0),
     "outside_body": (0.25, 1.5, 2.0),
+    "outside_lungs": (0.5, 1.0, 2.0),
 }
 """Per region (absolute level, multiple of the mean area share, per-image odds ratio); see the module doc."""
 IMAGE_FRACTION = 0.25
 """A group warns when at least this fraction of its maps is over the per-image limit."""
 OFF_ANATOMY_WARNING = (
-    "shortcut warning: the heatmaps put their mass on padding, burnt-in markers or outside the body"
+    "shortcut warning: the heatmaps put their mass on padding, burnt-in markers, outside the body or outside the "
+    "lung fields"
 )
 
 
@@ -237,7 +244,7 @@ def separation(labels: object, probs: object) -> dict:
     spread = float(np.percentile(p, 95) - np.percentile(p, 5)) if len(p) else 0.0
     reasons = []
     if math.isfinite(auc) and auc < MIN_SEPARATION_AUC:
-        reasons.append(f"ROC-AUC {auc:.2f} on these images, below {MIN_SEPARATION_AUC}")
+        reasons.append(f"ROC-AUC {auc:.2f} on {len(p)} images, below {MIN_SEPARATION_AUC}")
     if spread < MIN_PROB_SPREAD:
         reasons.append(f"p(covid) spans only {spread:.3f} (5th-95th percentile), below {MIN_PROB_SPREAD}")
     reason = ("the model's predictions do not separate the classes (" + "; ".join(reasons) + ")") if reasons else ""
@@ -410,9 +417,9 @@ def off_anatomy_rule() -> str:
     """The warning rule in words, with its numbers (written into checks.json)."""
     parts = [f"{region.replace('_', ' ')}: level {level:g}, {multiple:g}x the mean area, odds ratio {odds:g}"
              for region, (level, multiple, odds) in OFF_ANATOMY_LIMITS.items()]
-    return ("warn for a region (padding and markers with a rim, outside the body) and a group (all images, a "
-            "class, a source) when the group's mean share of heatmap mass in the region exceeds both the level "
-            "and a multiple of the region's mean share of the image area, or when at least "
+    return ("warn for a region (padding and markers with a rim, outside the body, outside the lung fields) and a "
+            "group (all images, a class, a source) when the group's mean share of heatmap mass in the region "
+            "exceeds both the level and a multiple of the region's mean share of the image area, or when at least "
             f"{IMAGE_FRACTION:.0%} of the group's maps each exceed the level and the odds ratio of mass vs area: "
             + "; ".join(parts) + " (regions estimated per image by covidxray.image_regions)")
 
@@ -460,19 +467,25 @@ def write_checks(
     center_fraction: float = 0.6,
     border_fraction: float = 0.1,
     probs: object | None = None,
+    split_labels: object | None = None,
+    split_probs: object | None = None,
 ) -> dict:
     """Run the checks, write them to ``out_dir/<model>__checks.json`` (atomically), return the same dict.
 
     ``maps`` (this model's heatmaps of ``images``, e.g. from :func:`covidxray.explain.heatmaps`) save a pass;
     the randomisation check uses at most ``max_random_images`` of the images, and ``df["label"]`` with
     ``probs`` (p(covid), predicted when None) to ask first whether the model separates the classes.
-    ``warning`` joins the border-band and the off-anatomy warnings (None: neither fired).
+    ``warning`` joins the border-band and the off-anatomy warnings (None: neither fired). ``split_labels`` and
+    ``split_probs`` (every image of the split the sample was drawn from) replace them for that question: a sample
+    stratified by outcome over-represents errors, so it must not decide whether the model separates the classes.
     """
     x = as_image_batch(images)
     used, name = resolve_method(model, method, layer)
     if maps is None:
         maps = heatmaps(model, x, used, name, batch_size=batch_size)
     labels = df["label"].tolist() if df is not None and "label" in df.columns else None
+    if split_labels is not None and split_probs is not None:
+        labels, probs = list(split_labels), split_probs
     attention = attention_distribution(maps, df, center_fraction=center_fraction, border_fraction=border_fraction)
     off = off_anatomy(x, maps, df)
     warnings = [w for w in (off["warning"], attention["warning"]) if w]

@@ -26,17 +26,24 @@ rescaled images alike. ``s = min(H, W)`` is the short side.
   non-padding pixels plus ``0.12 R``); of those the largest 8-connected component, closed with a ``w x w``
   square, holes filled (so dark lungs enclosed by the body stay in), markers taken out again. This is a body
   estimate, not a lung segmentation: the abdomen, neck and arms count as body.
+* :func:`lung_mask` (the lung fields, an estimate from intensity; no trained segmentation model): the body
+  smoothed over a ``w x w`` window, its pixels at or below Otsu's threshold of the body's smoothed intensities
+  (air-filled lung is the darkest part of the body), opened with a ``w x w`` square; of the 8-connected
+  components the two largest that each cover at least 2 % of the image, closed with a ``w x w`` square and holes
+  filled (vessels and opacities inside a lung stay lung). The mediastinum, heart, diaphragm, abdomen, neck and
+  shoulders are outside it; so is a lung so white (dense consolidation) that it is brighter than the soft tissue.
 
 Checked on numpy-built images with planted padding, markers and body (tests/test_image_regions.py: IoU > 0.8)
 and by eye on real test-split X-rays at 64 and 224 px, where it also flags some rib and clavicle crossings as
 markers (a few pixels each) and misses markers that overlap bright anatomy.
 
-:func:`region_masks` returns all three plus ``outside_body`` (= not body; it contains padding and markers), and
+:func:`region_masks` returns all four plus ``outside_body`` (= not body; it contains padding and markers) and
+``outside_lungs`` (= not lungs: everything above plus the body outside the lung fields), and
 :func:`mass_shares` the share of a heatmap's mass in each mask beside the mask's share of the image area.
 :func:`measured_regions` are the masks the heatmap checks weigh: padding and markers each with a rim of
 ``max(2, 0.05 s)`` px around them, because heatmaps are coarse (a CAM has 1/8 of the input's resolution or less)
 and a blob on the edge of a pasted-in figure or on a 4-px marker spreads to both sides of it; and the outside of
-the body as it is.
+the body and of the lung fields as they are.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-REGIONS: tuple[str, ...] = ("padding", "markers", "outside_body")
+REGIONS: tuple[str, ...] = ("padding", "markers", "outside_body", "outside_lungs")
 """The off-anatomy regions measured for each image, in report order."""
 FLAT_STD = 0.01
 """Local standard deviation, as a fraction of the image's range, at or below which a pixel is flat."""
@@ -70,6 +77,8 @@ RIM = 0.05
 """Rim around padding and markers counted with them by :func:`measured_regions`, as a fraction of the short side."""
 AIR_LEVEL = 0.12
 """Dark air beside the body: at most the 1st percentile of the non-padding pixels plus this fraction of the range."""
+LUNG_MIN_AREA = 0.02
+"""A dark component of the body is a lung when it covers at least this fraction of the image (at most two kept)."""
 _EIGHT = np.ones((3, 3), bool)
 
 
@@ -207,13 +216,55 @@ def body_mask(image: object, *, padding: np.ndarray | None = None, markers: np.n
     return body & ~pad & ~mk
 
 
+def otsu_level(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of ``values``: the level that maximises the between-class variance of the two sides."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0 or values.max() <= values.min():
+        return float(values.max()) if values.size else 0.0
+    hist, edges = np.histogram(values, bins=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    weight = np.cumsum(hist)
+    mean = np.cumsum(hist * centers)
+    total, grand = weight[-1], mean[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (grand * weight - total * mean) ** 2 / (weight * (total - weight))
+    return float(centers[int(np.nanargmax(np.nan_to_num(between[:-1], nan=-1.0)))])
+
+
+def lung_mask(image: object, *, body: np.ndarray | None = None) -> np.ndarray:
+    """An estimate of the lung fields: the dark, air-filled part of the body (rule in the module doc).
+
+    ``body`` is :func:`body_mask` of the image when already computed. Empty when no dark component of the body
+    is large enough (then every heatmap's mass counts as outside the lungs; the check says so per image).
+    """
+    gray = as_gray(image)
+    body = body_mask(gray) if body is None else np.asarray(body, bool)
+    if body.sum() < LUNG_MIN_AREA * body.size:
+        return np.zeros(gray.shape, bool)
+    w = _window(gray.shape)
+    smooth = ndimage.uniform_filter(gray, w, mode="reflect")
+    dark = body & (smooth <= otsu_level(smooth[body]))
+    dark = ndimage.binary_opening(dark, np.ones((w, w), bool))
+    labels, n = ndimage.label(dark, structure=_EIGHT)
+    if n == 0:
+        return dark
+    sizes = ndimage.sum_labels(dark, labels, index=np.arange(1, n + 1))
+    keep = [i + 1 for i in np.argsort(-sizes)[:2] if sizes[i] >= LUNG_MIN_AREA * gray.size]
+    lungs = np.isin(labels, keep)
+    lungs = ndimage.binary_closing(lungs, np.ones((w, w), bool), border_value=0) | lungs
+    return ndimage.binary_fill_holes(lungs) & body
+
+
 def region_masks(image: object) -> dict[str, np.ndarray]:
-    """Boolean (H, W) masks "padding", "markers", "body" and "outside_body" (= ~body) of one image."""
+    """Boolean (H, W) masks "padding", "markers", "body", "outside_body" (= ~body), "lungs" and "outside_lungs"
+    (= ~lungs) of one image."""
     gray = as_gray(image)
     pad = flat_mask(gray)
     mk = marker_mask(gray) & ~pad
     body = body_mask(gray, padding=pad, markers=mk)
-    return {"padding": pad, "markers": mk, "body": body, "outside_body": ~body}
+    lungs = lung_mask(gray, body=body)
+    return {"padding": pad, "markers": mk, "body": body, "outside_body": ~body, "lungs": lungs,
+            "outside_lungs": ~lungs}
 
 
 def measured_regions(masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -226,6 +277,7 @@ def measured_regions(masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         mask = masks[region]
         out[region] = ndimage.binary_dilation(mask, disk) if mask.any() else mask.copy()
     out["outside_body"] = masks["outside_body"]
+    out["outside_lungs"] = masks["outside_lungs"]
     return out
 
 

@@ -141,9 +141,17 @@ def fingerprint(path: str | Path) -> str:
     return file_sha256(path)[:16]
 
 
+JUPYTER_KERNELS = ("ipykernel_launcher.py", "ipykernel_launcher", "ipykernel")
+"""Program names of a Jupyter (IPython) kernel process."""
+JUPYTER_KERNEL_COMMAND = "a Jupyter notebook kernel"
+
+
 def command_line() -> list[str]:
-    """The command or call that is running: ``covidxray VERB ...`` from the shell, else the Python program."""
+    """The command or call that is running: ``covidxray VERB ...`` from the shell, else the Python program; a
+    Jupyter kernel is named as such (its arguments are a connection file in a temporary folder of the machine)."""
     argv = list(sys.argv)
+    if argv and Path(argv[0]).name in JUPYTER_KERNELS:
+        return [JUPYTER_KERNEL_COMMAND]
     if argv and Path(argv[0]).name in ("covidxray", "__main__.py"):
         argv[0] = "covidxray"
     elif argv:

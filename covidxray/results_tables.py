@@ -294,7 +294,8 @@ def precision_text(bench: Mapping[str, Any]) -> str:
 
 
 HEATMAP_REGIONS: tuple[tuple[str, str], ...] = (
-    ("padding", "padding and flat regions"), ("markers", "burnt-in markers"), ("outside_body", "outside the body"))
+    ("padding", "padding and flat regions"), ("markers", "burnt-in markers"), ("outside_body", "outside the body"),
+    ("outside_lungs", "outside the lung fields"))
 """(off-anatomy region key of a checks.json, how the README names it)."""
 
 

@@ -36,7 +36,8 @@ def padded_chest(size: int = 64, pad: int = 12, seed: int = 0,
         marker[r:r + 5, k:k + 4] = True
         img[marker] = 245
         img[r + 1, k + 1:k + 3] = img[r + 3, k + 1] = 25  # holes, like the inside of an "R"
-    return np.clip(img, 0, 255), {"padding": padding, "markers": marker, "body": body & ~padding}
+    return np.clip(img, 0, 255), {"padding": padding, "markers": marker, "body": body & ~padding,
+                                  "lungs": lungs & body & ~padding}
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -44,9 +45,10 @@ def padded_chest(size: int = 64, pad: int = 12, seed: int = 0,
 def test_masks_match_the_planted_regions(seed: int, size: int) -> None:
     img, truth = padded_chest(size, pad=size // 5, seed=seed, marker_at=(size * 18 // 64, size * 6 // 64))
     masks = region_masks(img)
-    for region in ("padding", "markers", "body"):
+    for region in ("padding", "markers", "body", "lungs"):
         assert iou(masks[region], truth[region]) > 0.8, (region, iou(masks[region], truth[region]))
     assert np.array_equal(masks["outside_body"], ~masks["body"])
+    assert np.array_equal(masks["outside_lungs"], ~masks["lungs"]) and not (masks["lungs"] & ~masks["body"]).any()
     assert not (masks["body"] & (masks["padding"] | masks["markers"])).any()
 
 
@@ -116,6 +118,22 @@ def test_off_anatomy_warning_fires_on_padding_and_markers_only() -> None:
     assert list(shares["empty"]) == [False] * 4 and len(shares) == 4
     empty = off_anatomy(x, np.zeros((4, 64, 64)), df)
     assert empty["warning"] is None and empty["overall"]["padding"]["mass_share"] is None
+
+
+def test_outside_lungs_fires_on_maps_below_the_lungs_not_on_maps_in_them() -> None:
+    """A map on the body outside the lung fields (as on an abdomen) warns; the same mass on the lungs does not."""
+    images, truths = zip(*(padded_chest(seed=s, pad=0, marker_at=None) for s in range(4)), strict=True)
+    x = np.repeat(np.stack(images)[..., None], 3, axis=-1)
+    df = pd.DataFrame({"label": ["covid"] * 4})
+    on_lungs = off_anatomy(x, np.stack([t["lungs"] * 1.0 for t in truths]), df)
+    assert on_lungs["warning"] is None
+    assert on_lungs["overall"]["outside_lungs"]["mass_share"] < 0.1
+    below = np.stack([(t["body"] & ~t["lungs"]) * 1.0 for t in truths])
+    below[:, :40] = 0.0  # the body under the lungs only
+    result = off_anatomy(x, below, df)
+    assert "label=covid: outside_lungs" in result["warning"]
+    assert result["overall"]["outside_lungs"]["mass_share"] > 0.9
+    assert result["overall"]["outside_body"]["mass_share"] < 0.1
 
 
 def test_one_map_in_four_on_a_large_padding_fires_by_images() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -144,3 +145,12 @@ def test_a_swap_killed_at_any_rename_is_recovered_by_the_next_run(tmp_path, monk
     build(out, {"manifest.csv": b"third", "val/e.png": b"e"})
     assert files_of(out) == {"README.md": b"kept", "manifest.csv": b"third", "val/e.png": b"e"}
     assert not [p for p in out.iterdir() if p.name.startswith(SCRATCH_PREFIX) or p.name == PENDING_NAME]
+
+
+def test_command_line_names_a_jupyter_kernel_without_its_connection_file(monkeypatch):
+    from covidxray.outputs import JUPYTER_KERNEL_COMMAND, command_line
+
+    monkeypatch.setattr(sys, "argv", ["/venv/lib/ipykernel_launcher.py", "-f", "/tmp/tmpabc.json"])
+    assert command_line() == [JUPYTER_KERNEL_COMMAND]
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/covidxray", "cam", "--out", "x"])
+    assert command_line() == ["covidxray", "cam", "--out", "x"]
