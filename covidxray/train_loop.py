@@ -101,7 +101,10 @@ class CustomLoop:
     """Train a compiled Keras model under ``strategy`` (build and compile the model in ``strategy.scope()``).
 
     The loss and the metrics are the compiled model's (from its compile config), so they cannot drift from
-    what ``fit`` would use.
+    what ``fit`` would use. It also reads the data as Keras 3's ``fit`` does: at the end of each epoch ``fit``
+    opens an iterator it never reads, then a fresh one for the next epoch; opening one draws the next reshuffle
+    seed of a ``shuffle(..., seed=..., reshuffle_each_iteration=True)``. Doing the same, this loop sees the
+    batches ``fit`` sees, so under the default strategy it trains to the same weights (tests/test_distribute.py).
     """
 
     def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model) -> None:
@@ -121,7 +124,7 @@ class CustomLoop:
 
     def _replica_train_step(self, x: tf.Tensor, y: tf.Tensor) -> None:
         model, optimizer = self.model, self.model.optimizer
-        local = tf.cast(tf.shape(y)[0], tf.float32)
+        local = tf.shape(y, out_type=tf.int32)[0]
         global_batch = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, local)
         with tf.GradientTape() as tape:
             prob = model(x, training=True)
@@ -164,6 +167,7 @@ class CustomLoop:
                 metric.reset_state()
             for x, y in train_dist:
                 self._train_step(x, y)
+            iter(train_dist)  # as fit does (see the class docstring): an unread iterator, one reshuffle seed drawn
             for x, y in val_dist:
                 self._val_step(x, y)
             logs = {m.name: float(m.result()) for m in (*self.train_metrics, *self.val_metrics)}

@@ -150,6 +150,60 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
+def test_the_custom_loop_refuses_cached_vgg16_features_and_tensorboard(data, tmp_path, monkeypatch):
+    from covidxray.train import train
+
+    monkeypatch.delenv(TF_CONFIG_VAR, raising=False)
+    monkeypatch.setenv(LOOP_VAR, "custom")
+    cfg = TrainConfig(model="vgg16", weights="none", image_size=32, batch_size=8, epochs=1, distribute="one")
+    with pytest.raises(ModelError, match="--no-cached-features"):
+        train(cfg, data, tmp_path / "vgg16", progress=False)
+    assert not (tmp_path / "vgg16").exists()
+    with pytest.raises(ModelError, match="--tensorboard"):
+        train(TrainConfig(model="scratch", image_size=32, epochs=1, distribute="one"), data, tmp_path / "board",
+              progress=False, tensorboard=True)
+
+
+def test_the_custom_loop_in_one_process_resumes_like_fit(data, tmp_path, monkeypatch):
+    """The custom loop on one device writes the run folder fit writes, and a resumed run restores the
+    checkpoint's weights and optimizer state (the path multi-worker resumes take, with no other worker)."""
+    from covidxray.train import train
+
+    monkeypatch.delenv(TF_CONFIG_VAR, raising=False)
+    monkeypatch.setenv(LOOP_VAR, "custom")
+    cfg = TrainConfig(model="scratch", image_size=32, batch_size=8, epochs=1, lr=1e-3, patience=0, distribute="one")
+    out = tmp_path / "run"
+    first = train(cfg, data, out, progress=False)
+    assert first["distribute"]["loop"] == "custom" and first["distribute"]["used"] == "one"
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"model.keras", "history.csv", "threshold.json", "summary.json", "checkpoint/state.json",
+            "checkpoint/epoch_0001.keras", "model_card.md"} <= files
+    second = train(TrainConfig(**{**cfg.to_dict(), "epochs": 2}), data, out, progress=False, resume=True)
+    assert second["resumed_from_epoch"] == 1 and second["epochs_run"] == 2
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["epoch"]) == [1, 2] and history["val_loss"].notna().all()
+
+
+def test_the_custom_loop_trains_what_fit_trains_on_one_device(data, tmp_path, monkeypatch):
+    """Same config, same device: covidxray's loop and Keras' fit end with the same weights and history, so the
+    loop could replace fit without changing a result."""
+    import keras
+
+    from covidxray.train import train
+
+    monkeypatch.delenv(TF_CONFIG_VAR, raising=False)
+    cfg = TrainConfig(model="scratch", image_size=32, batch_size=8, epochs=2, lr=1e-3, patience=0, distribute="one")
+    for loop in ("fit", "custom"):
+        monkeypatch.setenv(LOOP_VAR, loop)
+        assert train(cfg, data, tmp_path / loop, progress=False)["distribute"]["loop"] == loop
+    fit, custom = (keras.models.load_model(tmp_path / loop / "checkpoint" / "epoch_0002.keras").get_weights()
+                   for loop in ("fit", "custom"))
+    assert all(np.array_equal(a, b) for a, b in zip(fit, custom, strict=True))
+    columns = ["loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc"]
+    assert np.allclose(pd.read_csv(tmp_path / "fit" / "history.csv")[columns],
+                       pd.read_csv(tmp_path / "custom" / "history.csv")[columns], rtol=0, atol=1e-6)
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` distinct ports the system just handed out (bound to port 0 together, then released)."""
     sockets = [socket.socket() for _ in range(n)]
@@ -162,13 +216,15 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def run_processes(commands: list[tuple[list[str], dict[str, str]]], logs: Path) -> list[tuple[int, str, str]]:
-    """Run the commands at once; (exit code, stdout, stderr) of each, all killed after WORKER_TIMEOUT seconds."""
+def run_processes(commands: list[tuple[list[str], dict[str, str | None]]], logs: Path) -> list[tuple[int, str, str]]:
+    """Run the commands at once, each with its environment changes (None: unset); (exit code, stdout, stderr) of
+    each, all killed after WORKER_TIMEOUT seconds."""
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for i, (cmd, env) in enumerate(commands):
         with open(logs / f"{i}.out", "wb") as out, open(logs / f"{i}.err", "wb") as err:
-            procs.append(subprocess.Popen(cmd, env={**os.environ, **env}, cwd=REPO, stdout=out, stderr=err))
+            environ = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+            procs.append(subprocess.Popen(cmd, env=environ, cwd=REPO, stdout=out, stderr=err))
     deadline = time.monotonic() + WORKER_TIMEOUT
     try:
         for proc in procs:
@@ -185,7 +241,7 @@ def run_processes(commands: list[tuple[list[str], dict[str, str]]], logs: Path) 
 
 def run_two_workers(data: Path, outs: list[Path], tmp: Path, *extra: str) -> list[dict]:
     """``covidxray train --distribute multi-worker`` on two local workers (``outs[i]`` the ``--out`` of worker i);
-    their printed summaries. Their temporary folders go under ``tmp``, which must be empty again after."""
+    their printed summaries. Their temporary folders go under ``tmp``; the non-chief's must be gone after."""
     ports = free_ports(2)
     tmp.mkdir(parents=True, exist_ok=True)
     commands = [([sys.executable, "-m", "covidxray", "train", "--data", str(data), "--out", str(out),
@@ -194,7 +250,8 @@ def run_two_workers(data: Path, outs: list[Path], tmp: Path, *extra: str) -> lis
     results = run_processes(commands, tmp.parent / f"logs-{tmp.name}")
     for i, (code, _, err) in enumerate(results):
         assert code == 0, f"worker {i} exited {code}: {err[-3000:]}"
-    assert not any(tmp.iterdir()), f"a worker left files in its temporary folder: {list(tmp.iterdir())}"
+    left = sorted(p.name for p in tmp.glob("covidxray-worker-*"))
+    assert not left, f"the non-chief left its private run folder behind: {left}"
     return [json.loads(out) for _, out, _ in results]
 
 
@@ -237,7 +294,7 @@ def test_two_workers_train_what_one_process_trains_and_only_the_chief_writes(dat
     one_out = tmp_path / "one"
     cmd = [sys.executable, "-c", TWO_CPU_REPLICAS, "train", "--data", str(data), "--out", str(one_out),
            "--distribute", "mirrored", "--epochs", "2", *TRAIN]
-    [(code, _, err)] = run_processes([(cmd, {LOOP_VAR: "custom", TF_CONFIG_VAR: ""})], tmp_path / "logs-one")
+    [(code, _, err)] = run_processes([(cmd, {LOOP_VAR: "custom", TF_CONFIG_VAR: None})], tmp_path / "logs-one")
     assert code == 0, err[-3000:]
     one = json.loads((one_out / "summary.json").read_text())
     assert (one["replicas"], one["distribute"]["used"], one["distribute"]["loop"]) == (2, "mirrored", "custom")
@@ -262,3 +319,21 @@ def test_two_workers_resume_from_the_chief_checkpoint(data, tmp_path):
     assert summaries[1]["resumed_from_epoch"] == 1
     state = json.loads((chief_out / "checkpoint" / "state.json").read_text())
     assert state["sessions"] == 2 and state["epoch"] == 2
+
+
+def test_a_chief_that_refuses_its_out_folder_stops_the_other_worker_too(data, tmp_path):
+    """The chief fails before training (its --out holds a file of the user's); the other worker, waiting for
+    the chief's start, gets the chief's error and exits 2 instead of waiting for ever."""
+    chief_out, other_out = tmp_path / "chief", tmp_path / "other"
+    chief_out.mkdir()
+    (chief_out / "notes.txt").write_text("mine")
+    ports = free_ports(2)
+    commands = [([sys.executable, "-m", "covidxray", "train", "--data", str(data), "--out", str(out),
+                  "--distribute", "multi-worker", "--epochs", "1", *TRAIN], {TF_CONFIG_VAR: tf_config(ports, i)})
+                for i, out in enumerate([chief_out, other_out])]
+    (chief_code, _, chief_err), (other_code, _, other_err) = run_processes(commands, tmp_path / "logs")
+    assert chief_code == 2 and "notes.txt" in chief_err
+    assert other_code == 2 and "the chief (worker 0) of this multi-worker run failed" in other_err
+    assert "notes.txt" in other_err
+    assert_wrote_nothing(other_out)
+    assert sorted(p.name for p in chief_out.iterdir()) == ["notes.txt"]
