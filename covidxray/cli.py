@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from covidxray import LABELS, __version__, limits, paths
+from covidxray.distribute import DISTRIBUTES
 from covidxray.download import IEEE8023_COMMIT
 from covidxray.errors import CovidXrayError, DataError, os_error_line
 from covidxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
@@ -214,7 +215,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                  examples=["covidxray train --model scratch --epochs 20",
                            "covidxray train --model vgg16 --weights hed --out runs/vgg16-hed",
                            "covidxray train --model vgg16 --weights hed --out runs/vgg16-hed --epochs 30 --resume",
-                           "covidxray train --model scratch-gap --tensorboard && tensorboard --logdir runs"])
+                           "covidxray train --model scratch-gap --tensorboard && tensorboard --logdir runs",
+                           "TF_CONFIG=\"$(cat tf_config.json)\" covidxray train --model scratch "
+                           "--distribute multi-worker --out runs/scratch-mw"])
     p.add_argument("--model", choices=["scratch", "scratch-gap", "vgg16"], default="scratch",
                    help="scratch: the 2020 CNN; scratch-gap: the same with global average pooling (true CAMs); "
                    "vgg16: transfer learning from a VGG16 backbone")
@@ -246,6 +249,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     _number(p, "--feature-views", limits.POSITIVE_INT,
             "VGG16 cache: augmented views cached per training image (1: no augmentation)", default=1)
     p.add_argument("--jit-compile", choices=["auto", "on", "off"], default="auto", help="XLA compilation (GPU)")
+    p.add_argument("--distribute", choices=DISTRIBUTES, default="auto",
+                   help="where training runs: auto (multi-worker when the TF_CONFIG environment variable is set, "
+                   "mirrored when several GPUs are visible, else one device), one, mirrored (every GPU of this "
+                   "machine) or multi-worker (the machines TF_CONFIG names; run the same command on each, only "
+                   "the chief writes --out; VGG16 needs --no-cached-features). What was used and why: "
+                   "summary.json; default: %(default)s")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard logs into RUN/tensorboard (view: pip install "
                    "\"covidxray[tensorboard]\"; tensorboard --logdir RUN/tensorboard)")
@@ -261,7 +270,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                          trainable_from=args.trainable_from, finetune_epochs=args.finetune_epochs,
                          cache=None if args.cache == "none" else args.cache, precision=args.precision,
                          cached_features=not args.no_cached_features, feature_views=args.feature_views,
-                         jit_compile={"auto": None, "on": True, "off": False}[args.jit_compile])
+                         jit_compile={"auto": None, "on": True, "off": False}[args.jit_compile],
+                         distribute=args.distribute)
     if args.lr is not None:
         config.lr = args.lr
     if args.no_augment:

@@ -34,7 +34,9 @@ import hashlib
 import importlib.util
 import math
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -45,7 +47,8 @@ import tensorflow as tf
 
 from covidxray import LABELS
 from covidxray.backbones import VGG16_CONV_LAYERS, check_weights_available, load_vgg16_backbone_weights
-from covidxray.errors import DataError, ModelError
+from covidxray.distribute import DISTRIBUTES, DistributeChoice, choose_distribution, make_strategy
+from covidxray.errors import CovidXrayError, DataError, ModelError
 from covidxray.features import (
     FeatureBatches,
     FeatureStore,
@@ -64,6 +67,7 @@ from covidxray.models import MODEL_NAMES, build_model, compile_model, set_traina
 from covidxray.outputs import OutputDir, claim_output, command_line, fingerprint
 from covidxray.pipeline import AugmentConfig, make_dataset, raise_unreadable
 from covidxray.precision import PRECISIONS, PrecisionChoice, choose_precision, dtype_policy
+from covidxray.train_loop import CustomLoop, share_from_chief, sync_variables
 
 STATE_FILE = "state.json"
 TENSORBOARD_DIR = "tensorboard"
@@ -71,8 +75,9 @@ TENSORBOARD_DIR = "tensorboard"
 VAL_SUMMARY: tuple[str, ...] = ("n", "n_pos", "roc_auc", "accuracy", "recall", "specificity")
 """The val metrics (at the chosen threshold) repeated in ``summary.json``; all of threshold.json has them."""
 MONITORS: dict[str, str] = {"val_loss": "min", "val_auc": "max", "val_accuracy": "max"}
-RESUMABLE_CHANGES: tuple[str, ...] = ("epochs", "finetune_epochs")
-"""Config fields a resumed run may change (to train longer); any other difference is an error."""
+RESUMABLE_CHANGES: tuple[str, ...] = ("epochs", "finetune_epochs", "distribute")
+"""Config fields a resumed run may change (to train longer, or on other hardware); any other difference is an
+error."""
 
 
 @dataclass
@@ -98,6 +103,12 @@ class TrainConfig:
     image itself is cached. ``jit_compile``: XLA for the training step and the feature extraction; None means
     Keras' "auto" (on a GPU without op determinism or tf.distribute, off on a CPU-only machine, where XLA does
     not pay).
+
+    ``distribute`` is where training runs (see covidxray.distribute): auto (multi-worker when ``TF_CONFIG`` is
+    set, mirrored over several GPUs, else one device), one, mirrored or multi-worker. What was used and why is
+    ``summary.json``'s ``distribute``. Multi-worker training uses covidxray.train_loop instead of Keras'
+    ``fit``; it does not train on cached VGG16 features (``cached_features=False`` is needed) and writes no
+    TensorBoard logs.
     """
 
     model: str = "vgg16"
@@ -127,6 +138,7 @@ class TrainConfig:
     cached_features: bool = True
     feature_views: int = 1
     jit_compile: bool | None = None
+    distribute: str = "auto"
 
     def resolved(self) -> TrainConfig:
         """A copy with defaults that depend on the model filled in, checked for consistency."""
@@ -146,6 +158,8 @@ class TrainConfig:
             problems.append(f"monitor must be one of {list(MONITORS)}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision (--precision) must be one of {list(PRECISIONS)}")
+        if self.distribute not in DISTRIBUTES:
+            problems.append(f"distribute (--distribute) must be one of {list(DISTRIBUTES)}")
         if self.threshold_method not in THRESHOLD_METHODS:
             problems.append(f"threshold_method must be one of {list(THRESHOLD_METHODS)}")
         checks = [
@@ -384,11 +398,9 @@ def _remaining(state: _State | None, cfg: TrainConfig) -> bool:
     return not state.stopped_early and state.epoch < (state.stage1_end or 0) + cfg.finetune_epochs
 
 
-def _strategy(cfg: TrainConfig) -> tuple[tf.distribute.Strategy, PrecisionChoice]:
-    """The distribution strategy (mirrored over several GPUs) and the precision ``cfg.precision`` gets here."""
-    gpus = tf.config.list_physical_devices("GPU")
-    strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
-    return strategy, choose_precision(cfg.precision, gpu=bool(gpus))
+def _precision(cfg: TrainConfig) -> PrecisionChoice:
+    """The precision ``cfg.precision`` gets on this machine."""
+    return choose_precision(cfg.precision, gpu=bool(tf.config.list_physical_devices("GPU")))
 
 
 def _fit(run: _Run, model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, stage: int,
@@ -399,18 +411,27 @@ def _fit(run: _Run, model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.da
     _say(run.progress, f"stage {stage}: epochs {state.epoch + 1}..{end}")
     board = [keras.callbacks.TensorBoard(str(run.out_dir / TENSORBOARD_DIR))] if run.tensorboard else []
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # Keras prints its progress to stdout, which carries results
+        # Keras prints its progress to stdout, which carries results
+        with _data_errors(run, paths), contextlib.redirect_stdout(sys.stderr):
             model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=state.epoch,
                       callbacks=[*(callbacks or []), *board, _RunCallback(run, stage, export)], verbose=verbose,
                       shuffle=False)
+    finally:
+        _adopt_tensorboard(run)
+
+
+@contextlib.contextmanager
+def _data_errors(run: _Run, paths: list[str]) -> Iterator[None]:
+    """Turn TensorFlow's errors about the images (unreadable, missing) and a locked on-disk cache into DataErrors
+    naming the file or folder and the fix."""
+    try:
+        yield
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
         raise_unreadable(paths, exc)
     except tf.errors.AlreadyExistsError as exc:
         raise DataError(f"the on-disk image cache in {run.cfg.cache} is locked ({exc.message.splitlines()[0]}). "
                         "Another run may be filling it; if none is, delete its *.lockfile files (or the cache "
                         "folder) and retry, or use cache='memory'.") from exc
-    finally:
-        _adopt_tensorboard(run)
 
 
 def _adopt_tensorboard(run: _Run) -> None:
@@ -422,7 +443,16 @@ def _adopt_tensorboard(run: _Run) -> None:
 
 
 def _distribute(strategy: tf.distribute.Strategy, ds: tf.data.Dataset) -> tf.data.Dataset:
-    """Shard by data across replicas when there are several."""
+    """Shard by data across replicas when there are several (``AutoShardPolicy.DATA``).
+
+    Every dataset here is one source, not a set of files: the image paths shuffled with the run's seed, decoded
+    and cached (in memory or in one cache file) and augmented per global batch, or the cached VGG16 features
+    batched by a generator. FILE sharding (each worker reads its own files) would need at least one input file
+    per worker and would change which images meet in a batch. With DATA, every worker runs the same pipeline,
+    so every global batch is the one a single process would see, and keeps its part of it: the replicas of a
+    step together train on exactly that batch. The price, decoding (and augmenting) every image on every
+    worker, is paid once per worker for the cache and is small next to a training step.
+    """
     if strategy.num_replicas_in_sync <= 1:
         return ds
     options = tf.data.Options()
@@ -497,46 +527,86 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, pro
                          'install "covidxray[tensorboard]" (or leave --tensorboard out).')
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     dataset = dataset_record(data_dir)
-    with claim_output(out_dir, "train", sources=[data_dir]) as out:
-        run = _Run(cfg, data_dir, out, progress, tensorboard)
-        try:
-            return _train(run, cfg, dataset, resume)
-        except BaseException:
-            if run.state is None or not run.state.checkpoint:
-                out.discard()
-            raise
+    dist = choose_distribution(cfg.distribute)
+    if tensorboard and dist.loop == "custom":
+        raise ModelError(f"--tensorboard: the {dist.used} run trains with covidxray's own loop, which writes no "
+                         "TensorBoard logs; leave --tensorboard out (history.csv has every epoch's metrics).")
+    strategy = make_strategy(dist)  # first: multi-worker must set up before TensorFlow runs anything
+    if not dist.chief:
+        return _train_worker(cfg, data_dir, out_dir, dataset, resume, progress, strategy, dist)
+    link = _ChiefLink(strategy, dist)
+    try:
+        with claim_output(out_dir, "train", sources=[data_dir]) as out:
+            run = _Run(cfg, data_dir, out, progress, tensorboard)
+            try:
+                if dist.loop == "custom":
+                    return _train_custom(run, cfg, dataset, resume, strategy, dist, link)
+                return _train(run, cfg, dataset, resume, strategy, dist)
+            except BaseException:
+                if run.state is None or not run.state.checkpoint:
+                    out.discard()
+                raise
+    except Exception as exc:
+        link.fail(exc)
+        raise
 
 
-def _train(run: _Run, cfg: TrainConfig, dataset: dict, resume: bool) -> dict:
-    """Train into the claimed run folder ``run.out``: a new run, or the continuation of its checkpoint."""
+def _train_worker(cfg: TrainConfig, data_dir: Path, out_dir: Path, dataset: dict, resume: bool, progress: bool,
+                  strategy: tf.distribute.Strategy, dist: DistributeChoice) -> dict:
+    """A worker other than the chief: it takes part in every step, writes into a private temporary run folder
+    (removed at the end) and never touches ``out_dir``; returns the chief's summary with its own ``distribute``."""
+    _say(progress, f"worker {dist.worker_index} of {dist.workers}: the chief writes the run folder; "
+                   f"{out_dir} stays untouched")
+    link = _ChiefLink(strategy, dist)
+    with tempfile.TemporaryDirectory(prefix="covidxray-worker-") as tmp, \
+            claim_output(Path(tmp) / "run", "train", sources=[data_dir]) as out:
+        summary = _train_custom(_Run(cfg, data_dir, out, progress), cfg, dataset, resume, strategy, dist, link)
+    return {**summary, "distribute": dist.to_dict()}
+
+
+class _ChiefLink:
+    """The two points where the other workers of a multi-worker run wait for the chief alone: its start (the
+    run's state, or that it is finished) and its end (the summary). Between them every worker runs the same
+    steps, so an error there happens on all of them; an error of the chief before its start or during its
+    finish is handed to the others instead, so that they stop too rather than wait for it."""
+
+    def __init__(self, strategy: tf.distribute.Strategy, dist: DistributeChoice) -> None:
+        self.strategy, self.dist = strategy, dist
+        self.waiting: str | None = "start"
+        """What the other workers wait for now: "start", "end", or None (nothing: they run the same steps)."""
+
+    def share(self, payload: dict | None) -> dict:
+        """The chief's ``payload`` on every worker (see covidxray.train_loop.share_from_chief); an error of the
+        chief raises on the others."""
+        got = share_from_chief(self.strategy, self.dist.workers, payload if self.dist.chief else None)
+        self.waiting = None
+        if "error" in got:
+            raise ModelError(f"the chief (worker 0) of this multi-worker run failed: {got['error']}")
+        return got
+
+    def finishing(self) -> None:
+        """The chief now writes the run's last files while the others wait for the summary."""
+        self.waiting = "end"
+
+    def fail(self, exc: BaseException) -> None:
+        """On the chief: tell the waiting workers (if any wait) that it failed with ``exc``."""
+        if self.dist.chief and self.dist.workers > 1 and self.waiting is not None:
+            self.waiting = None
+            share_from_chief(self.strategy, self.dist.workers, {"error": str(exc)})
+
+
+def _train(run: _Run, cfg: TrainConfig, dataset: dict, resume: bool, strategy: tf.distribute.Strategy,
+           dist: DistributeChoice) -> dict:
+    """Train with Keras' ``fit`` into the claimed run folder ``run.out``: a new run, or the continuation of its
+    checkpoint."""
     t_start = time.perf_counter()
-    data_dir, out_dir, progress = run.data_dir, run.out_dir, run.progress
-    state = _load_state(run, cfg, resume)
-    if state is not None:
-        _check_same_dataset(out_dir, state.dataset, dataset)
-    if state is not None and not _remaining(state, cfg) and (out_dir / "summary.json").is_file():
-        how = " (stopped early)" if state.stopped_early else ""
-        _say(progress, f"{out_dir}: finished at epoch {state.epoch}{how}; nothing left to train")
-        return read_run_json(out_dir / "summary.json")
+    out_dir, progress = run.out_dir, run.progress
+    state, finished = _session_state(run, cfg, dataset, resume)
+    if finished is not None:
+        return finished
 
-    df = read_manifest(data_dir)
-    df = df[df["split"] != "test"].reset_index(drop=True)
-    train_df, val_df = split_frame(df, "train"), split_frame(df, "val")
-    if train_df["y"].nunique() < 2:
-        only = "covid" if int(train_df["y"].iloc[0]) == 1 else "normal"
-        raise DataError(f"{data_dir / 'manifest.csv'}: the train split holds only {only} images (one class); a model "
-                        "cannot learn from it. Rebuild the dataset with images of both classes (`covidxray data`).")
-    assert set(train_df["split"]) == {"train"} and set(val_df["split"]) == {"val"}, "test data must not be used"
-    paths = list(train_df["filepath"]) + list(val_df["filepath"])
-
-    run.out.write_json("config.json", cfg.to_dict(), sort_keys=False)
-    run.out.write_json("versions.json", versions())
-    run.out.write_json("provenance.json", {"dataset": dataset, "command": command_line()})
-
-    keras.utils.set_random_seed(cfg.seed + (state.epoch if state else 0))
-    if cfg.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    strategy, precision = _strategy(cfg)
+    train_df, val_df, paths = _start_session(run, dataset, state, dist)
+    precision = _precision(cfg)
     _say(progress, f"precision: {precision.used} ({precision.reason})")
     jit = "auto" if cfg.jit_compile is None else bool(cfg.jit_compile)
 
@@ -546,12 +616,7 @@ def _train(run: _Run, cfg: TrainConfig, dataset: dict, resume: bool) -> dict:
     def image_data() -> list[tf.data.Dataset]:
         """The image datasets, made on first use (the cached path needs none) and shared by both stages."""
         if not image_datasets:
-            train_ds = make_dataset(train_df, image_size=cfg.image_size, batch_size=cfg.batch_size, training=True,
-                                    augment=cfg.augment_config(), seed=data_seed,
-                                    cache=_cache_for(cfg, train_df, "train"))
-            val_ds = make_dataset(val_df, image_size=cfg.image_size, batch_size=cfg.batch_size, training=False,
-                                  cache=_cache_for(cfg, val_df, "val"))
-            image_datasets.extend([_distribute(strategy, train_ds), _distribute(strategy, val_ds)])
+            image_datasets.extend(_image_datasets(cfg, train_df, val_df, data_seed, strategy))
         return image_datasets
 
     stores: list[FeatureStore] = []
@@ -597,14 +662,188 @@ def _train(run: _Run, cfg: TrainConfig, dataset: dict, resume: bool) -> dict:
                 end = (state.stage1_end or 0) + cfg.finetune_epochs
                 if not state.stopped_early and state.epoch < end:
                     _fit(run, model, *image_data(), 2, end, paths)
-        return _finish(run, train_df, val_df, precision, strategy, resumed_from, time.perf_counter() - t_start)
+        return _finish(run, train_df, val_df, precision, strategy, dist, resumed_from, time.perf_counter() - t_start)
     finally:
         for store in stores:
             store.close()
 
 
+def _session_state(run: _Run, cfg: TrainConfig, dataset: dict, resume: bool) -> tuple[_State | None, dict | None]:
+    """The saved state to continue (None for a new run), and the run's summary when it is finished already and
+    ``cfg`` asks for nothing more (then there is nothing to train)."""
+    state = _load_state(run, cfg, resume)
+    if state is not None:
+        _check_same_dataset(run.out_dir, state.dataset, dataset)
+    if state is not None and not _remaining(state, cfg) and (run.out_dir / "summary.json").is_file():
+        how = " (stopped early)" if state.stopped_early else ""
+        _say(run.progress, f"{run.out_dir}: finished at epoch {state.epoch}{how}; nothing left to train")
+        return state, read_run_json(run.out_dir / "summary.json")
+    return state, None
+
+
+def _start_session(run: _Run, dataset: dict, state: _State | None, dist: DistributeChoice
+                   ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Read the train and val splits (refusing a one-class train split), write the run's config, versions and
+    provenance, and seed this session; returns (train rows, val rows, their file paths)."""
+    cfg, data_dir = run.cfg, run.data_dir
+    df = read_manifest(data_dir)
+    df = df[df["split"] != "test"].reset_index(drop=True)
+    train_df, val_df = split_frame(df, "train"), split_frame(df, "val")
+    if train_df["y"].nunique() < 2:
+        only = "covid" if int(train_df["y"].iloc[0]) == 1 else "normal"
+        raise DataError(f"{data_dir / 'manifest.csv'}: the train split holds only {only} images (one class); a model "
+                        "cannot learn from it. Rebuild the dataset with images of both classes (`covidxray data`).")
+    assert set(train_df["split"]) == {"train"} and set(val_df["split"]) == {"val"}, "test data must not be used"
+    paths = list(train_df["filepath"]) + list(val_df["filepath"])
+
+    run.out.write_json("config.json", cfg.to_dict(), sort_keys=False)
+    run.out.write_json("versions.json", versions())
+    run.out.write_json("provenance.json", {"dataset": dataset, "command": command_line()})
+
+    keras.utils.set_random_seed(cfg.seed + (state.epoch if state else 0))
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    if dist.used != "one":
+        _say(run.progress, f"distribute: {dist.used} ({dist.reason}); worker {dist.worker_index} of "
+                           f"{dist.workers}; training loop: {dist.loop}")
+    return train_df, val_df, paths
+
+
+def _image_datasets(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFrame, seed: int,
+                    strategy: tf.distribute.Strategy) -> list[tf.data.Dataset]:
+    """The train (shuffled and augmented with ``seed``: the config's plus the epoch the session starts at) and
+    val image datasets of global batches, with the auto-shard policy of :func:`_distribute`."""
+    train_ds = make_dataset(train_df, image_size=cfg.image_size, batch_size=cfg.batch_size, training=True,
+                            augment=cfg.augment_config(), seed=seed,
+                            cache=_cache_for(cfg, train_df, "train"))
+    val_ds = make_dataset(val_df, image_size=cfg.image_size, batch_size=cfg.batch_size, training=False,
+                          cache=_cache_for(cfg, val_df, "val"))
+    return [_distribute(strategy, train_ds), _distribute(strategy, val_ds)]
+
+
+def _train_custom(run: _Run, cfg: TrainConfig, dataset: dict, resume: bool, strategy: tf.distribute.Strategy,
+                  dist: DistributeChoice, link: _ChiefLink) -> dict:
+    """Train with covidxray.train_loop into ``run.out``: on every worker of a multi-worker run (the chief into the
+    run folder, the others into their private folders), or in one process when ``COVIDXRAY_TRAIN_LOOP=custom``.
+
+    The run folder is the one :func:`_train` writes (the same callback ends every epoch). Only the chief reads
+    it: the chief decides how the session starts (new, resumed, or finished already) and hands its state, and
+    the weights and optimizer state of its checkpoint, to the other workers, which build the same model.
+    """
+    t_start = time.perf_counter()
+    start = None
+    if dist.chief:
+        state, finished = _session_state(run, cfg, dataset, resume)
+        start = {"finished": finished, "state": None if state is None else asdict(state)}
+    start = link.share(start)
+    if start["finished"] is not None:
+        return start["finished"]
+    state = _State(**start["state"]) if start["state"] is not None else None
+    if state is not None and state.cached:
+        raise ModelError(f"{run.out_dir if dist.chief else 'the run'}: trains the VGG16 tail on cached features, "
+                         "which covidxray's own training loop does not do; resume it with --distribute one.")
+    train_df, val_df, paths = _start_session(run, dataset, state, dist)
+    precision = _precision(cfg)
+    _say(run.progress, f"precision: {precision.used} ({precision.reason})")
+    resumed_from = state.epoch if state is not None else None
+    if state is None:
+        state = _State(config=cfg.to_dict(), weights=None, cached=False, dataset=dataset)
+    else:
+        _say(run.progress, f"resuming {run.out_dir if dist.chief else 'the run'} after epoch {state.epoch}")
+    state.config = cfg.to_dict()
+    state.sessions += 1
+    run.state = state
+    source = run.ckpt_dir / str(state.checkpoint) if resumed_from is not None else None
+    datasets = _image_datasets(cfg, train_df, val_df, cfg.seed + (resumed_from or 0), strategy)
+    model = None
+    with dtype_policy(precision.policy):
+        if state.stage == 1:
+            model = _custom_model(run, strategy, dist, link, 1, source, optimizer=True)
+            if not state.stopped_early and state.epoch < cfg.epochs:
+                _custom_fit(run, strategy, model, datasets, 1, cfg.epochs, paths)
+            if cfg.finetune_epochs > 0:
+                model = _custom_model(run, strategy, dist, link, 2, run.out_dir / MODEL_FILE, optimizer=False)
+                state.stage, state.stage1_end, state.cached = 2, state.epoch, False
+                state.wait, state.stopped_early = 0, False
+                run.save_checkpoint(model)
+        if state.stage == 2:
+            end = (state.stage1_end or 0) + cfg.finetune_epochs
+            if model is None:
+                model = _custom_model(run, strategy, dist, link, 2, source, optimizer=True)
+            if not state.stopped_early and state.epoch < end:
+                _custom_fit(run, strategy, model, datasets, 2, end, paths)
+    summary = None
+    if dist.chief:
+        link.finishing()
+        summary = _finish(run, train_df, val_df, precision, strategy, dist, resumed_from,
+                          time.perf_counter() - t_start)
+    return link.share({"summary": summary})["summary"]
+
+
+def _custom_model(run: _Run, strategy: tf.distribute.Strategy, dist: DistributeChoice, link: _ChiefLink,
+                  stage: int, source: Path | None, *, optimizer: bool) -> keras.Model:
+    """The compiled model of ``stage``, built the same way on every worker under ``strategy``.
+
+    With ``source`` (a saved model: the checkpoint, or the best model when stage 2 begins), its weights (and
+    with ``optimizer`` its optimizer state) as the chief reads them, on every worker; without, a new model
+    (VGG16's backbone weights loaded from ``cfg.weights`` on each worker).
+    """
+    cfg = run.cfg
+    values, shapes = None, None
+    if dist.chief and source is not None:
+        try:
+            values = _saved_values(source, optimizer)
+            shapes = [list(np.shape(v)) for v in values]
+        except (CovidXrayError, OSError, ValueError) as exc:
+            shapes = {"error": f"{source}: cannot be read ({exc}); start a new run with another --out."}
+    with strategy.scope():
+        model = build_model(cfg.model, image_size=cfg.image_size, weights="none", trainable_from=cfg.trainable_from,
+                            dropout=cfg.dropout, seed=cfg.seed)
+        if source is None and stage == 1:
+            run.state.weights = (load_vgg16_backbone_weights(model, cfg.weights) if cfg.model == "vgg16"
+                                 else {"spec": cfg.weights, "path": None, "layers": 0})
+            if cfg.cached_features and cfg.model == "vgg16" and not cfg.finetune_epochs \
+                    and can_cache(model, cfg.trainable_from):
+                raise ModelError(f"--distribute {cfg.distribute}: covidxray's own training loop (used for "
+                                 f"{dist.used} training) does not train on cached VGG16 features; pass "
+                                 "--no-cached-features (cached_features=False).")
+        if stage == 2:
+            set_trainable_from(model, cfg.finetune_from)
+        compile_model(model, cfg.lr if stage == 1 else cfg.finetune_lr, jit_compile=False)
+        model.optimizer.build(model.trainable_variables)
+    if source is not None:
+        variables = [*model.weights, *(model.optimizer.variables if optimizer else [])]
+        shared = link.share({"shapes": shapes} if dist.chief else None)["shapes"]
+        if isinstance(shared, dict):
+            raise ModelError(shared["error"])
+        if shared != [list(v.shape) for v in variables]:
+            raise ModelError(f"{source if dist.chief else 'the chief checkpoint'}: its weights do not fit the "
+                             f"{cfg.model} model of this config; start a new run with another --out.")
+        sync_variables(strategy, dist.workers, variables, values)
+    return model
+
+
+def _saved_values(path: Path, optimizer: bool) -> list[np.ndarray]:
+    """The weights of the model saved at ``path`` and, with ``optimizer``, its optimizer's variables, in the
+    order a model built from its config (and compiled) holds them."""
+    saved = keras.models.load_model(path, compile=optimizer)
+    variables = [*saved.weights, *(saved.optimizer.variables if optimizer else [])]
+    return [keras.ops.convert_to_numpy(v) for v in variables]
+
+
+def _custom_fit(run: _Run, strategy: tf.distribute.Strategy, model: keras.Model, datasets: list[tf.data.Dataset],
+                stage: int, end: int, paths: list[str]) -> None:
+    """Epochs ``run.state.epoch + 1`` ... ``end`` of ``stage`` with covidxray.train_loop, one history row each."""
+    _say(run.progress, f"stage {stage}: epochs {run.state.epoch + 1}..{end}")
+    loop = CustomLoop(strategy, model)
+    with _data_errors(run, paths):
+        loop.fit(*datasets, initial_epoch=run.state.epoch, epochs=end, callbacks=[_RunCallback(run, stage)],
+                 report=lambda line: _say(run.progress, line))
+
+
 def _finish(run: _Run, train_df: pd.DataFrame, val_df: pd.DataFrame, precision: PrecisionChoice,
-            strategy: tf.distribute.Strategy, resumed_from: int | None, session_seconds: float) -> dict:
+            strategy: tf.distribute.Strategy, dist: DistributeChoice, resumed_from: int | None,
+            session_seconds: float) -> dict:
     """Evaluate the best model on val (at the training precision), choose the threshold, and write the remaining
     run files."""
     cfg, state, out_dir = run.cfg, run.state, run.out_dir
@@ -661,6 +900,7 @@ def _finish(run: _Run, train_df: pd.DataFrame, val_df: pd.DataFrame, precision: 
         "precision": precision.to_dict(),
         "mixed_precision": precision.mixed,
         "replicas": strategy.num_replicas_in_sync,
+        "distribute": dist.to_dict(),
         "deterministic": cfg.deterministic,
         "train_seconds": timing["train_seconds"],
         "dataset": state.dataset,

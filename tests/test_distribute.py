@@ -1,0 +1,339 @@
+"""Where training runs (covidxray.distribute), and multi-worker training with covidxray's own loop: two real
+worker processes on this machine, compared with one process that trains the same global batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from covidxray.distribute import LOOP_VAR, TF_CONFIG_VAR, choose_distribution, make_strategy
+from covidxray.errors import ModelError
+from covidxray.train import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = ["--model", "scratch", "--image-size", "32", "--batch-size", "8", "--lr", "1e-3", "--patience", "0",
+         "--quiet"]
+"""A scratch CNN on 32 px images in global batches of 8 (4 per worker)."""
+WORKER_TIMEOUT = 120.0
+WEIGHT_TOLERANCE = 1e-5
+"""Largest absolute weight difference allowed between two workers and one process with two replicas."""
+TWO_CPU_REPLICAS = """
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from covidxray.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+"""One process whose CPU is split into two logical devices, so ``--distribute mirrored`` has two replicas."""
+
+
+def tf_config(ports: list[int], index: int) -> str:
+    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                       "task": {"type": "worker", "index": index}})
+
+
+# ------------------------------------------------------------------------------------------------ the choice
+
+
+def test_auto_is_one_device_without_tf_config_and_gpus(monkeypatch):
+    monkeypatch.delenv(TF_CONFIG_VAR, raising=False)
+    monkeypatch.delenv(LOOP_VAR, raising=False)
+    choice = choose_distribution("auto", gpus=0)
+    assert (choice.used, choice.loop, choice.workers, choice.chief) == ("one", "fit", 1, True)
+    assert "TF_CONFIG is not set" in choice.reason
+    assert choose_distribution("auto", gpus=2).used == "mirrored"
+    assert choose_distribution("one", gpus=2).used == "one"
+
+
+def test_auto_is_multi_worker_with_tf_config(monkeypatch):
+    monkeypatch.delenv(LOOP_VAR, raising=False)
+    monkeypatch.setenv(TF_CONFIG_VAR, tf_config([2222, 2223], 1))
+    choice = choose_distribution("auto", gpus=0)
+    assert (choice.used, choice.loop, choice.workers, choice.worker_index, choice.chief) == \
+        ("multi-worker", "custom", 2, 1, False)
+    assert choice.to_dict()["chief"] is False and "TF_CONFIG is set" in choice.reason
+    # a cluster with a chief: the chief is worker 0, workers count after it
+    monkeypatch.setenv(TF_CONFIG_VAR, json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:1", "c:1"]},
+                                                  "task": {"type": "worker", "index": 0}}))
+    choice = choose_distribution("multi-worker")
+    assert (choice.workers, choice.worker_index, choice.chief) == (3, 1, False)
+    monkeypatch.setenv(TF_CONFIG_VAR, json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:1"]},
+                                                  "task": {"type": "chief", "index": 0}}))
+    assert choose_distribution("auto").chief
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("{not json", "is not valid JSON"),
+    ('{"cluster": {"worker": ["a:1"]}}', '"task" object'),
+    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}', "0 ... 1"),
+    ('{"cluster": {"worker": ["a:1"], "ps": ["b:2"]}, "task": {"type": "worker", "index": 0}}', "['ps']"),
+    ('{"cluster": {"worker": ["a"]}, "task": {"type": "worker", "index": 0}}', '"host:port"'),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}', "task type 'chief'"),
+])
+def test_a_bad_tf_config_names_the_variable_the_problem_and_the_fix(monkeypatch, text, says):
+    monkeypatch.setenv(TF_CONFIG_VAR, text)
+    for requested in ("auto", "multi-worker"):
+        with pytest.raises(ModelError) as err:
+            choose_distribution(requested, gpus=0)
+        assert "TF_CONFIG environment variable" in str(err.value) and says in str(err.value)
+        assert '"task": {"type": "worker", "index": 0}' in str(err.value)
+
+
+def test_multi_worker_without_tf_config_says_how_to_set_it(monkeypatch):
+    monkeypatch.delenv(TF_CONFIG_VAR, raising=False)
+    with pytest.raises(ModelError, match="needs the TF_CONFIG environment variable"):
+        choose_distribution("multi-worker")
+
+
+def test_the_custom_loop_can_be_forced_and_fit_cannot_run_multi_worker(monkeypatch):
+    monkeypatch.delenv(TF_CONFIG_VAR, raising=False)
+    monkeypatch.setenv(LOOP_VAR, "custom")
+    assert choose_distribution("one").loop == "custom"
+    monkeypatch.setenv(LOOP_VAR, "fit")
+    monkeypatch.setenv(TF_CONFIG_VAR, tf_config([2222], 0))
+    with pytest.raises(ModelError, match="keras-team/keras#20585"):
+        choose_distribution("multi-worker")
+    monkeypatch.setenv(LOOP_VAR, "fast")
+    with pytest.raises(ModelError, match=LOOP_VAR):
+        choose_distribution("one")
+
+
+def test_distribute_is_checked_in_the_config():
+    with pytest.raises(ModelError, match=r"distribute \(--distribute\) must be one of"):
+        TrainConfig(distribute="cluster").validate()
+    assert TrainConfig().distribute == "auto"
+
+
+def test_multi_worker_after_tensorflow_started_is_refused(monkeypatch):
+    import tensorflow as tf
+
+    tf.constant(1.0) + 1.0  # TensorFlow's runtime runs now, as in a process that did other work first
+    monkeypatch.delenv(LOOP_VAR, raising=False)
+    monkeypatch.setenv(TF_CONFIG_VAR, tf_config(free_ports(1), 0))
+    with pytest.raises(ModelError, match="before TensorFlow runs anything else"):
+        make_strategy(choose_distribution("multi-worker"))
+
+
+# ------------------------------------------------------------------------------------------------ two workers
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A built-dataset folder: 32 train and 16 val images (48 px), covid = a bright disc on noise."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:48, :48]
+    rows = []
+    for split, n in (("train", 32), ("val", 16)):
+        for i in range(n):
+            img = rng.normal(90, 20, (48, 48))
+            if i % 2:
+                cy, cx = rng.integers(16, 32, 2)
+                img[(yy - cy) ** 2 + (xx - cx) ** 2 < 64] = 230
+            label = "covid" if i % 2 else "normal"
+            rel = f"{split}/{label}/img_{i}.png"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / rel)
+            rows.append({"path": rel, "label": label, "split": split, "patient_id": f"p{split}{i}"})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    return root
+
+
+def test_the_custom_loop_refuses_cached_vgg16_features_and_tensorboard(data, tmp_path, monkeypatch):
+    from covidxray.train import train
+
+    monkeypatch.delenv(TF_CONFIG_VAR, raising=False)
+    monkeypatch.setenv(LOOP_VAR, "custom")
+    cfg = TrainConfig(model="vgg16", weights="none", image_size=32, batch_size=8, epochs=1, distribute="one")
+    with pytest.raises(ModelError, match="--no-cached-features"):
+        train(cfg, data, tmp_path / "vgg16", progress=False)
+    assert not (tmp_path / "vgg16").exists()
+    with pytest.raises(ModelError, match="--tensorboard"):
+        train(TrainConfig(model="scratch", image_size=32, epochs=1, distribute="one"), data, tmp_path / "board",
+              progress=False, tensorboard=True)
+
+
+def test_the_custom_loop_in_one_process_resumes_like_fit(data, tmp_path, monkeypatch):
+    """The custom loop on one device writes the run folder fit writes, and a resumed run restores the
+    checkpoint's weights and optimizer state (the path multi-worker resumes take, with no other worker)."""
+    from covidxray.train import train
+
+    monkeypatch.delenv(TF_CONFIG_VAR, raising=False)
+    monkeypatch.setenv(LOOP_VAR, "custom")
+    cfg = TrainConfig(model="scratch", image_size=32, batch_size=8, epochs=1, lr=1e-3, patience=0, distribute="one")
+    out = tmp_path / "run"
+    first = train(cfg, data, out, progress=False)
+    assert first["distribute"]["loop"] == "custom" and first["distribute"]["used"] == "one"
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"model.keras", "history.csv", "threshold.json", "summary.json", "checkpoint/state.json",
+            "checkpoint/epoch_0001.keras", "model_card.md"} <= files
+    second = train(TrainConfig(**{**cfg.to_dict(), "epochs": 2}), data, out, progress=False, resume=True)
+    assert second["resumed_from_epoch"] == 1 and second["epochs_run"] == 2
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["epoch"]) == [1, 2] and history["val_loss"].notna().all()
+
+
+def test_the_custom_loop_trains_what_fit_trains_on_one_device(data, tmp_path, monkeypatch):
+    """Same config, same device: covidxray's loop and Keras' fit end with the same weights and history, so the
+    loop could replace fit without changing a result."""
+    import keras
+
+    from covidxray.train import train
+
+    monkeypatch.delenv(TF_CONFIG_VAR, raising=False)
+    cfg = TrainConfig(model="scratch", image_size=32, batch_size=8, epochs=2, lr=1e-3, patience=0, distribute="one")
+    for loop in ("fit", "custom"):
+        monkeypatch.setenv(LOOP_VAR, loop)
+        assert train(cfg, data, tmp_path / loop, progress=False)["distribute"]["loop"] == loop
+    fit, custom = (keras.models.load_model(tmp_path / loop / "checkpoint" / "epoch_0002.keras").get_weights()
+                   for loop in ("fit", "custom"))
+    assert all(np.array_equal(a, b) for a, b in zip(fit, custom, strict=True))
+    columns = ["loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc"]
+    assert np.allclose(pd.read_csv(tmp_path / "fit" / "history.csv")[columns],
+                       pd.read_csv(tmp_path / "custom" / "history.csv")[columns], rtol=0, atol=1e-6)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports the system just handed out (bound to port 0 together, then released)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def run_processes(commands: list[tuple[list[str], dict[str, str | None]]], logs: Path) -> list[tuple[int, str, str]]:
+    """Run the commands at once, each with its environment changes (None: unset); (exit code, stdout, stderr) of
+    each, all killed after WORKER_TIMEOUT seconds."""
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i, (cmd, env) in enumerate(commands):
+        with open(logs / f"{i}.out", "wb") as out, open(logs / f"{i}.err", "wb") as err:
+            environ = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+            procs.append(subprocess.Popen(cmd, env=environ, cwd=REPO, stdout=out, stderr=err))
+    deadline = time.monotonic() + WORKER_TIMEOUT
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        pytest.fail(f"workers still running after {WORKER_TIMEOUT} s: "
+                    + " | ".join((logs / f"{i}.err").read_text()[-2000:] for i in range(len(procs))))
+    return [(proc.returncode, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text())
+            for i, proc in enumerate(procs)]
+
+
+def run_two_workers(data: Path, outs: list[Path], tmp: Path, *extra: str) -> list[dict]:
+    """``covidxray train --distribute multi-worker`` on two local workers (``outs[i]`` the ``--out`` of worker i);
+    their printed summaries. Their temporary folders go under ``tmp``; the non-chief's must be gone after."""
+    ports = free_ports(2)
+    tmp.mkdir(parents=True, exist_ok=True)
+    commands = [([sys.executable, "-m", "covidxray", "train", "--data", str(data), "--out", str(out),
+                  "--distribute", "multi-worker", *TRAIN, *extra],
+                 {TF_CONFIG_VAR: tf_config(ports, i), "TMPDIR": str(tmp)}) for i, out in enumerate(outs)]
+    results = run_processes(commands, tmp.parent / f"logs-{tmp.name}")
+    for i, (code, _, err) in enumerate(results):
+        assert code == 0, f"worker {i} exited {code}: {err[-3000:]}"
+    left = sorted(p.name for p in tmp.glob("covidxray-worker-*"))
+    assert not left, f"the non-chief left its private run folder behind: {left}"
+    return [json.loads(out) for _, out, _ in results]
+
+
+def assert_wrote_nothing(folder: Path) -> None:
+    assert not folder.exists() or not any(folder.rglob("*")), f"the non-chief wrote {list(folder.rglob('*'))}"
+
+
+def max_weight_difference(a: Path, b: Path) -> float:
+    import keras
+
+    wa = keras.models.load_model(a, compile=False).get_weights()
+    wb = keras.models.load_model(b, compile=False).get_weights()
+    assert [w.shape for w in wa] == [w.shape for w in wb]
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(wa, wb, strict=True))
+
+
+def test_two_workers_train_what_one_process_trains_and_only_the_chief_writes(data, tmp_path):
+    """Two worker processes (4 images of each global batch of 8 each) end with the weights of one process
+    that trains the same global batches on two replicas with the same loop.
+
+    The reference has two replicas, not one, because the scratch CNN's dropout draws its mask per replica batch
+    (both replicas draw from the same seed): one replica over the global batch draws other masks, so its
+    weights differ by about the learning rate, not by rounding.
+    """
+    started = time.perf_counter()
+    chief_out, other_out = tmp_path / "chief", tmp_path / "other"
+    summaries = run_two_workers(data, [chief_out, other_out], tmp_path / "tmp", "--epochs", "2")
+    assert_wrote_nothing(other_out)
+    summary = json.loads((chief_out / "summary.json").read_text())
+    assert summary["distribute"] == {"requested": "multi-worker", "used": "multi-worker", "reason": summary[
+        "distribute"]["reason"], "workers": 2, "worker_index": 0, "loop": "custom", "chief": True}
+    assert summary["replicas"] == 2 and summary["epochs_run"] == 2
+    history = pd.read_csv(chief_out / "history.csv")
+    assert list(history["epoch"]) == [1, 2]
+    assert {"loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc"} <= set(history.columns)
+    assert summaries[0]["distribute"]["chief"] and summaries[1]["distribute"]["worker_index"] == 1
+    assert summaries[1]["run_dir"] == summaries[0]["run_dir"] == str(chief_out)
+    workers_seconds = time.perf_counter() - started
+
+    one_out = tmp_path / "one"
+    cmd = [sys.executable, "-c", TWO_CPU_REPLICAS, "train", "--data", str(data), "--out", str(one_out),
+           "--distribute", "mirrored", "--epochs", "2", *TRAIN]
+    [(code, _, err)] = run_processes([(cmd, {LOOP_VAR: "custom", TF_CONFIG_VAR: None})], tmp_path / "logs-one")
+    assert code == 0, err[-3000:]
+    one = json.loads((one_out / "summary.json").read_text())
+    assert (one["replicas"], one["distribute"]["used"], one["distribute"]["loop"]) == (2, "mirrored", "custom")
+    difference = max_weight_difference(chief_out / "model.keras", one_out / "model.keras")
+    print(f"two workers {workers_seconds:.1f} s; max |weight difference| to one process: {difference:.3g}")
+    assert difference <= WEIGHT_TOLERANCE
+    assert np.allclose(pd.read_csv(one_out / "history.csv")["val_loss"], history["val_loss"], atol=1e-5)
+
+
+def test_two_workers_resume_from_the_chief_checkpoint(data, tmp_path):
+    """A multi-worker run of one epoch, extended to two with --resume on both workers: the non-chief gets the
+    chief's state and checkpoint over the network, so it needs no copy of the run folder."""
+    chief_out, other_out = tmp_path / "chief", tmp_path / "other"
+    run_two_workers(data, [chief_out, other_out], tmp_path / "tmp1", "--epochs", "1")
+    assert len(pd.read_csv(chief_out / "history.csv")) == 1
+    summaries = run_two_workers(data, [chief_out, other_out], tmp_path / "tmp2", "--epochs", "2", "--resume")
+    assert_wrote_nothing(other_out)
+    history = pd.read_csv(chief_out / "history.csv")
+    assert list(history["epoch"]) == [1, 2]
+    summary = json.loads((chief_out / "summary.json").read_text())
+    assert summary["resumed_from_epoch"] == 1 and summary["epochs_run"] == 2
+    assert summaries[1]["resumed_from_epoch"] == 1
+    state = json.loads((chief_out / "checkpoint" / "state.json").read_text())
+    assert state["sessions"] == 2 and state["epoch"] == 2
+
+
+def test_a_chief_that_refuses_its_out_folder_stops_the_other_worker_too(data, tmp_path):
+    """The chief fails before training (its --out holds a file of the user's); the other worker, waiting for
+    the chief's start, gets the chief's error and exits 2 instead of waiting for ever."""
+    chief_out, other_out = tmp_path / "chief", tmp_path / "other"
+    chief_out.mkdir()
+    (chief_out / "notes.txt").write_text("mine")
+    ports = free_ports(2)
+    commands = [([sys.executable, "-m", "covidxray", "train", "--data", str(data), "--out", str(out),
+                  "--distribute", "multi-worker", "--epochs", "1", *TRAIN], {TF_CONFIG_VAR: tf_config(ports, i)})
+                for i, out in enumerate([chief_out, other_out])]
+    (chief_code, _, chief_err), (other_code, _, other_err) = run_processes(commands, tmp_path / "logs")
+    assert chief_code == 2 and "notes.txt" in chief_err
+    assert other_code == 2 and "the chief (worker 0) of this multi-worker run failed" in other_err
+    assert "notes.txt" in other_err
+    assert_wrote_nothing(other_out)
+    assert sorted(p.name for p in chief_out.iterdir()) == ["notes.txt"]
