@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,8 +301,10 @@ def training_settings(data: str | Path, epochs: int | None = None, image_size: i
 
 def train_in_notebook(config: Any, data: str | Path, run_dir: str | Path) -> dict | None:
     """Train (or continue, or reuse a finished) run for a notebook, one progress line per epoch; returns its
-    summary. A problem the user can fix (a CovidXrayError) is shown as Markdown worded for the notebook, with
-    the notebook-side fix, and None is returned, so the following cells carry on without this model."""
+    summary. The progress lines go to the cell's ordinary output: on the command line they are on stderr (stdout
+    carries results), which a notebook paints as red warning boxes. A problem the user can fix (a CovidXrayError)
+    is shown as Markdown worded for the notebook, with the notebook-side fix, and None is returned, so the
+    following cells carry on without this model."""
     from covidxray.backbones import resolve_vgg16_weights
     from covidxray.train import train
 
@@ -311,7 +315,8 @@ def train_in_notebook(config: Any, data: str | Path, run_dir: str | Path) -> dic
         say(f"{notebook_message(str(exc))} {WEIGHTS_FIX}")
         return None
     try:
-        return train(config, data, run_dir, resume=True, progress=True)
+        with contextlib.redirect_stderr(sys.stdout):
+            return train(config, data, run_dir, resume=True, progress=True)
     except CovidXrayError as exc:
         say(f"{notebook_message(str(exc))} {NOTEBOOK_FIX}")
         return None
