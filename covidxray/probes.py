@@ -282,6 +282,14 @@ def stats_probe(data_dir: str | Path, *, seed: int = 0, n_boot: int = 2000, prog
 # ------------------------------------------------------------------------------------------ both
 
 
+def probe_cells(result: dict[str, Any], key: str) -> list[str]:
+    """One probe's table cells: name, what it sees, accuracy [CI], ROC-AUC [CI], chance, verdict."""
+    r = result[key]
+    verdict = "labels readable without the lungs" if r["shortcut"] else "not far above chance"
+    return [key, r["what"], format_metric(r["accuracy"], r["accuracy_ci"]),
+            format_metric(r["roc_auc"], r["roc_auc_ci"], percent=False), format_metric(r["chance"]), verdict]
+
+
 def probes_markdown(result: dict[str, Any], heading: str | None = None) -> str:
     """A short Markdown verdict: one table row per probe, then the warnings (or that there are none).
 
@@ -291,11 +299,8 @@ def probes_markdown(result: dict[str, Any], heading: str | None = None) -> str:
              "| probe | what it sees | accuracy [95 % CI] | ROC-AUC [95 % CI] | chance | n test | verdict |",
              "|---|---|---|---|---|---|---|"]
     for key in ("source", "statistics"):
-        r = result[key]
-        verdict = "labels readable without the lungs" if r["shortcut"] else "not far above chance"
-        lines.append(f"| {key} | {r['what']} | {format_metric(r['accuracy'], r['accuracy_ci'])} | "
-                     f"{format_metric(r['roc_auc'], r['roc_auc_ci'], percent=False)} | "
-                     f"{format_metric(r['chance'])} | {r['n_test']} | {verdict} |")
+        cells = probe_cells(result, key)
+        lines.append("| " + " | ".join([*cells[:5], str(result[key]["n_test"]), cells[5]]) + " |")
     lines.append("")
     if result["warnings"]:
         lines += [*result["warnings"], "",

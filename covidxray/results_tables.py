@@ -25,7 +25,7 @@ from covidxray import paths
 from covidxray.errors import DataError
 from covidxray.metrics import format_metric, seed_summary
 from covidxray.outputs import write_text
-from covidxray.report import mean_std
+from covidxray.report import TABLE_METRICS, mean_std
 
 RESULTS_DIR = Path("results")
 README = Path("README.md")
@@ -58,14 +58,7 @@ REPORTED_2020: tuple[tuple[str, str, str], ...] = (
 )
 """The 2020 project's own accuracies (quoted from its notebooks; precision, recall and F1 were left blank)."""
 
-SEED_METRICS: tuple[tuple[str, str, bool], ...] = (
-    ("accuracy", "accuracy", True),
-    ("precision", "precision", True),
-    ("recall", "recall", True),
-    ("specificity", "specificity", True),
-    ("f1", "F1", True),
-    ("roc_auc", "ROC-AUC", False),
-)
+SEED_METRICS: tuple[tuple[str, str, bool], ...] = tuple(m for m in TABLE_METRICS if m[0] != "pr_auc")
 """(metric key, column header, shown in percent) of the mean ± std columns."""
 
 _SECTION = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
@@ -167,15 +160,12 @@ def cross_table(cross: Mapping[str, Any], designs: Mapping[str, tuple[str, str]]
 
 def probes_table(probes: Mapping[str, Mapping[str, Any]]) -> str:
     """README table 4: both shortcut probes per design (``probes``: design -> a ``probes.json``)."""
+    from covidxray.probes import probe_cells
+
     lines = ["| design | probe | what it sees | accuracy [95 % CI] | ROC-AUC [95 % CI] | chance | verdict |",
              "|---|---|---|---|---|---|---|"]
-    for design, result in probes.items():
-        for key in ("source", "statistics"):
-            r = result[key]
-            verdict = "label readable without the lungs" if r["shortcut"] else "not far above chance"
-            lines.append(f"| {design} | {key} | {r['what']} | {format_metric(r['accuracy'], r['accuracy_ci'])} | "
-                         f"{format_metric(r['roc_auc'], r['roc_auc_ci'], percent=False)} | "
-                         f"{format_metric(r['chance'])} | {verdict} |")
+    lines += ["| " + " | ".join([design, *probe_cells(dict(result), key)]) + " |"
+              for design, result in probes.items() for key in ("source", "statistics")]
     return "\n".join(lines) + "\n"
 
 
