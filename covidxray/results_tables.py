@@ -355,9 +355,17 @@ def sections(results: Mapping[str, Any], bench: Mapping[str, Any] | None = None,
     }
 
 
-def markdown(names: Sequence[str], results_dir: str | Path = RESULTS_DIR) -> str:
-    """The generated sections ``names`` (see :func:`sections`) one after the other, for a notebook to display."""
-    generated = sections(load_results(results_dir))
+def markdown(names: Sequence[str], results_dir: str | Path = RESULTS_DIR, *, missing: str = "say") -> str:
+    """The generated sections ``names`` (see :func:`sections`) one after the other, for a notebook to display.
+
+    Without the results files (a notebook run from another folder, or ``results/`` deleted), ``missing="say"``
+    returns one Markdown line naming the file and how to make it, so the notebook carries on; ``"raise"`` raises."""
+    try:
+        generated = sections(load_results(results_dir))
+    except DataError as exc:
+        if missing == "say":
+            return f"*The results tables cannot be shown: {exc}*\n"
+        raise
     unknown = [name for name in names if name not in generated]
     if unknown:
         raise DataError(f"no results section {unknown}; the sections are {list(generated)}.")

@@ -119,5 +119,9 @@ def test_missing_results_file_is_named_with_the_fix(tmp_path):
     (results / FILES["cross"]).unlink()
     with pytest.raises(DataError, match=r"table3-cross-design.json: not found; run `python -m bench.seeds`"):
         load_results(results)
+    said = markdown(["table1"], results)
+    assert said.startswith("*The results tables cannot be shown:") and "table3-cross-design.json: not found" in said
+    with pytest.raises(DataError, match="not found"):
+        markdown(["table1"], results, missing="raise")
     with pytest.raises(DataError, match="no results section"):
         markdown(["table9"], RESULTS)
