@@ -344,6 +344,20 @@ def _is_missing(x: Any) -> bool:
     return x is None or (isinstance(x, float) and math.isnan(x))
 
 
+def _metric_scale(percent: bool) -> tuple[float, int, str]:
+    """(scale, decimals, unit) of a printed metric: rates in percent with one decimal, AUCs on 0-1 with three."""
+    return (100.0, 1, " %") if percent else (1.0, 3, "")
+
+
+def mean_std(mean: Any, std: Any, percent: bool) -> str:
+    """"96.5 ± 1.2 %" (rates) or "0.993 ± 0.004" (AUCs); "n/a" for a missing mean, "± n/a" for one seed."""
+    if mean is None or math.isnan(mean):
+        return "n/a"
+    scale, digits, unit = _metric_scale(percent)
+    spread = "n/a" if std is None or math.isnan(std) else f"{std * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f} ± {spread}{unit}"
+
+
 def format_metric(value: float | None, ci: Sequence[float] | None = None, *, percent: bool = True) -> str:
     """Human-readable value with interval: "97.1 % [92.6, 100.0]" (rates) or "0.981 [0.962, 0.995]" (AUCs).
 
@@ -351,7 +365,7 @@ def format_metric(value: float | None, ci: Sequence[float] | None = None, *, per
     """
     if _is_missing(value):
         return "n/a"
-    scale, digits, unit = (100.0, 1, " %") if percent else (1.0, 3, "")
+    scale, digits, unit = _metric_scale(percent)
     text = f"{value * scale:.{digits}f}{unit}"
     if ci is not None and len(ci) == 2 and not any(_is_missing(c) for c in ci):
         text += f" [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"

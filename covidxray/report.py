@@ -25,7 +25,7 @@ from covidxray.designs import PEDIATRIC_SOURCES
 from covidxray.errors import DataError
 from covidxray.images import open_grayscale
 from covidxray.manifest import check_frame
-from covidxray.metrics import calibration_bins, expected_calibration_error, format_metric
+from covidxray.metrics import calibration_bins, expected_calibration_error, format_metric, mean_std
 from covidxray.outputs import atomic_write
 
 CLASS_COLORS: dict[str, str] = {"normal": "tab:blue", "covid": "tab:red"}
@@ -64,15 +64,6 @@ def _finish(fig: Figure, path: str | Path | None) -> Figure:
 
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def mean_std(mean: Any, std: Any, percent: bool) -> str:
-    """"96.5 ± 1.2 %" (rates) or "0.993 ± 0.004" (AUCs); "n/a" for a missing mean, "± n/a" for one seed."""
-    scale, digits, unit = (100.0, 1, " %") if percent else (1.0, 3, "")
-    if mean is None or math.isnan(mean):
-        return "n/a"
-    spread = "n/a" if std is None or math.isnan(std) else f"{std * scale:.{digits}f}"
-    return f"{mean * scale:.{digits}f} ± {spread}{unit}"
 
 
 def _seed_cell(row: Mapping[str, Any]) -> str:

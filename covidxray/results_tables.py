@@ -23,9 +23,9 @@ from typing import Any
 
 from covidxray import paths
 from covidxray.errors import DataError
-from covidxray.metrics import format_metric, seed_summary
+from covidxray.metrics import format_metric, mean_std, seed_summary
 from covidxray.outputs import write_text
-from covidxray.report import TABLE_METRICS, mean_std
+from covidxray.report import TABLE_METRICS
 
 RESULTS_DIR = Path("results")
 README = Path("README.md")
