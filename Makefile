@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install bench reproduce-seed results notebooks clean
+.PHONY: demo test lint install bench scaling reproduce-seed results notebooks clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ lint: install
 # Side-by-side benchmark against the 2020-style pipeline (about half an hour on 2 idle cores; --quick: 2 minutes).
 bench: install
 	$(BIN)/python -m bench
+
+# The scaling curve alone (10 %, 30 %, 100 % of 6,000 synthetic images; float32 and bfloat16 where the CPU has bf16):
+# about 45 minutes; run it with nothing else on the machine. Writes bench/scaling_results.json and .md.
+scaling: install
+	$(BIN)/python -m bench --scaling
 
 # The long runs behind the README's tables and the rendered notebooks (need ../shared/data; minutes to hours).
 SHARED ?= ../shared/data

@@ -2,6 +2,9 @@
 
 ``python -m bench --precision [--quick] [--out DIR]``: the float32 / bfloat16 benchmark instead (bench/precision.py,
 precision_results.json and .md).
+
+``python -m bench --scaling [--quick] [--out DIR] [--precisions float32,bfloat16] [--scale-n N] [--fractions ...]``:
+the scaling curve alone, in float32 and bfloat16 (bench/scaling.py, scaling_results.json and .md).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", action="store_true", help="ours: float16 compute (GPU only)")
     p.add_argument("--precision", action="store_true",
                    help="run the float32 vs bfloat16 benchmark instead (see bench/precision.py; its own options)")
+    p.add_argument("--scaling", action="store_true",
+                   help="run only the scaling curve, float32 and bfloat16 (see bench/scaling.py; its own options)")
     p.add_argument("--jit-compile", choices=("auto", "on", "off"), default="auto",
                    help="ours: XLA (auto: on a GPU without op determinism, off on CPU)")
     p.add_argument("--workdir", type=Path, default=None, help="keep the work files here (default: a temp folder)")
@@ -52,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.precision import main as precision_main
 
         return precision_main([a for a in argv if a != "--precision"])
+    if "--scaling" in argv:
+        from bench.scaling import main as scaling_main
+
+        return scaling_main([a for a in argv if a != "--scaling"])
     args = _parser().parse_args(argv)
     if args.scale_child:
         from bench.scaling import child

@@ -7,8 +7,10 @@ patient-bootstrap interval beside it, the cross-design matrix, and the wall time
 holds each table between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``;
 ``python -m covidxray.results_tables`` rewrites those sections and ``--check`` lists the ones that disagree with
 the files (the test suite runs the check). The Speed section comes the same way from the benchmark's results files
-(``bench/results.json``, ``bench/precision_results.json``) and the heatmap table from the checks the heatmap notebook
-writes (``Class_Activation_Images/*__checks.json``). The notebooks show the tables through :func:`markdown`.
+(``bench/results.json``, ``bench/precision_results.json``), the scaling section from ``python -m bench --scaling``'s
+``bench/scaling_results.json`` (a line saying what to run while it is absent) and the heatmap table from the checks the
+heatmap notebook writes (``Class_Activation_Images/*__checks.json``). The notebooks show the tables through
+:func:`markdown`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ RESULTS_DIR = Path("results")
 README = Path("README.md")
 BENCH_FILES: dict[str, Path] = {"speed": Path("bench/results.json"), "precision": Path("bench/precision_results.json")}
 """The benchmark results files (``python -m bench``, ``python -m bench --precision``) the Speed section is made of."""
+SCALING_FILE = Path("bench/scaling_results.json")
+"""``python -m bench --scaling``'s results file, the scaling section's source (optional: the section says how to make
+it)."""
 
 FILES: dict[str, str] = {
     "table1": "table1-2020-split.json",
@@ -226,7 +231,6 @@ def speed_table(bench: Mapping[str, Any]) -> str:
     lines = ["| | original-style | ours | ours / original | target |", "|---|---:|---:|---:|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     meta = bench.get("meta") or {}
-    scaling = (bench.get("scaling") or {}).get("growth") or {}
     text = "\n".join(lines) + "\n"
     if meta.get("bench_seconds") is not None:
         load = meta.get("load_average_before"), meta.get("load_average_after")
@@ -239,24 +243,7 @@ def speed_table(bench: Mapping[str, Any]) -> str:
                  "the saved model is still a normal `.keras` model that takes images (cached and uncached "
                  f"predictions on {check['n_images']} test images differ by at "
                  f"most {check['max_abs_diff_float16_cache']:.0e}).\n")
-    if scaling:
-        text += ("\nScaling (10 %, 30 % and 100 % of a synthetic set of 6,000 images, one epoch, one subprocess per "
-                 "size): " + "; ".join(g["summary"] for g in scaling.values()) + ".\n\n" + scaling_table(bench))
     return text
-
-
-def scaling_table(bench: Mapping[str, Any]) -> str:
-    """Time and peak memory per stage and size of the benchmark's scaling curve."""
-    rows = bench["scaling"]["rows"]
-    models = bench["scaling"].get("models", [])
-    header = ["share", "images", "build"] + [f"{m}: time, peak memory" for m in models]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---:"] * len(header)) + "|"]
-    for row in rows:
-        cells = [f"{row['fraction']:.0%}", str(row["n_images"]), f"{row['build']['seconds']:.1f} s"]
-        cells += [f"{row[m]['seconds']:.0f} s, {row[m]['peak_rss_mb'] / 1024:.1f} GiB" if m in row else "failed"
-                  for m in models]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def precision_text(bench: Mapping[str, Any]) -> str:
@@ -281,6 +268,55 @@ def precision_text(bench: Mapping[str, Any]) -> str:
             f"({ex['by_precision']['bfloat16']['images_per_s']:.1f} against "
             f"{ex['by_precision']['float32']['images_per_s']:.1f} images/s); test ROC-AUC: scratch {auc(s)}; "
             f"VGG16 {auc(v)}.\n")
+
+
+def _memory(mib: float) -> str:
+    return f"{mib / 1024:.1f} GiB" if mib >= 1024 else f"{mib:.0f} MiB"
+
+
+def load_scaling(path: str | Path = SCALING_FILE) -> dict[str, Any] | None:
+    """``python -m bench --scaling``'s results, or None when the file has not been written yet."""
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def scaling_text(scaling: Mapping[str, Any] | None) -> str:
+    """The README's scaling section from ``bench/scaling_results.json``: the machine and setup in one sentence,
+    time and peak memory per size and stage in each precision with the bfloat16 / float32 time ratio, then the
+    growth summaries per precision. ``None`` (no results file yet): one line saying what to run."""
+    if scaling is None:
+        return (f"*No scaling results yet ({SCALING_FILE} not found): run `make scaling` (`python -m bench "
+                "--scaling`, about 45 minutes) alone on the machine, then `python -m covidxray.results_tables`.*\n")
+    cpu, meta, precisions = scaling["cpu"], scaling["meta"], scaling["precisions"]
+    stages = ["build", *scaling["models"]]
+    both = "float32" in precisions and "bfloat16" in precisions
+    shares = ", ".join(f"{size['fraction']:.0%}" for size in scaling["sizes"])
+    text = (f"On a {cpu.get('cores', '?')}-core {cpu.get('model', 'CPU')} (bf16 instructions: "
+            f"{', '.join(cpu.get('bf16_flags') or []) or 'none'}), {shares} of a synthetic set of {scaling['n']:,} "
+            f"images at {scaling['image_size']} px, {scaling['epochs']} epoch(s), batch {scaling['batch_size']}, "
+            "one subprocess per size and precision "
+            f"(`{meta['command']}`, {meta['mode']} mode): {meta['bench_seconds'] / 60:.1f} minutes in all.\n")
+    text += "".join(f"\n{note[0].upper() + note[1:]}.\n" for note in scaling.get("notes") or [])
+    header = ["share", "images", "stage", *[f"{p}: time, peak memory" for p in precisions]]
+    header += ["bfloat16 / float32 time"] if both else []
+    lines = ["| " + " | ".join(header) + " |", "|---:|---:|---|" + "---:|" * (len(header) - 3)]
+    for size in scaling["sizes"]:
+        runs, ratios = size["by_precision"], size.get("ratio_bfloat16_float32") or {}
+        for stage in stages:
+            cells = [f"{size['fraction']:.0%}", str(size["n_images"] or ""), stage]
+            for p in precisions:
+                r = (runs.get(p) or {}).get(stage)
+                cells.append(f"{r['seconds']:.1f} s, {_memory(r['peak_rss_mb'])}" if r else "failed")
+            if both:
+                cells.append(f"{ratios[stage]:.2f}" if stage in ratios else "n/a")
+            lines.append("| " + " | ".join(cells) + " |")
+    text += "\n" + "\n".join(lines) + "\n"
+    for p in precisions:
+        growth = scaling["growth"].get(p) or {}
+        summaries = [growth[s]["summary"] for s in stages if "summary" in growth.get(s, {})]
+        if summaries:
+            text += f"\n{p}: " + "; ".join(summaries) + ".\n"
+    return text
 
 
 HEATMAP_REGIONS: tuple[tuple[str, str], ...] = (
@@ -394,11 +430,13 @@ def update_text(text: str, generated: Mapping[str, str]) -> tuple[str, list[str]
 
 def readme_sections(root: str | Path = ".", results_dir: str | Path | None = None) -> dict[str, str]:
     """Every generated section from the files of the repository at ``root``: ``results/`` (or ``results_dir``),
-    the benchmark results (:data:`BENCH_FILES`) and the heatmap checks (:data:`covidxray.paths.CAM_DIR`)."""
+    the benchmark results (:data:`BENCH_FILES`, and :data:`SCALING_FILE` when present) and the heatmap checks
+    (:data:`covidxray.paths.CAM_DIR`)."""
     root = Path(root)
-    return sections(load_results(root / RESULTS_DIR if results_dir is None else results_dir),
-                    load_bench({name: root / path for name, path in BENCH_FILES.items()}),
-                    load_heatmap_checks(root / paths.CAM_DIR))
+    generated = sections(load_results(root / RESULTS_DIR if results_dir is None else results_dir),
+                         load_bench({name: root / path for name, path in BENCH_FILES.items()}),
+                         load_heatmap_checks(root / paths.CAM_DIR))
+    return {**generated, "scaling": scaling_text(load_scaling(root / SCALING_FILE))}
 
 
 def check_readme(readme: str | Path = README, results_dir: str | Path | None = None) -> list[str]:
