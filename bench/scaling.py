@@ -339,9 +339,9 @@ def _fractions(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--fractions {text!r}: give numbers, e.g. 0.1,0.3,1") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers, e.g. 0.1,0.3,1") from None
     if not values or any(not 0 < v <= 1 for v in values) or list(values) != sorted(set(values)):
-        raise argparse.ArgumentTypeError(f"--fractions {text!r}: give increasing shares in (0, 1], e.g. 0.1,0.3,1")
+        raise argparse.ArgumentTypeError(f"{text!r}: give increasing shares in (0, 1], e.g. 0.1,0.3,1")
     return values
 
 
@@ -350,7 +350,7 @@ def _precisions(text: str) -> tuple[str, ...]:
     values = tuple(v.strip() for v in text.split(",") if v.strip())
     unknown = [v for v in values if v not in SCALING_PRECISIONS]
     if not values or unknown:
-        raise argparse.ArgumentTypeError(f"--precisions {text!r}: use one or both of {','.join(SCALING_PRECISIONS)}")
+        raise argparse.ArgumentTypeError(f"{text!r}: use one or both of {','.join(SCALING_PRECISIONS)}")
     return values
 
 
