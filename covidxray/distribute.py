@@ -13,10 +13,8 @@ as ``"distribute"`` (like ``"precision"``); :func:`make_strategy` creates the Te
   cluster on every machine, each with its own task index). Worker 0 (or the task of type ``chief`` when the
   cluster has one) is the chief: it alone writes the run folder.
 
-The training loop: ``model.fit`` for ``one`` and ``mirrored`` (what every result of this repository was made
-with); the custom loop of :mod:`covidxray.train_loop` for ``multi-worker``, where Keras 3's ``model.fit`` fails
-(keras-team/keras#20585). Setting the environment variable ``COVIDXRAY_TRAIN_LOOP=custom`` makes every strategy
-use the custom loop (the tests compare a multi-worker run with one process this way).
+Every strategy trains with the one loop of :mod:`covidxray.train_loop` (Keras 3's ``model.fit`` fails under
+multi-worker training, keras-team/keras#20585).
 
 MultiWorkerMirroredStrategy configures TensorFlow's collective ops, which must happen before TensorFlow runs
 anything in the process: ``covidxray train`` creates it before reading any data; calling
@@ -40,8 +38,6 @@ if TYPE_CHECKING:
 DISTRIBUTES: tuple[str, ...] = ("auto", "one", "mirrored", "multi-worker")
 """What may be requested (``--distribute``)."""
 TF_CONFIG_VAR = "TF_CONFIG"
-LOOP_VAR = "COVIDXRAY_TRAIN_LOOP"
-"""``custom``: the custom training loop for every strategy (default: only for multi-worker)."""
 WORKER_TYPES: tuple[str, ...] = ("chief", "worker")
 _EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}} '
             "(the same cluster on every machine; index 0 on the first, 1 on the second)")
@@ -52,7 +48,7 @@ class DistributeChoice:
     """What was asked for, what is used and why; for multi-worker, the cluster size and this worker's place.
 
     ``worker_index`` counts the chief (if any) first, then the workers, as TensorFlow numbers the replicas;
-    worker 0 is the chief. ``loop`` is ``fit`` (Keras' ``model.fit``) or ``custom`` (covidxray.train_loop).
+    worker 0 is the chief.
     """
 
     requested: str
@@ -60,7 +56,6 @@ class DistributeChoice:
     reason: str
     workers: int = 1
     worker_index: int = 0
-    loop: str = "fit"
 
     @property
     def chief(self) -> bool:
@@ -68,7 +63,7 @@ class DistributeChoice:
         return self.worker_index == 0
 
     def to_dict(self) -> dict:
-        """``{"requested", "used", "reason", "workers", "worker_index", "loop", "chief"}`` for summary.json."""
+        """``{"requested", "used", "reason", "workers", "worker_index", "chief"}`` for summary.json."""
         return {**asdict(self), "chief": self.chief}
 
 
@@ -117,26 +112,12 @@ def parse_tf_config(text: str) -> tuple[int, int]:
     return chiefs + len(cluster.get("worker", [])), index if kind == "chief" else chiefs + index
 
 
-def _loop(used: str, environ: Mapping[str, str]) -> str:
-    """``custom`` for multi-worker or when ``COVIDXRAY_TRAIN_LOOP=custom``; ``fit`` otherwise."""
-    forced = environ.get(LOOP_VAR, "").strip().lower()
-    if forced not in ("", "custom", "fit"):
-        raise ModelError(f"the {LOOP_VAR} environment variable is {forced!r}; set it to custom (the custom "
-                         "training loop for every strategy) or unset it.")
-    if used == "multi-worker":
-        if forced == "fit":
-            raise ModelError(f"{LOOP_VAR}=fit: Keras' model.fit does not work under multi-worker training "
-                             "(keras-team/keras#20585); unset the variable.")
-        return "custom"
-    return "custom" if forced == "custom" else "fit"
-
-
 def choose_distribution(requested: str = "auto", *, environ: Mapping[str, str] | None = None,
                         gpus: int | None = None) -> DistributeChoice:
     """What ``requested`` (one of DISTRIBUTES) means here, and why (see the module docstring).
 
-    ``environ`` defaults to ``os.environ`` (``TF_CONFIG``, ``COVIDXRAY_TRAIN_LOOP``); ``gpus`` to the number of
-    GPUs TensorFlow sees (asked only when needed; asking does not start TensorFlow's runtime).
+    ``environ`` defaults to ``os.environ`` (``TF_CONFIG``); ``gpus`` to the number of GPUs TensorFlow sees (asked
+    only when needed; asking does not start TensorFlow's runtime).
     """
     check_distribute(requested)
     environ = os.environ if environ is None else environ
@@ -161,8 +142,7 @@ def choose_distribution(requested: str = "auto", *, environ: Mapping[str, str] |
             used, reason = "mirrored", f"{n} GPUs are visible and {TF_CONFIG_VAR} is not set"
         else:
             used, reason = "one", f"{'one GPU' if n == 1 else 'no GPU'} is visible and {TF_CONFIG_VAR} is not set"
-    return DistributeChoice(requested=requested, used=used, reason=reason, workers=workers, worker_index=index,
-                            loop=_loop(used, environ))
+    return DistributeChoice(requested=requested, used=used, reason=reason, workers=workers, worker_index=index)
 
 
 def _gpu_count() -> int:

@@ -94,18 +94,6 @@ def tail_part(model: keras.Model, trainable_from: str) -> keras.Model:
     return keras.Model(inputs, x, name=f"{model.name}_tail")
 
 
-def assemble(frozen: keras.Model, tail: keras.Model, name: str = "vgg16") -> keras.Model:
-    """The full flat model (images -> P(covid)) from a frozen part and a tail, sharing both models' layers.
-
-    Layer names and order are those of ``covidxray.models.build_model``; used to rebuild the model around a tail
-    loaded from a checkpoint.
-    """
-    x = frozen.output
-    for layer in tail.layers[1:]:
-        x = layer(x)
-    return keras.Model(frozen.input, x, name=name)
-
-
 def conv_flops(model: keras.Model) -> float:
     """Multiply-add FLOPs (2 per MAC) of the model's Conv2D and Dense layers for one input."""
     total = 0.0

@@ -36,7 +36,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -52,7 +52,6 @@ from covidxray.errors import CovidXrayError, DataError, ModelError
 from covidxray.features import (
     FeatureBatches,
     FeatureStore,
-    assemble,
     can_cache,
     extract_features,
     frozen_part,
@@ -100,15 +99,13 @@ class TrainConfig:
     same model, several times slower). ``feature_views`` is how many views of each training image are cached:
     1 caches the image itself only, so augmentation does not apply to that path; each further view is one
     random augmentation (and one more frozen-backbone pass per training image); with ``augment`` off only the
-    image itself is cached. ``jit_compile``: XLA for the training step and the feature extraction; None means
-    Keras' "auto" (on a GPU without op determinism or tf.distribute, off on a CPU-only machine, where XLA does
-    not pay).
+    image itself is cached. ``jit_compile``: XLA for the training step and the feature extraction; None means on
+    a GPU without op determinism, off on a CPU-only machine (where XLA does not pay); never for a training step
+    split over several replicas.
 
     ``distribute`` is where training runs (see covidxray.distribute): auto (multi-worker when ``TF_CONFIG`` is
     set, mirrored over several GPUs, else one device), one, mirrored or multi-worker. What was used and why is
-    ``summary.json``'s ``distribute``. Multi-worker training uses covidxray.train_loop instead of Keras'
-    ``fit``; it does not train on cached VGG16 features (``cached_features=False`` is needed) and writes no
-    TensorBoard logs.
+    ``summary.json``'s ``distribute``. Every strategy trains with the same loop (covidxray.train_loop).
     """
 
     model: str = "vgg16"
@@ -403,23 +400,6 @@ def _precision(cfg: TrainConfig) -> PrecisionChoice:
     return choose_precision(cfg.precision, gpu=bool(tf.config.list_physical_devices("GPU")))
 
 
-def _fit(run: _Run, model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, stage: int,
-         end: int, paths: list[str], export: keras.Model | None = None,
-         callbacks: list[keras.callbacks.Callback] | None = None) -> None:
-    state = run.state
-    verbose = (1 if sys.stderr.isatty() else 2) if run.progress else 0
-    _say(run.progress, f"stage {stage}: epochs {state.epoch + 1}..{end}")
-    board = [keras.callbacks.TensorBoard(str(run.out_dir / TENSORBOARD_DIR))] if run.tensorboard else []
-    try:
-        # Keras prints its progress to stdout, which carries results
-        with _data_errors(run, paths), contextlib.redirect_stdout(sys.stderr):
-            model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=state.epoch,
-                      callbacks=[*(callbacks or []), *board, _RunCallback(run, stage, export)], verbose=verbose,
-                      shuffle=False)
-    finally:
-        _adopt_tensorboard(run)
-
-
 @contextlib.contextmanager
 def _data_errors(run: _Run, paths: list[str]) -> Iterator[None]:
     """Turn TensorFlow's errors about the images (unreadable, missing) and a locked on-disk cache into DataErrors
@@ -460,14 +440,6 @@ def _distribute(strategy: tf.distribute.Strategy, ds: tf.data.Dataset) -> tf.dat
     return ds.with_options(options)
 
 
-def _around_tail(cfg: TrainConfig, tail: keras.Model) -> keras.Model:
-    """The full model around a tail loaded from a checkpoint: frozen part rebuilt from the weights spec."""
-    model = build_model(cfg.model, image_size=cfg.image_size, weights="none", trainable_from=cfg.trainable_from,
-                        dropout=cfg.dropout, seed=cfg.seed)
-    load_vgg16_backbone_weights(model, cfg.weights)
-    return assemble(frozen_part(model, cfg.trainable_from), tail, name=model.name)
-
-
 def _feature_data(run: _Run, model: keras.Model, train_df: pd.DataFrame, val_df: pd.DataFrame, paths: list[str],
                   stores: list[FeatureStore], strategy: tf.distribute.Strategy
                   ) -> tuple[tf.data.Dataset, tf.data.Dataset, keras.callbacks.Callback]:
@@ -482,8 +454,7 @@ def _feature_data(run: _Run, model: keras.Model, train_df: pd.DataFrame, val_df:
     views = cfg.feature_views if augment is not None and not augment.is_identity else 1
     on_disk = cfg.cache not in (None, "memory")
     directory = Path(cfg.cache) if on_disk else run.out.scratch()
-    gpu = bool(tf.config.list_physical_devices("GPU"))
-    jit = bool(cfg.jit_compile) if cfg.jit_compile is not None else gpu and not cfg.deterministic
+    jit = _jit(cfg)
     frozen = frozen_part(model, cfg.trainable_from)
     _say(run.progress, f"caching the frozen backbone's activations: {len(train_df)} train images x {views} "
                        f"view(s), {len(val_df)} val images")
@@ -528,9 +499,6 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, pro
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     dataset = dataset_record(data_dir)
     dist = choose_distribution(cfg.distribute)
-    if tensorboard and dist.loop == "custom":
-        raise ModelError(f"--tensorboard: the {dist.used} run trains with covidxray's own loop, which writes no "
-                         "TensorBoard logs; leave --tensorboard out (history.csv has every epoch's metrics).")
     strategy = make_strategy(dist)  # first: multi-worker must set up before TensorFlow runs anything
     if not dist.chief:
         return _train_worker(cfg, data_dir, out_dir, dataset, resume, progress, strategy, dist)
@@ -539,9 +507,7 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, pro
         with claim_output(out_dir, "train", sources=[data_dir]) as out:
             run = _Run(cfg, data_dir, out, progress, tensorboard)
             try:
-                if dist.loop == "custom":
-                    return _train_custom(run, cfg, dataset, resume, strategy, dist, link)
-                return _train(run, cfg, dataset, resume, strategy, dist)
+                return _train(run, cfg, dataset, resume, strategy, dist, link)
             except BaseException:
                 if run.state is None or not run.state.checkpoint:
                     out.discard()
@@ -560,7 +526,7 @@ def _train_worker(cfg: TrainConfig, data_dir: Path, out_dir: Path, dataset: dict
     link = _ChiefLink(strategy, dist)
     with tempfile.TemporaryDirectory(prefix="covidxray-worker-") as tmp, \
             claim_output(Path(tmp) / "run", "train", sources=[data_dir]) as out:
-        summary = _train_custom(_Run(cfg, data_dir, out, progress), cfg, dataset, resume, strategy, dist, link)
+        summary = _train(_Run(cfg, data_dir, out, progress), cfg, dataset, resume, strategy, dist, link)
     return {**summary, "distribute": dist.to_dict()}
 
 
@@ -593,79 +559,6 @@ class _ChiefLink:
         if self.dist.chief and self.dist.workers > 1 and self.waiting is not None:
             self.waiting = None
             share_from_chief(self.strategy, self.dist.workers, {"error": str(exc)})
-
-
-def _train(run: _Run, cfg: TrainConfig, dataset: dict, resume: bool, strategy: tf.distribute.Strategy,
-           dist: DistributeChoice) -> dict:
-    """Train with Keras' ``fit`` into the claimed run folder ``run.out``: a new run, or the continuation of its
-    checkpoint."""
-    t_start = time.perf_counter()
-    out_dir, progress = run.out_dir, run.progress
-    state, finished = _session_state(run, cfg, dataset, resume)
-    if finished is not None:
-        return finished
-
-    train_df, val_df, paths = _start_session(run, dataset, state, dist)
-    precision = _precision(cfg)
-    _say(progress, f"precision: {precision.used} ({precision.reason})")
-    jit = "auto" if cfg.jit_compile is None else bool(cfg.jit_compile)
-
-    data_seed = cfg.seed + (state.epoch if state else 0)
-    image_datasets: list[tf.data.Dataset] = []
-
-    def image_data() -> list[tf.data.Dataset]:
-        """The image datasets, made on first use (the cached path needs none) and shared by both stages."""
-        if not image_datasets:
-            image_datasets.extend(_image_datasets(cfg, train_df, val_df, data_seed, strategy))
-        return image_datasets
-
-    stores: list[FeatureStore] = []
-    try:
-        with dtype_policy(precision.policy), strategy.scope():
-            if state is None:
-                model = build_model(cfg.model, image_size=cfg.image_size, weights="none",
-                                    trainable_from=cfg.trainable_from, dropout=cfg.dropout, seed=cfg.seed)
-                weights = (load_vgg16_backbone_weights(model, cfg.weights) if cfg.model == "vgg16"
-                           else {"spec": cfg.weights, "path": None, "layers": 0})
-                cached = bool(cfg.cached_features and cfg.model == "vgg16" and not cfg.finetune_epochs
-                              and can_cache(model, cfg.trainable_from))
-                fit_model = tail_part(model, cfg.trainable_from) if cached else model
-                compile_model(fit_model, cfg.lr, jit_compile=jit)
-                state = _State(config=cfg.to_dict(), weights=weights, cached=cached, dataset=dataset)
-                resumed_from = None
-            else:
-                _say(progress, f"resuming {out_dir} after epoch {state.epoch}")
-                fit_model = keras.models.load_model(run.ckpt_dir / str(state.checkpoint))
-                model = _around_tail(cfg, fit_model) if state.cached else fit_model
-                resumed_from = state.epoch
-            state.config = cfg.to_dict()
-            state.sessions += 1
-            run.state = state
-
-            if state.stage == 1:
-                if not state.stopped_early and state.epoch < cfg.epochs:
-                    if state.cached:
-                        train_ds, val_ds, epochs = _feature_data(run, model, train_df, val_df, paths, stores,
-                                                                 strategy)
-                        _fit(run, fit_model, train_ds, val_ds, 1, cfg.epochs, paths, export=model,
-                             callbacks=[epochs])
-                    else:
-                        _fit(run, model, *image_data(), 1, cfg.epochs, paths)
-                if cfg.finetune_epochs > 0:
-                    model = keras.models.load_model(out_dir / MODEL_FILE, compile=False)
-                    set_trainable_from(model, cfg.finetune_from)
-                    compile_model(model, cfg.finetune_lr, jit_compile=jit)
-                    state.stage, state.stage1_end, state.cached = 2, state.epoch, False
-                    state.wait, state.stopped_early = 0, False
-                    run.save_checkpoint(model)
-            if state.stage == 2:
-                end = (state.stage1_end or 0) + cfg.finetune_epochs
-                if not state.stopped_early and state.epoch < end:
-                    _fit(run, model, *image_data(), 2, end, paths)
-        return _finish(run, train_df, val_df, precision, strategy, dist, resumed_from, time.perf_counter() - t_start)
-    finally:
-        for store in stores:
-            store.close()
 
 
 def _session_state(run: _Run, cfg: TrainConfig, dataset: dict, resume: bool) -> tuple[_State | None, dict | None]:
@@ -705,7 +598,7 @@ def _start_session(run: _Run, dataset: dict, state: _State | None, dist: Distrib
         tf.config.experimental.enable_op_determinism()
     if dist.used != "one":
         _say(run.progress, f"distribute: {dist.used} ({dist.reason}); worker {dist.worker_index} of "
-                           f"{dist.workers}; training loop: {dist.loop}")
+                           f"{dist.workers}")
     return train_df, val_df, paths
 
 
@@ -721,14 +614,14 @@ def _image_datasets(cfg: TrainConfig, train_df: pd.DataFrame, val_df: pd.DataFra
     return [_distribute(strategy, train_ds), _distribute(strategy, val_ds)]
 
 
-def _train_custom(run: _Run, cfg: TrainConfig, dataset: dict, resume: bool, strategy: tf.distribute.Strategy,
-                  dist: DistributeChoice, link: _ChiefLink) -> dict:
-    """Train with covidxray.train_loop into ``run.out``: on every worker of a multi-worker run (the chief into the
-    run folder, the others into their private folders), or in one process when ``COVIDXRAY_TRAIN_LOOP=custom``.
+def _train(run: _Run, cfg: TrainConfig, dataset: dict, resume: bool, strategy: tf.distribute.Strategy,
+           dist: DistributeChoice, link: _ChiefLink) -> dict:
+    """Train with covidxray.train_loop into ``run.out``: a new run, or the continuation of its checkpoint.
 
-    The run folder is the one :func:`_train` writes (the same callback ends every epoch). Only the chief reads
-    it: the chief decides how the session starts (new, resumed, or finished already) and hands its state, and
-    the weights and optimizer state of its checkpoint, to the other workers, which build the same model.
+    Every strategy runs this: one device, mirrored, and every worker of a multi-worker run (the chief into the run
+    folder, the others into their private folders). Only the chief reads the run folder: it decides how the
+    session starts (new, resumed, or finished already) and hands its state, and the weights and optimizer state
+    of its checkpoint, to the other workers, which build the same model.
     """
     t_start = time.perf_counter()
     start = None
@@ -739,56 +632,74 @@ def _train_custom(run: _Run, cfg: TrainConfig, dataset: dict, resume: bool, stra
     if start["finished"] is not None:
         return start["finished"]
     state = _State(**start["state"]) if start["state"] is not None else None
-    if state is not None and state.cached:
-        raise ModelError(f"{run.out_dir if dist.chief else 'the run'}: trains the VGG16 tail on cached features, "
-                         "which covidxray's own training loop does not do; resume it with --distribute one.")
     train_df, val_df, paths = _start_session(run, dataset, state, dist)
     precision = _precision(cfg)
     _say(run.progress, f"precision: {precision.used} ({precision.reason})")
     resumed_from = state.epoch if state is not None else None
     if state is None:
-        state = _State(config=cfg.to_dict(), weights=None, cached=False, dataset=dataset)
+        state = _State(config=cfg.to_dict(), weights={}, dataset=dataset)
     else:
         _say(run.progress, f"resuming {run.out_dir if dist.chief else 'the run'} after epoch {state.epoch}")
     state.config = cfg.to_dict()
     state.sessions += 1
     run.state = state
     source = run.ckpt_dir / str(state.checkpoint) if resumed_from is not None else None
-    datasets = _image_datasets(cfg, train_df, val_df, cfg.seed + (resumed_from or 0), strategy)
-    model = None
-    with dtype_policy(precision.policy):
-        if state.stage == 1:
-            model = _custom_model(run, strategy, dist, link, 1, source, optimizer=True)
-            if not state.stopped_early and state.epoch < cfg.epochs:
-                _custom_fit(run, strategy, model, datasets, 1, cfg.epochs, paths)
-            if cfg.finetune_epochs > 0:
-                model = _custom_model(run, strategy, dist, link, 2, run.out_dir / MODEL_FILE, optimizer=False)
-                state.stage, state.stage1_end, state.cached = 2, state.epoch, False
-                state.wait, state.stopped_early = 0, False
-                run.save_checkpoint(model)
-        if state.stage == 2:
-            end = (state.stage1_end or 0) + cfg.finetune_epochs
-            if model is None:
-                model = _custom_model(run, strategy, dist, link, 2, source, optimizer=True)
-            if not state.stopped_early and state.epoch < end:
-                _custom_fit(run, strategy, model, datasets, 2, end, paths)
-    summary = None
-    if dist.chief:
-        link.finishing()
-        summary = _finish(run, train_df, val_df, precision, strategy, dist, resumed_from,
-                          time.perf_counter() - t_start)
+    image_datasets: list[tf.data.Dataset] = []
+
+    def image_data() -> list[tf.data.Dataset]:
+        """The image datasets, made on first use (the cached path needs none) and shared by both stages."""
+        if not image_datasets:
+            image_datasets.extend(_image_datasets(cfg, train_df, val_df, cfg.seed + (resumed_from or 0), strategy))
+        return image_datasets
+
+    stores: list[FeatureStore] = []
+    try:
+        with dtype_policy(precision.policy):
+            model = None
+            if state.stage == 1:
+                model, trained = _stage_model(run, strategy, dist, link, source, optimizer=True)
+                if not state.stopped_early and state.epoch < cfg.epochs:
+                    if state.cached:
+                        train_ds, val_ds, epochs = _feature_data(run, model, train_df, val_df, paths, stores,
+                                                                 strategy)
+                        _fit(run, strategy, trained, [train_ds, val_ds], cfg.epochs, paths, export=model,
+                             callbacks=[epochs])
+                    else:
+                        _fit(run, strategy, model, image_data(), cfg.epochs, paths)
+                if cfg.finetune_epochs > 0:
+                    state.stage, state.stage1_end, state.cached = 2, state.epoch, False
+                    state.wait, state.stopped_early = 0, False
+                    model, _ = _stage_model(run, strategy, dist, link, run.out_dir / MODEL_FILE, optimizer=False)
+                    run.save_checkpoint(model)
+            if state.stage == 2:
+                end = (state.stage1_end or 0) + cfg.finetune_epochs
+                if model is None:
+                    model, _ = _stage_model(run, strategy, dist, link, source, optimizer=True)
+                if not state.stopped_early and state.epoch < end:
+                    _fit(run, strategy, model, image_data(), end, paths)
+        summary = None
+        if dist.chief:
+            link.finishing()
+            summary = _finish(run, train_df, val_df, precision, strategy, dist, resumed_from,
+                              time.perf_counter() - t_start)
+    finally:
+        for store in stores:
+            store.close()
     return link.share({"summary": summary})["summary"]
 
 
-def _custom_model(run: _Run, strategy: tf.distribute.Strategy, dist: DistributeChoice, link: _ChiefLink,
-                  stage: int, source: Path | None, *, optimizer: bool) -> keras.Model:
-    """The compiled model of ``stage``, built the same way on every worker under ``strategy``.
+def _stage_model(run: _Run, strategy: tf.distribute.Strategy, dist: DistributeChoice, link: _ChiefLink,
+                 source: Path | None, *, optimizer: bool) -> tuple[keras.Model, keras.Model]:
+    """The full model of the current stage and the compiled model it trains, built the same way on every worker
+    under ``strategy``: the full model itself, or (stage 1 on cached VGG16 features) its tail, sharing its layers.
 
-    With ``source`` (a saved model: the checkpoint, or the best model when stage 2 begins), its weights (and
-    with ``optimizer`` its optimizer state) as the chief reads them, on every worker; without, a new model
-    (VGG16's backbone weights loaded from ``cfg.weights`` on each worker).
+    A new run (no ``source``) decides here whether stage 1 trains on cached features and records the backbone
+    weights it loaded. With ``source`` (a saved model: the checkpoint, or the best model when stage 2 begins),
+    the trained model gets its weights (and with ``optimizer`` its optimizer state) as the chief reads them, on
+    every worker; a cached run's frozen backbone is loaded from ``cfg.weights`` again (its checkpoint holds the
+    tail only).
     """
-    cfg = run.cfg
+    cfg, state = run.cfg, run.state
     values, shapes = None, None
     if dist.chief and source is not None:
         try:
@@ -799,20 +710,20 @@ def _custom_model(run: _Run, strategy: tf.distribute.Strategy, dist: DistributeC
     with strategy.scope():
         model = build_model(cfg.model, image_size=cfg.image_size, weights="none", trainable_from=cfg.trainable_from,
                             dropout=cfg.dropout, seed=cfg.seed)
-        if source is None and stage == 1:
-            run.state.weights = (load_vgg16_backbone_weights(model, cfg.weights) if cfg.model == "vgg16"
-                                 else {"spec": cfg.weights, "path": None, "layers": 0})
-            if cfg.cached_features and cfg.model == "vgg16" and not cfg.finetune_epochs \
-                    and can_cache(model, cfg.trainable_from):
-                raise ModelError(f"--distribute {cfg.distribute}: covidxray's own training loop (used for "
-                                 f"{dist.used} training) does not train on cached VGG16 features; pass "
-                                 "--no-cached-features (cached_features=False).")
-        if stage == 2:
+        if state.stage == 1 and (source is None or state.cached):
+            weights = (load_vgg16_backbone_weights(model, cfg.weights) if cfg.model == "vgg16"
+                       else {"spec": cfg.weights, "path": None, "layers": 0})
+            if source is None:
+                state.weights = weights
+                state.cached = bool(cfg.cached_features and cfg.model == "vgg16" and not cfg.finetune_epochs
+                                    and can_cache(model, cfg.trainable_from))
+        trained = tail_part(model, cfg.trainable_from) if state.cached else model
+        if state.stage == 2:
             set_trainable_from(model, cfg.finetune_from)
-        compile_model(model, cfg.lr if stage == 1 else cfg.finetune_lr, jit_compile=False)
-        model.optimizer.build(model.trainable_variables)
+        compile_model(trained, cfg.lr if state.stage == 1 else cfg.finetune_lr, jit_compile=False)
+        trained.optimizer.build(trained.trainable_variables)
     if source is not None:
-        variables = [*model.weights, *(model.optimizer.variables if optimizer else [])]
+        variables = [*trained.weights, *(trained.optimizer.variables if optimizer else [])]
         shared = link.share({"shapes": shapes} if dist.chief else None)["shapes"]
         if isinstance(shared, dict):
             raise ModelError(shared["error"])
@@ -820,7 +731,7 @@ def _custom_model(run: _Run, strategy: tf.distribute.Strategy, dist: DistributeC
             raise ModelError(f"{source if dist.chief else 'the chief checkpoint'}: its weights do not fit the "
                              f"{cfg.model} model of this config; start a new run with another --out.")
         sync_variables(strategy, dist.workers, variables, values)
-    return model
+    return model, trained
 
 
 def _saved_values(path: Path, optimizer: bool) -> list[np.ndarray]:
@@ -831,14 +742,30 @@ def _saved_values(path: Path, optimizer: bool) -> list[np.ndarray]:
     return [keras.ops.convert_to_numpy(v) for v in variables]
 
 
-def _custom_fit(run: _Run, strategy: tf.distribute.Strategy, model: keras.Model, datasets: list[tf.data.Dataset],
-                stage: int, end: int, paths: list[str]) -> None:
-    """Epochs ``run.state.epoch + 1`` ... ``end`` of ``stage`` with covidxray.train_loop, one history row each."""
+def _jit(cfg: TrainConfig) -> bool:
+    """Whether XLA compiles the training step and the feature extraction: ``cfg.jit_compile`` when set, else on a
+    GPU without op determinism (on a CPU-only machine XLA does not pay)."""
+    if cfg.jit_compile is not None:
+        return bool(cfg.jit_compile)
+    return bool(tf.config.list_physical_devices("GPU")) and not cfg.deterministic
+
+
+def _fit(run: _Run, strategy: tf.distribute.Strategy, model: keras.Model, datasets: list[tf.data.Dataset],
+         end: int, paths: list[str], export: keras.Model | None = None,
+         callbacks: Sequence[keras.callbacks.Callback] = ()) -> None:
+    """Epochs ``run.state.epoch + 1`` ... ``end`` of the current stage with covidxray.train_loop, one history row
+    (and checkpoint) each; ``export`` is the model saved as ``model.keras`` when it is not ``model`` itself."""
+    stage = run.state.stage
     _say(run.progress, f"stage {stage}: epochs {run.state.epoch + 1}..{end}")
-    loop = CustomLoop(strategy, model)
-    with _data_errors(run, paths):
-        loop.fit(*datasets, initial_epoch=run.state.epoch, epochs=end, callbacks=[_RunCallback(run, stage)],
-                 report=lambda line: _say(run.progress, line))
+    board = [keras.callbacks.TensorBoard(str(run.out_dir / TENSORBOARD_DIR))] if run.tensorboard else []
+    loop = CustomLoop(strategy, model, jit_compile=_jit(run.cfg) and strategy.num_replicas_in_sync == 1)
+    try:
+        with _data_errors(run, paths):
+            loop.fit(*datasets, initial_epoch=run.state.epoch, epochs=end,
+                     callbacks=[*callbacks, *board, _RunCallback(run, stage, export)],
+                     report=lambda line: _say(run.progress, line))
+    finally:
+        _adopt_tensorboard(run)
 
 
 def _finish(run: _Run, train_df: pd.DataFrame, val_df: pd.DataFrame, precision: PrecisionChoice,

@@ -1,5 +1,6 @@
-"""A training loop of our own for any ``tf.distribute`` strategy: what multi-worker training uses instead of
-Keras' ``model.fit``, which fails under MultiWorkerMirroredStrategy (keras-team/keras#20585).
+"""covidxray's one training loop, for every ``tf.distribute`` strategy: one device, several GPUs (mirrored) and
+several machines (multi-worker). Keras' ``model.fit`` fails under MultiWorkerMirroredStrategy
+(keras-team/keras#20585); one loop for all of them means a result does not depend on where it was trained.
 
 It does what ``fit`` does for covidxray's compiled models (covidxray.models.compile_model), step for step:
 
@@ -11,7 +12,8 @@ It does what ``fit`` does for covidxray's compiled models (covidxray.models.comp
 - per epoch it logs ``loss``, ``accuracy``, ``auc`` and their ``val_`` versions (the names ``fit`` logs and the
   run folder's history and ``--monitor`` use); the metrics are Keras metrics created under the strategy's
   scope, so reading them sums over every replica of every worker;
-- Keras callbacks get ``on_epoch_begin``/``on_epoch_end`` with those logs, and ``model.stop_training`` ends it.
+- Keras callbacks get ``on_train_begin``, ``on_epoch_begin``/``on_epoch_end`` with those logs and
+  ``on_train_end``, and ``model.stop_training`` ends it.
 
 Every worker runs every line of it: each step and each metric read is a collective operation that waits for
 all workers, so nothing in here (nor in a callback that reads a variable) may depend on which worker runs it.
@@ -105,16 +107,19 @@ class CustomLoop:
     opens an iterator it never reads, then a fresh one for the next epoch; opening one draws the next reshuffle
     seed of a ``shuffle(..., seed=..., reshuffle_each_iteration=True)``. Doing the same, this loop sees the
     batches ``fit`` sees, so under the default strategy it trains to the same weights (tests/test_distribute.py).
+    ``jit_compile``: XLA for the training and validation steps (only where one replica trains).
     """
 
-    def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model) -> None:
+    def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model, *, jit_compile: bool = False) -> None:
         self.strategy, self.model = strategy, model
         with strategy.scope():
             self.loss_fn, metrics = _compiled(model)
             self.train_metrics = [keras.metrics.Mean(name="loss"), *(_metric(m, "") for m in metrics)]
             self.val_metrics = [keras.metrics.Mean(name="val_loss"), *(_metric(m, "val_") for m in metrics)]
-        self._train_step = tf.function(self._distributed_train_step)
-        self._val_step = tf.function(self._distributed_val_step)
+        self._train_step = tf.function(self._distributed_train_step, jit_compile=jit_compile)
+        self._val_step = tf.function(self._distributed_val_step, jit_compile=jit_compile)
+        self.seconds = 0.0
+        """How long the last epoch took (training and validation)."""
 
     def _update(self, metrics: Sequence[keras.metrics.Metric], y: tf.Tensor, prob: tf.Tensor,
                 per_example: tf.Tensor) -> None:
@@ -153,28 +158,45 @@ class CustomLoop:
     def fit(self, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, *, initial_epoch: int, epochs: int,
             callbacks: Sequence[keras.callbacks.Callback] = (), report: Callable[[str], None] | None = None) -> None:
         """Epochs ``initial_epoch + 1`` ... ``epochs`` (Keras' 0-based ``epoch`` to the callbacks), stopping early
-        when a callback sets ``model.stop_training``; ``report`` gets one line per epoch."""
+        when a callback sets ``model.stop_training``; ``report`` gets one line per epoch.
+
+        Callbacks get ``on_train_begin``, ``on_epoch_begin``/``on_epoch_end`` and (also after an error)
+        ``on_train_end``; no batch hooks, so Keras' TensorBoard callback writes its per-epoch scalars.
+        """
         model = self.model
         train_dist, val_dist = self.distribute(train_ds), self.distribute(val_ds)
         for callback in callbacks:
             callback.set_model(model)
         model.stop_training = False
-        for epoch in range(initial_epoch, epochs):
-            started = time.perf_counter()
+        for callback in callbacks:
+            callback.on_train_begin()
+        try:
+            for epoch in range(initial_epoch, epochs):
+                logs = self._epoch(epoch, train_dist, val_dist, callbacks)
+                if report is not None:
+                    shown = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
+                    report(f"epoch {epoch + 1}/{epochs} - {self.seconds:.1f}s - {shown}")
+                if model.stop_training:
+                    break
+        finally:
             for callback in callbacks:
-                callback.on_epoch_begin(epoch)
-            for metric in (*self.train_metrics, *self.val_metrics):
-                metric.reset_state()
-            for x, y in train_dist:
-                self._train_step(x, y)
-            iter(train_dist)  # as fit does (see the class docstring): an unread iterator, one reshuffle seed drawn
-            for x, y in val_dist:
-                self._val_step(x, y)
-            logs = {m.name: float(m.result()) for m in (*self.train_metrics, *self.val_metrics)}
-            if report is not None:
-                shown = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
-                report(f"epoch {epoch + 1}/{epochs} - {time.perf_counter() - started:.1f}s - {shown}")
-            for callback in callbacks:
-                callback.on_epoch_end(epoch, logs)
-            if model.stop_training:
-                break
+                callback.on_train_end()
+
+    def _epoch(self, epoch: int, train_dist: Any, val_dist: Any, callbacks: Sequence[keras.callbacks.Callback]
+               ) -> dict[str, float]:
+        """One epoch: train on every batch, validate, hand the logs to the callbacks; returns the logs."""
+        started = time.perf_counter()
+        for callback in callbacks:
+            callback.on_epoch_begin(epoch)
+        for metric in (*self.train_metrics, *self.val_metrics):
+            metric.reset_state()
+        for x, y in train_dist:
+            self._train_step(x, y)
+        iter(train_dist)  # as fit does (see the class docstring): an unread iterator, one reshuffle seed drawn
+        for x, y in val_dist:
+            self._val_step(x, y)
+        logs = {m.name: float(m.result()) for m in (*self.train_metrics, *self.val_metrics)}
+        self.seconds = time.perf_counter() - started
+        for callback in callbacks:
+            callback.on_epoch_end(epoch, dict(logs))
+        return logs

@@ -1,5 +1,6 @@
-"""Where training runs (covidxray.distribute), and multi-worker training with covidxray's own loop: two real
-worker processes on this machine, compared with one process that trains the same global batches."""
+"""Where training runs (covidxray.distribute) and covidxray's one training loop (covidxray.train_loop): the loop
+against Keras' ``fit`` on one device, and multi-worker training with two real worker processes on this machine,
+compared with one process that trains the same global batches."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from covidxray.distribute import LOOP_VAR, TF_CONFIG_VAR, choose_distribution, make_strategy
+from covidxray.distribute import TF_CONFIG_VAR, choose_distribution, make_strategy
 from covidxray.errors import ModelError
 from covidxray.train import TrainConfig
 
@@ -48,20 +49,18 @@ def tf_config(ports: list[int], index: int) -> str:
 
 def test_auto_is_one_device_without_tf_config_and_gpus(monkeypatch):
     monkeypatch.delenv(TF_CONFIG_VAR, raising=False)
-    monkeypatch.delenv(LOOP_VAR, raising=False)
     choice = choose_distribution("auto", gpus=0)
-    assert (choice.used, choice.loop, choice.workers, choice.chief) == ("one", "fit", 1, True)
+    assert (choice.used, choice.workers, choice.chief) == ("one", 1, True)
     assert "TF_CONFIG is not set" in choice.reason
     assert choose_distribution("auto", gpus=2).used == "mirrored"
     assert choose_distribution("one", gpus=2).used == "one"
 
 
 def test_auto_is_multi_worker_with_tf_config(monkeypatch):
-    monkeypatch.delenv(LOOP_VAR, raising=False)
     monkeypatch.setenv(TF_CONFIG_VAR, tf_config([2222, 2223], 1))
     choice = choose_distribution("auto", gpus=0)
-    assert (choice.used, choice.loop, choice.workers, choice.worker_index, choice.chief) == \
-        ("multi-worker", "custom", 2, 1, False)
+    assert (choice.used, choice.workers, choice.worker_index, choice.chief) == \
+        ("multi-worker", 2, 1, False)
     assert choice.to_dict()["chief"] is False and "TF_CONFIG is set" in choice.reason
     # a cluster with a chief: the chief is worker 0, workers count after it
     monkeypatch.setenv(TF_CONFIG_VAR, json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:1", "c:1"]},
@@ -96,19 +95,6 @@ def test_multi_worker_without_tf_config_says_how_to_set_it(monkeypatch):
         choose_distribution("multi-worker")
 
 
-def test_the_custom_loop_can_be_forced_and_fit_cannot_run_multi_worker(monkeypatch):
-    monkeypatch.delenv(TF_CONFIG_VAR, raising=False)
-    monkeypatch.setenv(LOOP_VAR, "custom")
-    assert choose_distribution("one").loop == "custom"
-    monkeypatch.setenv(LOOP_VAR, "fit")
-    monkeypatch.setenv(TF_CONFIG_VAR, tf_config([2222], 0))
-    with pytest.raises(ModelError, match="keras-team/keras#20585"):
-        choose_distribution("multi-worker")
-    monkeypatch.setenv(LOOP_VAR, "fast")
-    with pytest.raises(ModelError, match=LOOP_VAR):
-        choose_distribution("one")
-
-
 def test_distribute_is_checked_in_the_config():
     with pytest.raises(ModelError, match=r"distribute \(--distribute\) must be one of"):
         TrainConfig(distribute="cluster").validate()
@@ -119,7 +105,6 @@ def test_multi_worker_after_tensorflow_started_is_refused(monkeypatch):
     import tensorflow as tf
 
     tf.constant(1.0) + 1.0  # TensorFlow's runtime runs now, as in a process that did other work first
-    monkeypatch.delenv(LOOP_VAR, raising=False)
     monkeypatch.setenv(TF_CONFIG_VAR, tf_config(free_ports(1), 0))
     with pytest.raises(ModelError, match="before TensorFlow runs anything else"):
         make_strategy(choose_distribution("multi-worker"))
@@ -150,31 +135,41 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def test_the_custom_loop_refuses_cached_vgg16_features_and_tensorboard(data, tmp_path, monkeypatch):
+def test_one_device_trains_the_vgg16_tail_on_cached_features_and_resumes(data, tmp_path, monkeypatch):
+    """The loop trains the VGG16 tail on cached activations (the checkpoint holds the tail), saves the full model,
+    and a resumed run rebuilds the frozen part, restores the tail and its optimizer, and trains on."""
+    import keras
+
     from covidxray.train import train
 
     monkeypatch.delenv(TF_CONFIG_VAR, raising=False)
-    monkeypatch.setenv(LOOP_VAR, "custom")
-    cfg = TrainConfig(model="vgg16", weights="none", image_size=32, batch_size=8, epochs=1, distribute="one")
-    with pytest.raises(ModelError, match="--no-cached-features"):
-        train(cfg, data, tmp_path / "vgg16", progress=False)
-    assert not (tmp_path / "vgg16").exists()
-    with pytest.raises(ModelError, match="--tensorboard"):
-        train(TrainConfig(model="scratch", image_size=32, epochs=1, distribute="one"), data, tmp_path / "board",
-              progress=False, tensorboard=True)
+    cfg = TrainConfig(model="vgg16", weights="none", image_size=32, batch_size=8, epochs=1, lr=1e-3, patience=0,
+                      distribute="one")
+    out = tmp_path / "run"
+    first = train(cfg, data, out, progress=False)
+    assert first["distribute"]["used"] == "one" and "features" in json.loads((out / "timing.json").read_text())
+    tail = keras.models.load_model(out / "checkpoint" / "epoch_0001.keras", compile=False)
+    full = keras.models.load_model(out / "model.keras", compile=False)
+    assert tail.name.endswith("_tail") and full.input_shape == (None, 32, 32, 3)
+    before = tail.get_weights()
+    second = train(TrainConfig(**{**cfg.to_dict(), "epochs": 2}), data, out, progress=False, resume=True)
+    assert second["resumed_from_epoch"] == 1 and second["epochs_run"] == 2
+    after = keras.models.load_model(out / "checkpoint" / "epoch_0002.keras", compile=False).get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True)), "the resumed run did not train"
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["epoch"]) == [1, 2] and history["val_loss"].notna().all()
 
 
-def test_the_custom_loop_in_one_process_resumes_like_fit(data, tmp_path, monkeypatch):
-    """The custom loop on one device writes the run folder fit writes, and a resumed run restores the
-    checkpoint's weights and optimizer state (the path multi-worker resumes take, with no other worker)."""
+def test_one_device_resumes_from_the_checkpoint(data, tmp_path, monkeypatch):
+    """A resumed run restores the checkpoint's weights and optimizer state and writes the run folder's files
+    (the path a multi-worker resume takes, with no other worker)."""
     from covidxray.train import train
 
     monkeypatch.delenv(TF_CONFIG_VAR, raising=False)
-    monkeypatch.setenv(LOOP_VAR, "custom")
     cfg = TrainConfig(model="scratch", image_size=32, batch_size=8, epochs=1, lr=1e-3, patience=0, distribute="one")
     out = tmp_path / "run"
     first = train(cfg, data, out, progress=False)
-    assert first["distribute"]["loop"] == "custom" and first["distribute"]["used"] == "one"
+    assert first["distribute"]["used"] == "one"
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert {"model.keras", "history.csv", "threshold.json", "summary.json", "checkpoint/state.json",
             "checkpoint/epoch_0001.keras", "model_card.md"} <= files
@@ -184,24 +179,41 @@ def test_the_custom_loop_in_one_process_resumes_like_fit(data, tmp_path, monkeyp
     assert list(history["epoch"]) == [1, 2] and history["val_loss"].notna().all()
 
 
-def test_the_custom_loop_trains_what_fit_trains_on_one_device(data, tmp_path, monkeypatch):
-    """Same config, same device: covidxray's loop and Keras' fit end with the same weights and history, so the
-    loop could replace fit without changing a result."""
+@pytest.mark.parametrize("augment", [False, True])
+def test_the_loop_trains_what_keras_fit_trains_on_one_device(data, augment):
+    """Same model, same data pipeline, same seed: covidxray's loop and Keras' ``fit`` end with the same weights
+    and the same logs, so training with the loop changes no result that ``fit`` gave."""
     import keras
+    import tensorflow as tf
 
-    from covidxray.train import train
+    from covidxray.manifest import read_manifest, split_frame
+    from covidxray.models import build_model, compile_model
+    from covidxray.pipeline import make_dataset
+    from covidxray.train_loop import CustomLoop
 
-    monkeypatch.delenv(TF_CONFIG_VAR, raising=False)
-    cfg = TrainConfig(model="scratch", image_size=32, batch_size=8, epochs=2, lr=1e-3, patience=0, distribute="one")
-    for loop in ("fit", "custom"):
-        monkeypatch.setenv(LOOP_VAR, loop)
-        assert train(cfg, data, tmp_path / loop, progress=False)["distribute"]["loop"] == loop
-    fit, custom = (keras.models.load_model(tmp_path / loop / "checkpoint" / "epoch_0002.keras").get_weights()
-                   for loop in ("fit", "custom"))
-    assert all(np.array_equal(a, b) for a, b in zip(fit, custom, strict=True))
-    columns = ["loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc"]
-    assert np.allclose(pd.read_csv(tmp_path / "fit" / "history.csv")[columns],
-                       pd.read_csv(tmp_path / "custom" / "history.csv")[columns], rtol=0, atol=1e-6)
+    cfg = TrainConfig(model="scratch", image_size=32, batch_size=8, lr=1e-3, augment=augment)
+    frame = read_manifest(data)
+    train_df, val_df = split_frame(frame, "train"), split_frame(frame, "val")
+
+    def run(use_fit: bool) -> tuple[list[np.ndarray], list[dict]]:
+        keras.utils.set_random_seed(0)
+        train_ds = make_dataset(train_df, image_size=32, batch_size=8, training=True, augment=cfg.augment_config(),
+                                seed=0, cache="memory")
+        val_ds = make_dataset(val_df, image_size=32, batch_size=8, training=False, cache="memory")
+        model = compile_model(build_model("scratch", image_size=32, dropout=0.5, seed=0), 1e-3, jit_compile=False)
+        logs: list[dict] = []
+        record = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, epoch_logs: logs.append(dict(epoch_logs)))
+        if use_fit:
+            model.fit(train_ds, validation_data=val_ds, epochs=3, callbacks=[record], verbose=0, shuffle=False)
+        else:
+            CustomLoop(tf.distribute.get_strategy(), model).fit(train_ds, val_ds, initial_epoch=0, epochs=3,
+                                                                callbacks=[record])
+        return model.get_weights(), logs
+
+    (fit_weights, fit_logs), (loop_weights, loop_logs) = run(True), run(False)
+    assert all(np.array_equal(a, b) for a, b in zip(fit_weights, loop_weights, strict=True))
+    assert [sorted(r) for r in loop_logs] == [sorted(r) for r in fit_logs]
+    assert all(abs(r[k] - f[k]) <= 1e-6 for r, f in zip(loop_logs, fit_logs, strict=True) for k in f)
 
 
 def free_ports(n: int) -> list[int]:
@@ -282,7 +294,7 @@ def test_two_workers_train_what_one_process_trains_and_only_the_chief_writes(dat
     assert_wrote_nothing(other_out)
     summary = json.loads((chief_out / "summary.json").read_text())
     assert summary["distribute"] == {"requested": "multi-worker", "used": "multi-worker", "reason": summary[
-        "distribute"]["reason"], "workers": 2, "worker_index": 0, "loop": "custom", "chief": True}
+        "distribute"]["reason"], "workers": 2, "worker_index": 0, "chief": True}
     assert summary["replicas"] == 2 and summary["epochs_run"] == 2
     history = pd.read_csv(chief_out / "history.csv")
     assert list(history["epoch"]) == [1, 2]
@@ -294,10 +306,10 @@ def test_two_workers_train_what_one_process_trains_and_only_the_chief_writes(dat
     one_out = tmp_path / "one"
     cmd = [sys.executable, "-c", TWO_CPU_REPLICAS, "train", "--data", str(data), "--out", str(one_out),
            "--distribute", "mirrored", "--epochs", "2", *TRAIN]
-    [(code, _, err)] = run_processes([(cmd, {LOOP_VAR: "custom", TF_CONFIG_VAR: None})], tmp_path / "logs-one")
+    [(code, _, err)] = run_processes([(cmd, {TF_CONFIG_VAR: None})], tmp_path / "logs-one")
     assert code == 0, err[-3000:]
     one = json.loads((one_out / "summary.json").read_text())
-    assert (one["replicas"], one["distribute"]["used"], one["distribute"]["loop"]) == (2, "mirrored", "custom")
+    assert (one["replicas"], one["distribute"]["used"]) == (2, "mirrored")
     difference = max_weight_difference(chief_out / "model.keras", one_out / "model.keras")
     print(f"two workers {workers_seconds:.1f} s; max |weight difference| to one process: {difference:.3g}")
     assert difference <= WEIGHT_TOLERANCE
