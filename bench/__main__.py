@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
 
     d = Options()
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="CI smoke run: 64 px, 2 epochs, no scaling (< 3 minutes)")
+    p.add_argument("--quick", action="store_true", help="CI smoke run: 64 px, 2 epochs (< 3 minutes)")
     p.add_argument("--out", type=Path, default=None, help="folder for results.json and results.md (default: bench/)")
     p.add_argument("--data", type=Path, default=SHARED_DATA,
                    help="folder holding seed-dataset/ and ieee8023-metadata/ (synthetic data when absent)")
@@ -34,9 +34,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=int, default=d.feature_views, help="ours: cached views per training image")
     p.add_argument("--extra-views", type=int, default=None,
                    help=f"full mode: also run ours with this many views (default {d.extra_views}; 0: skip)")
-    p.add_argument("--no-scaling", action="store_true", help="skip the scaling curve (full mode)")
-    p.add_argument("--scale-n", type=int, default=d.scale_n, help="images of the full synthetic set")
-    p.add_argument("--scale-models", default=",".join(d.scale_models), help="models of the scaling curve")
     p.add_argument("--mixed-precision", action="store_true", help="ours: float16 compute (GPU only)")
     p.add_argument("--precision", action="store_true",
                    help="run the float32 vs bfloat16 benchmark instead (see bench/precision.py; its own options)")
@@ -73,10 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides: dict = {"data": args.data, "weights": args.weights, "feature_views": args.views, "seed": args.seed,
                        "lr": args.lr,
-                       "workdir": args.workdir, "scale_n": args.scale_n,
+                       "workdir": args.workdir,
                        "precision": "float16" if args.mixed_precision else "float32",
-                       "jit_compile": {"auto": None, "on": True, "off": False}[args.jit_compile],
-                       "scale_models": tuple(m for m in args.scale_models.split(",") if m)}
+                       "jit_compile": {"auto": None, "on": True, "off": False}[args.jit_compile]}
     if args.out is not None:
         overrides["out"] = args.out
     for key in ("image_size", "epochs"):
@@ -84,8 +80,6 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key] = getattr(args, key)
     if args.extra_views is not None:
         overrides["extra_views"] = args.extra_views or None
-    if args.no_scaling:
-        overrides["scaling"] = False
     opts = Options.quick_mode(**overrides) if args.quick else Options(**overrides)
     results = run_all(opts)
     missed = [name for name, t in results["targets"].items() if not t["met"]]

@@ -89,34 +89,7 @@ def markdown(results: dict) -> str:
               f"at 224 px, batch {peaks['extract_batch']}: {peaks['vgg16_extract_images_per_s']:.1f} images/s = "
               f"{peaks['vgg16_extract_gflops']:.0f} GFLOP/s "
               f"({peaks['vgg16_extract_gflops'] / peaks['matmul_gflops']:.0%} of the matmul peak).", ""]
-    scaling = results.get("scaling")
-    if scaling:
-        lines += _scaling_table(scaling)
     return "\n".join(lines).rstrip() + "\n"
-
-
-def _scaling_table(scaling: dict) -> list[str]:
-    models = scaling["models"]
-    head = "| images | build s | build peak MiB | " + " | ".join(
-        f"{m} s | {m} peak MiB | {m} memory cache MiB" for m in models) + " |"
-    lines = ["## Scaling", "",
-             f"Synthetic data, {scaling['image_size']} px, {scaling['epochs']} epoch(s); one subprocess per size.", "",
-             head, "|" + "---:|" * (3 + 3 * len(models))]
-    for row in scaling["rows"]:
-        cells = [str(row["n_images"]), f"{row['build']['seconds']:.1f}", f"{row['build']['peak_rss_mb']:.0f}"]
-        for m in models:
-            r = row.get(m, {})
-            cells += [_fmt(r.get("seconds"), ".1f"), _fmt(r.get("peak_rss_mb"), ".0f"),
-                      _fmt(r.get("memory_cache_mb"), ".0f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    for stage in scaling["growth"].values():
-        if "summary" in stage:
-            lines.append(f"- {stage['summary']}.")
-    for failure in scaling.get("failures", []):
-        lines.append(f"- {failure['fraction']:.0%}: failed (exit {failure['returncode']}).")
-    lines.append("")
-    return lines
 
 
 def write_markdown(results: dict, path: Path) -> None:

@@ -76,11 +76,6 @@ class Options:
     matmul_n: int = 4096
     micro_repeats: int = 3
     extract_batch: int = 32
-    scaling: bool = True
-    scale_n: int = 6000
-    scale_fractions: tuple[float, ...] = (0.1, 0.3, 1.0)
-    scale_models: tuple[str, ...] = ("vgg16", "scratch")
-    scale_epochs: int = 1
     precision: str = "float32"
     jit_compile: bool | None = None
     workdir: Path | None = None
@@ -89,9 +84,9 @@ class Options:
 
     @classmethod
     def quick_mode(cls, **overrides: object) -> Options:
-        """Small images, two epochs, no extra runs, no scaling curve: the CI smoke run (< 3 minutes)."""
+        """Small images, two epochs, no extra runs: the CI smoke run (< 3 minutes)."""
         base = {"quick": True, "image_size": 64, "epochs": 2, "extra_views": None, "infer_images": 32,
-                "latency_calls": 10, "matmul_n": 2048, "micro_repeats": 2, "extract_batch": 8, "scaling": False,
+                "latency_calls": 10, "matmul_n": 2048, "micro_repeats": 2, "extract_batch": 8,
                 "max_images": {"train": 48, "val": 24, "test": 24}}
         base.update(overrides)
         return cls(**base)
@@ -401,7 +396,6 @@ def _clean(obj: object) -> object:
 def run_all(opts: Options) -> dict:
     """Run everything, interleaving the two pipelines, and write ``results.json`` and ``results.md``."""
     from bench.report import write_markdown
-    from bench.scaling import scaling_curve
 
     work = opts.workdir or Path(tempfile.mkdtemp(prefix="covidxray-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -442,7 +436,6 @@ def run_all(opts: Options) -> dict:
             results[kind] = entry
         results["peaks"] = peaks
         results["targets"] = targets(results)
-        results["scaling"] = scaling_curve(opts, work) if opts.scaling else None
         results["meta"] = {
             "mode": "quick" if opts.quick else "full",
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -8,7 +8,7 @@ should not.
 
 ``python -m bench --scaling [--quick] [--out DIR] [--precisions float32,bfloat16] [--scale-n N] [--fractions ...]``
 runs the curve on its own, in float32 and bfloat16 (see :func:`run_scaling`), and writes ``scaling_results.json``
-and ``scaling_results.md``. The full ``python -m bench`` still runs a float32 curve (:func:`scaling_curve`).
+and ``scaling_results.md``.
 """
 
 from __future__ import annotations
@@ -132,28 +132,6 @@ def growth(rows: list[dict], models: list[str]) -> dict:
             out[stage]["summary"] = (f"{stage}: time grows {shape} in the number of images; memory beyond the "
                                      f"chosen caches grows {per_k:+.0f} MiB per 1000 images")
     return out
-
-
-def scaling_curve(opts: object, work: Path) -> dict:
-    """The full bench's float32 curve: every size in a subprocess of ``python -m bench --scale-child``."""
-    rows, failures = [], []
-    for fraction in opts.scale_fractions:
-        size_dir = work / f"scale-{fraction:g}"
-        spec = {"fraction": fraction, "image_size": opts.image_size, "epochs": opts.scale_epochs,
-                "models": list(opts.scale_models), "weights": opts.weights, "seed": opts.seed, "lr": opts.lr,
-                "workdir": str(size_dir / "float32"),
-                "sources": synthetic_sources(size_dir / "sources", opts.scale_n, fraction, opts.seed)}
-        print(f"[bench] scaling: {fraction:.0%} of {opts.scale_n} images", flush=True)
-        row, failure = run_child(spec)
-        if row is not None:
-            rows.append(row)
-        if failure is not None:
-            failures.append(failure)
-    return {"image_size": opts.image_size, "epochs": opts.scale_epochs, "models": list(opts.scale_models),
-            "rows": rows, "growth": growth(rows, list(opts.scale_models)), "failures": failures}
-
-
-# ---------------------------------------------------------------------------------------- python -m bench --scaling
 
 
 @dataclass

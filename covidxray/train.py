@@ -763,7 +763,7 @@ def _fit(run: _Run, strategy: tf.distribute.Strategy, model: keras.Model, datase
         with _data_errors(run, paths):
             loop.fit(*datasets, initial_epoch=run.state.epoch, epochs=end,
                      callbacks=[*callbacks, *board, _RunCallback(run, stage, export)],
-                     report=lambda line: _say(run.progress, line))
+                     report=lambda line: _say(run.progress, line), progress_bar=run.progress and sys.stderr.isatty())
     finally:
         _adopt_tensorboard(run)
 

@@ -23,7 +23,9 @@ weights) to the other workers the same way, as sums to which only the chief adds
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -120,6 +122,8 @@ class CustomLoop:
         self._val_step = tf.function(self._distributed_val_step, jit_compile=jit_compile)
         self.seconds = 0.0
         """How long the last epoch took (training and validation)."""
+        self.steps = 0
+        """How many training steps the last epoch took."""
 
     def _update(self, metrics: Sequence[keras.metrics.Metric], y: tf.Tensor, prob: tf.Tensor,
                 per_example: tf.Tensor) -> None:
@@ -156,15 +160,18 @@ class CustomLoop:
         return self.strategy.experimental_distribute_dataset(ds)
 
     def fit(self, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, *, initial_epoch: int, epochs: int,
-            callbacks: Sequence[keras.callbacks.Callback] = (), report: Callable[[str], None] | None = None) -> None:
+            callbacks: Sequence[keras.callbacks.Callback] = (), report: Callable[[str], None] | None = None,
+            progress_bar: bool = False) -> None:
         """Epochs ``initial_epoch + 1`` ... ``epochs`` (Keras' 0-based ``epoch`` to the callbacks), stopping early
-        when a callback sets ``model.stop_training``; ``report`` gets one line per epoch.
+        when a callback sets ``model.stop_training``; ``report`` gets one line per epoch (its time, time per
+        step and logs); ``progress_bar`` shows Keras' progress bar of the steps on stderr (for a terminal).
 
         Callbacks get ``on_train_begin``, ``on_epoch_begin``/``on_epoch_end`` and (also after an error)
         ``on_train_end``; no batch hooks, so Keras' TensorBoard callback writes its per-epoch scalars.
         """
         model = self.model
         train_dist, val_dist = self.distribute(train_ds), self.distribute(val_ds)
+        steps = int(train_ds.cardinality())
         for callback in callbacks:
             callback.set_model(model)
         model.stop_training = False
@@ -172,26 +179,33 @@ class CustomLoop:
             callback.on_train_begin()
         try:
             for epoch in range(initial_epoch, epochs):
-                logs = self._epoch(epoch, train_dist, val_dist, callbacks)
+                bar = keras.utils.Progbar(steps if steps > 0 else None) if progress_bar else None
+                logs = self._epoch(epoch, train_dist, val_dist, callbacks, bar)
                 if report is not None:
                     shown = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
-                    report(f"epoch {epoch + 1}/{epochs} - {self.seconds:.1f}s - {shown}")
+                    per_step = f"{1000 * self.seconds / max(self.steps, 1):.0f}ms/step"
+                    report(f"epoch {epoch + 1}/{epochs} - {self.seconds:.1f}s - {per_step} - {shown}")
                 if model.stop_training:
                     break
         finally:
             for callback in callbacks:
                 callback.on_train_end()
 
-    def _epoch(self, epoch: int, train_dist: Any, val_dist: Any, callbacks: Sequence[keras.callbacks.Callback]
-               ) -> dict[str, float]:
+    def _epoch(self, epoch: int, train_dist: Any, val_dist: Any, callbacks: Sequence[keras.callbacks.Callback],
+               bar: keras.utils.Progbar | None) -> dict[str, float]:
         """One epoch: train on every batch, validate, hand the logs to the callbacks; returns the logs."""
         started = time.perf_counter()
         for callback in callbacks:
             callback.on_epoch_begin(epoch)
         for metric in (*self.train_metrics, *self.val_metrics):
             metric.reset_state()
+        self.steps = 0
         for x, y in train_dist:
             self._train_step(x, y)
+            self.steps += 1
+            if bar is not None:
+                with contextlib.redirect_stdout(sys.stderr):  # Keras' bar writes to stdout, which carries results
+                    bar.update(self.steps)
         iter(train_dist)  # as fit does (see the class docstring): an unread iterator, one reshuffle seed drawn
         for x, y in val_dist:
             self._val_step(x, y)

@@ -4,6 +4,7 @@ compared with one process that trains the same global batches."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -318,12 +319,16 @@ def test_two_workers_train_what_one_process_trains_and_only_the_chief_writes(dat
 
 def test_two_workers_resume_from_the_chief_checkpoint(data, tmp_path):
     """A multi-worker run of one epoch, extended to two with --resume on both workers: the non-chief gets the
-    chief's state and checkpoint over the network, so it needs no copy of the run folder."""
+    chief's state and checkpoint over the network, so it needs no copy of the run folder. With --tensorboard
+    (where the package is installed) only the chief writes logs."""
+    board = ["--tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
     chief_out, other_out = tmp_path / "chief", tmp_path / "other"
-    run_two_workers(data, [chief_out, other_out], tmp_path / "tmp1", "--epochs", "1")
+    run_two_workers(data, [chief_out, other_out], tmp_path / "tmp1", "--epochs", "1", *board)
     assert len(pd.read_csv(chief_out / "history.csv")) == 1
-    summaries = run_two_workers(data, [chief_out, other_out], tmp_path / "tmp2", "--epochs", "2", "--resume")
+    summaries = run_two_workers(data, [chief_out, other_out], tmp_path / "tmp2", "--epochs", "2", "--resume", *board)
     assert_wrote_nothing(other_out)
+    if board:  # the chief alone writes TensorBoard's logs, into its run folder
+        assert {p.parent.name for p in (chief_out / "tensorboard").rglob("*") if p.is_file()} == {"train", "validation"}
     history = pd.read_csv(chief_out / "history.csv")
     assert list(history["epoch"]) == [1, 2]
     summary = json.loads((chief_out / "summary.json").read_text())
@@ -349,3 +354,24 @@ def test_a_chief_that_refuses_its_out_folder_stops_the_other_worker_too(data, tm
     assert "notes.txt" in other_err
     assert_wrote_nothing(other_out)
     assert sorted(p.name for p in chief_out.iterdir()) == ["notes.txt"]
+
+
+def test_the_loop_shows_its_progress_on_stderr_only(data, capsys):
+    """The progress bar (for a terminal) and the per-epoch line go to stderr: stdout carries the commands' results."""
+    import tensorflow as tf
+
+    from covidxray.manifest import read_manifest, split_frame
+    from covidxray.models import build_model, compile_model
+    from covidxray.pipeline import make_dataset
+    from covidxray.train_loop import CustomLoop
+
+    frame = read_manifest(data)
+    train_ds = make_dataset(split_frame(frame, "train"), image_size=32, batch_size=8, training=True, seed=0)
+    val_ds = make_dataset(split_frame(frame, "val"), image_size=32, batch_size=8, training=False)
+    model = compile_model(build_model("scratch", image_size=32, seed=0), 1e-3, jit_compile=False)
+    lines: list[str] = []
+    CustomLoop(tf.distribute.get_strategy(), model).fit(train_ds, val_ds, initial_epoch=0, epochs=1,
+                                                        report=lines.append, progress_bar=True)
+    captured = capsys.readouterr()
+    assert captured.out == "" and "4/4" in captured.err
+    assert len(lines) == 1 and lines[0].startswith("epoch 1/1 - ") and "ms/step - loss: " in lines[0]
