@@ -253,7 +253,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="where training runs: auto (multi-worker when the TF_CONFIG environment variable is set, "
                    "mirrored when several GPUs are visible, else one device), one, mirrored (every GPU of this "
                    "machine) or multi-worker (the machines TF_CONFIG names; run the same command on each, only "
-                   "the chief writes --out; VGG16 needs --no-cached-features). What was used and why: "
+                   "the chief writes --out). What was used and why: "
                    "summary.json; default: %(default)s")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard logs into RUN/tensorboard (view: pip install "

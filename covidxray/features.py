@@ -270,8 +270,8 @@ class FeatureBatches:
     """Batches of (activations float32, labels (k, 1)) from a FeatureStore, as a ``tf.data.Dataset``.
 
     Training: every pass shuffles the items and draws one stored view per item, both from a numpy generator
-    seeded with (``seed``, ``epoch``); pass ``callback()`` to ``fit`` so that ``epoch`` follows Keras' epoch
-    index (a resumed run then sees the same batches as an uninterrupted one). Otherwise: view 0, in order.
+    seeded with (``seed``, ``epoch``); pass ``callback()`` to the training loop so that ``epoch`` follows its
+    epoch index (a resumed run then sees the same batches as an uninterrupted one). Otherwise: view 0, in order.
     """
 
     def __init__(self, store: FeatureStore, labels: np.ndarray, *, batch_size: int, training: bool, seed: int = 0,
@@ -291,7 +291,7 @@ class FeatureBatches:
         return rng.permutation(n), rng.integers(0, self.store.views, n)
 
     def callback(self) -> keras.callbacks.Callback:
-        """A Keras callback that sets ``epoch`` at the start of every epoch of ``fit``."""
+        """A Keras callback that sets ``epoch`` at the start of every training epoch."""
         batches = self
 
         class _Epoch(keras.callbacks.Callback):
