@@ -1,5 +1,8 @@
 """Training: fit on the ``train`` split, select and early-stop on ``val``, never look at ``test``.
 
+Every run, on one device, several GPUs or several machines (``distribute``, see covidxray.distribute), trains with
+the one loop of covidxray.train_loop.
+
 A run folder holds everything needed to judge and reproduce a model:
 
 - ``model.keras``: the best model on val (by ``config.monitor``), preprocessing included;
