@@ -20,6 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def run_quick_bench(mode: str | None, out: Path) -> None:
+    """``python -m bench [--MODE] --quick --out OUT`` in a subprocess from the repository root; fails the test,
+    showing the end of its stderr, when it exits non-zero."""
+    import sys
+
+    args = [sys.executable, "-m", "bench", *([f"--{mode}"] if mode else []), "--quick", "--out", str(out)]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def write_image(path: Path, *, mode: str = "L", size: tuple[int, int] = (96, 80), seed: int = 0,
                 fmt: str | None = None, **save_kwargs) -> Path:
     """Write a small random-texture image in a given Pillow mode (not blank, so the build accepts it)."""

