@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +24,6 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 def run_quick_bench(mode: str | None, out: Path) -> None:
     """``python -m bench [--MODE] --quick --out OUT`` in a subprocess from the repository root; fails the test,
     showing the end of its stderr, when it exits non-zero."""
-    import sys
-
     args = [sys.executable, "-m", "bench", *([f"--{mode}"] if mode else []), "--quick", "--out", str(out)]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
