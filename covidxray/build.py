@@ -30,7 +30,14 @@ from covidxray.designs import apply_design, confounders, get_design
 from covidxray.download import read_download_record
 from covidxray.errors import DataError, ImageError
 from covidxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, CheckedImage, check_image
-from covidxray.manifest import MANIFEST_COLUMNS, MANIFEST_NAME, REJECTED_NAME, SPLITS, SUMMARY_NAME
+from covidxray.manifest import (
+    MANIFEST_COLUMNS,
+    MANIFEST_NAME,
+    REJECTED_NAME,
+    SPLITS,
+    SUMMARY_NAME,
+    dataset_provenance,
+)
 from covidxray.outputs import OutputDir, claim_output, json_text
 from covidxray.sources import (
     FRONTAL_VIEWS,
@@ -284,6 +291,7 @@ def _build(out: OutputDir, *, chest_xray, covid_xray, presplit, metadata, nih, e
     if download is not None:
         summary["sources"] = {"ieee8023": {"download": download}}
     _write_output(out, cands, rows, rejected, summary)
+    out.set_data(dataset_provenance(out.path))
     return summary
 
 

@@ -35,7 +35,8 @@ from covidxray.explain import (
 from covidxray.explain_checks import write_checks
 from covidxray.image_regions import REGIONS
 from covidxray.labeled import decodable, read_labeled
-from covidxray.outputs import staged_output
+from covidxray.manifest import input_provenance
+from covidxray.outputs import data_provenance, provenance, staged_output
 
 
 def pick_images(
@@ -101,7 +102,11 @@ def render_model_cams(
     labeled = read_labeled(data, split=split)
     threshold = float(meta.get("threshold", 0.5))
     prefix = f"{safe_name(name, 'model', 60)}__"
-    with staged_output(out_dir, "cam", sources=[data], prefix=prefix) as tmp, decodable(labeled) as usable:
+    used = input_provenance(data)
+    prov = provenance(fingerprint=used["fingerprint"], synthetic=used["synthetic"], source=used["source"],
+                      model=data_provenance(meta["run_dir"], "run"))
+    with staged_output(out_dir, "cam", sources=[data], prefix=prefix, data=prov) as tmp, \
+            decodable(labeled) as usable:
         frame = usable.frame
         all_probs = predict_dataframe(model, frame, image_size)
         df = pick_images(frame, limit, seed, probs=all_probs, threshold=threshold)
@@ -110,7 +115,8 @@ def render_model_cams(
         raw = heatmaps(model, images, method=method, layer=layer, normalise=False)
         scale = model_scale(raw)
         files = render_cams(model, images, df, tmp, model_name=name, threshold=threshold, method=method,
-                            probs=probs, layer=layer, maps=scale_maps(raw, scale), label=scale_label(scale))
+                            probs=probs, layer=layer, maps=scale_maps(raw, scale), label=scale_label(scale),
+                            synthetic=prov["synthetic"])
         checks = write_checks(model, images, tmp, model_name=name, df=df, maps=normalise_maps(raw), method=method,
                               layer=layer, seed=seed, probs=probs, split_labels=frame["label"].tolist(),
                               split_probs=all_probs)
@@ -118,7 +124,7 @@ def render_model_cams(
     return {"model": name, "method": method, "layer": layer, "images": len(df), "threshold": threshold,
             "mean_probability": float(np.mean(probs)) if len(probs) else float("nan"), "map_scale": scale,
             "files": len(files), "checks": checks, "skipped": [list(s) for s in usable.skipped],
-            "precision": meta["precision"]}
+            "precision": meta["precision"], "synthetic": prov["synthetic"]}
 
 
 def skipped_filename(model_name: str) -> str:

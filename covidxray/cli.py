@@ -15,7 +15,7 @@ from covidxray.distribute import DISTRIBUTES
 from covidxray.download import IEEE8023_COMMIT
 from covidxray.errors import CovidXrayError, DataError, os_error_line
 from covidxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
-from covidxray.outputs import json_text
+from covidxray.outputs import check_output, json_text
 from covidxray.precision import PRECISIONS
 from covidxray.progress import set_progress
 from covidxray.tfenv import quiet_tensorflow
@@ -574,6 +574,14 @@ def failure_line(exc: BaseException, args: argparse.Namespace) -> str | None:
     return os_error_line(inner, out_flag) if inner is not None else out_of_memory_line(exc, args)
 
 
+def check_verb_output(args: argparse.Namespace) -> None:
+    """Refuse, before any work (a model load, a build), an ``--out`` the verb may not write: another kind of
+    output, a folder nested in an artifact that does not hold this kind, entries covidxray did not write."""
+    out = getattr(args, "out", None)
+    if out is not None and args.verb != "download":
+        check_output(out, args.verb)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run a verb; user-fixable problems (bad input, OS errors, out of memory) print one line, exit 2.
 
@@ -584,6 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_tensorflow(verbose=args.verbose)
     set_progress(not args.quiet)
     try:
+        check_verb_output(args)
         return int(args.func(args) or 0)
     except CovidXrayError as exc:
         line: str | None = str(exc)

@@ -20,8 +20,9 @@ import pandas as pd
 from covidxray import LABELS
 from covidxray.errors import DataError
 from covidxray.labeled import decodable, read_labeled
+from covidxray.manifest import input_provenance
 from covidxray.metrics import METRIC_NAMES, format_metric, summarize
-from covidxray.outputs import staged_output, write_json, write_text
+from covidxray.outputs import data_provenance, provenance, staged_output, synthetic_note, write_json, write_text
 from covidxray.report import (
     plot_confusion,
     plot_reliability,
@@ -130,6 +131,9 @@ def _default_reference(meta: dict[str, Any], out_dir: Path) -> Path | None:
 def _markdown(result: dict[str, Any]) -> str:
     """Results table, per-source rows, the change against the internal test and the files skipped."""
     text = results_table([result])
+    note = synthetic_note(result.get("provenance"))
+    if note:
+        text = f"**{note}**\n\n" + text
     if "trained_on" in result:
         ds = result["trained_on"]
         text += ("\nTrained on: " + (f"{ds['path']} (manifest fingerprint {ds['fingerprint']})" if ds else
@@ -200,14 +204,17 @@ def evaluate_model(
     out_dir = Path(out_dir)
     ref_path = Path(reference) if reference is not None else _default_reference(meta, out_dir)
     ref = read_reference(ref_path) if ref_path is not None else None
-    with staged_output(out_dir, "evaluate", sources=[data, meta["model_path"]]) as tmp, \
+    used = input_provenance(data)
+    prov = provenance(fingerprint=used["fingerprint"], synthetic=used["synthetic"], source=used["source"],
+                      model=data_provenance(meta["run_dir"], "run"))
+    with staged_output(out_dir, "evaluate", sources=[data, meta["model_path"]], data=prov) as tmp, \
             decodable(labeled) as usable:
         df = usable.frame
         probs = predict_dataframe(model, df, image_size)
         result = evaluate_predictions(df, probs, threshold=thr, name=name, weights=str(config.get("weights", "")),
                                       n_boot=n_boot, seed=seed)
         result.update({"data": str(data), "split": split, "kind": usable.kind, "trained_on": trained_on,
-                       "model_id": meta["model_id"], "precision": meta["precision"]})
+                       "model_id": meta["model_id"], "precision": meta["precision"], "provenance": prov})
         result["skipped"] = {"count": len(usable.skipped),
                              "reasons": dict(sorted(Counter(_reason_kind(r) for _, r in usable.skipped).items()))}
         if ref is not None:

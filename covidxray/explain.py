@@ -39,6 +39,7 @@ from covidxray import LABELS
 from covidxray.errors import ModelError
 from covidxray.images import IMAGE_EXTENSIONS
 from covidxray.manifest import check_frame
+from covidxray.outputs import SYNTHETIC
 from covidxray.progress import progress_bar
 
 METHODS: tuple[str, ...] = ("auto", "cam", "gradcam", "gradcam++")
@@ -524,9 +525,12 @@ def render_cams(
     grid: bool = True,
     maps: object | None = None,
     label: str | None = None,
+    synthetic: bool = False,
 ) -> pd.DataFrame:
     """Write one overlay PNG per image (and the summary grid) into ``out_dir``; return one row per file.
 
+    ``synthetic`` (the model or the images come from the embedded synthetic set) puts SYNTHETIC DATA in every
+    figure's title.
     ``df`` is aligned with ``images`` and has a "label" column (and "path" for names); ``probs`` are p(covid),
     predicted here when None. ``maps`` are precomputed heatmaps of the same ``method`` in [0, 1] and ``label``
     names their scale (default: normalised per image); when None they are computed here on one scale for the
@@ -555,6 +559,7 @@ def render_cams(
         raise ValueError(f"maps shape {maps.shape} does not match the images' {x.shape[:3]}.")
     out_dir = Path(out_dir)
     names = _image_names(df)
+    shown = f"{SYNTHETIC} DATA · {model_name}" if synthetic else model_name
     truths = [str(v) for v in df["label"]]
     outcomes = _outcomes(truths, p, threshold)
     rows, taken = [], set()
@@ -566,7 +571,7 @@ def render_cams(
             copy += 1
             filename = cam_filename(model_name, f"{_image_stem(names[i])}-{copy}", truths[i], pred, p[i])
         taken.add(filename)
-        title = f"{model_name} ({used}): true {truths[i]}, predicted {pred}, p(covid) = {p[i]:.2f}"
+        title = f"{shown} ({used}): true {truths[i]}, predicted {pred}, p(covid) = {p[i]:.2f}"
         save_figure(overlay_figure(x[i], maps[i], title=title, label=label), out_dir / filename)
         rows.append(
             {
@@ -582,7 +587,7 @@ def render_cams(
             }
         )
     if grid:
-        summary_grid(x, maps, df, p, threshold, out_dir / grid_filename(model_name), model_name=model_name,
+        summary_grid(x, maps, df, p, threshold, out_dir / grid_filename(model_name), model_name=shown,
                      label=label)
     return pd.DataFrame(
         rows, columns=["model", "image", "file", "label", "pred", "prob", "outcome", "method", "layer"]

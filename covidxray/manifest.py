@@ -10,6 +10,7 @@ import pandas as pd
 
 from covidxray import LABELS
 from covidxray.errors import DataError
+from covidxray.outputs import fingerprint, provenance
 
 MANIFEST_NAME = "manifest.csv"
 SUMMARY_NAME = "summary.json"
@@ -102,3 +103,22 @@ def dataset_summary(dataset: str | Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: unreadable ({exc}); rebuild the dataset with `covidxray data`.") from exc
+
+
+def dataset_provenance(dataset: str | Path) -> dict:
+    """The data a dataset folder holds, for the records of what is made from it (see
+    :func:`covidxray.outputs.provenance`): its manifest's fingerprint and whether it is the embedded synthetic set."""
+    dataset = Path(dataset)
+    manifest = dataset / MANIFEST_NAME
+    return provenance(fingerprint=fingerprint(manifest) if manifest.is_file() else None,
+                      synthetic=bool(dataset_summary(dataset).get("synthetic")), source=dataset.as_posix())
+
+
+def input_provenance(data: str | Path) -> dict:
+    """The provenance of what a verb reads as labelled images: a dataset folder's (see :func:`dataset_provenance`),
+    or a CSV file's fingerprint (a user's own list, never the embedded synthetic set by itself)."""
+    data = Path(data)
+    if data.is_dir():
+        return dataset_provenance(data)
+    return provenance(fingerprint=fingerprint(data) if data.is_file() else None, synthetic=False,
+                      source=data.as_posix())

@@ -22,7 +22,14 @@ from covidxray.errors import DataError
 from covidxray.manifest import MANIFEST_NAME, dataset_summary
 from covidxray.metrics import COUNT_NAMES, METRIC_NAMES, format_metric
 from covidxray.model_io import CARD_FILE, CARD_TEXT, MODEL_FILE, model_id, read_run_json
-from covidxray.outputs import OutputDir, claim_output, file_sha256, fingerprint
+from covidxray.outputs import (
+    OutputDir,
+    amend_output,
+    file_sha256,
+    fingerprint,
+    is_synthetic_artifact,
+    synthetic_note,
+)
 from covidxray.pipeline import RESIZE_ANTIALIAS, RESIZE_METHOD
 
 CARD_FORMAT = 1
@@ -165,6 +172,7 @@ def model_card(run_dir: str | Path, *, previous: dict | None = None) -> dict[str
                   "keras": versions.get("keras"), "tensorflow": versions.get("tensorflow"),
                   "covidxray": versions.get("covidxray", __version__)},
         "intended_use": INTENDED_USE,
+        "synthetic": is_synthetic_artifact(run_dir),
         "limitations": list(LIMITATIONS),
         "input": {
             "image_size": size,
@@ -225,7 +233,9 @@ def render_model_card(card: dict[str, Any]) -> str:
     model, inp, dec, train, data = card["model"], card["input"], card["decision"], card["training"], card["data"]
     weights = model.get("weights") or {}
     size = inp["image_size"]
-    lines = [f"# Model card: {model['id']}", "", f"**Intended use.** {card['intended_use']}", "",
+    note = synthetic_note({"synthetic": card.get("synthetic")}, "this model and every number below")
+    lines = [f"# Model card: {model['id']}", "", *([f"> **{note}**", ""] if note else []),
+             f"**Intended use.** {card['intended_use']}", "",
              "## Model", "",
              f"- Architecture: `{model.get('name')}`; backbone weights: `{weights.get('spec')}`"
              + (f" (trainable from `{model['trainable_from']}`)" if model.get("trainable_from") else ""),
@@ -309,15 +319,19 @@ def write_model_card(out: OutputDir) -> dict[str, Any]:
 def refresh_model_card(run_dir: str | Path) -> str:
     """Rewrite a run's card (after its test evaluation); returns one line saying what happened.
 
-    Only a run that already has a card is refreshed (older runs have no ownership record to write through). A
-    run folder holding files covidxray did not write is left alone, and the line says why.
+    Only a run that already has a card is refreshed (older runs have no ownership record to write through). The
+    run's record keeps its writer (`covidxray train`); the line says whether the card's bytes changed. A run
+    folder holding files covidxray did not write is left alone, and the line says why.
     """
     run_dir = Path(run_dir)
     if not (run_dir / CARD_FILE).is_file():
         return f"{run_dir} has no {CARD_FILE} (a run of an older version); not written"
     try:
-        with claim_output(run_dir, "train", flag="--model") as out:
+        with amend_output(run_dir, "train", flag="--model") as out:
             write_model_card(out)
+            changed = list(out.amended or [])
     except DataError as exc:
         return f"not updated: {exc}"
-    return f"updated {run_dir / CARD_FILE} and {CARD_TEXT}"
+    if not changed:
+        return f"unchanged ({run_dir / CARD_FILE} already says this)"
+    return "updated " + " and ".join(str(run_dir / rel) for rel in changed)

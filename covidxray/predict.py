@@ -26,12 +26,12 @@ from covidxray import LABELS
 from covidxray.errors import DataError
 from covidxray.images import skip_reason
 from covidxray.labeled import LabeledSet, decodable
-from covidxray.outputs import staged_output, write_text
+from covidxray.outputs import SYNTHETIC, data_provenance, provenance, staged_output, write_text
 from covidxray.sources.base import read_table
 
 PREDICTIONS_FILE = "predictions.csv"
 HEATMAP_DIR = "heatmaps"
-COLUMNS: list[str] = ["path", "p_covid", "pred", "threshold", "model", "skipped", "heatmap"]
+COLUMNS: list[str] = ["path", "p_covid", "pred", "threshold", "model", "model_data", "skipped", "heatmap"]
 """Columns of predictions.csv; p_covid, pred and heatmap are empty for a skipped file."""
 CHUNK = 256
 """Images decoded into memory at once for heatmaps (predictions stream through the input pipeline)."""
@@ -174,7 +174,10 @@ def predict(
     labeled = LabeledSet(pd.DataFrame({"filepath": wanted, "y": 0}), kind="files")
     out_dir = Path(out_dir)
     heat: dict[str, str] = {}
-    with staged_output(out_dir, "predict", sources=[*inputs, meta["model_path"]]) as tmp, \
+    model_data = data_provenance(meta["run_dir"], "run")
+    data_word = "unknown" if model_data is None else SYNTHETIC if model_data.get("synthetic") else "real"
+    prov = provenance(fingerprint=None, synthetic=False, source="images", model=model_data)
+    with staged_output(out_dir, "predict", sources=[*inputs, meta["model_path"]], data=prov) as tmp, \
             decodable(labeled, check=True, fix=f"Nothing was written. {_INPUTS}") as usable:
         frame = usable.frame
         probs = predict_dataframe(model, frame, size, batch_size)
@@ -190,7 +193,7 @@ def predict(
             p = p_of.get(path) if reason is None else None
             rows.append({"path": path, "p_covid": None if p is None else round(float(p), 6),
                          "pred": "" if p is None else LABELS[int(p >= threshold)], "threshold": threshold,
-                         "model": model_name, "skipped": reason or unusable.get(path, ""),
+                         "model": model_name, "model_data": data_word, "skipped": reason or unusable.get(path, ""),
                          "heatmap": heat.get(path, "") if reason is None else ""})
         table = pd.DataFrame(rows, columns=COLUMNS)
         write_text(table.to_csv(index=False, lineterminator="\n"), tmp / PREDICTIONS_FILE)

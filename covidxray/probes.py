@@ -34,9 +34,9 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from covidxray.errors import DataError, ImageError
 from covidxray.images import open_grayscale
-from covidxray.manifest import MANIFEST_NAME, read_manifest, split_frame
+from covidxray.manifest import MANIFEST_NAME, dataset_provenance, read_manifest, split_frame
 from covidxray.metrics import choose_threshold, format_metric, summarize
-from covidxray.outputs import staged_output, write_json, write_text
+from covidxray.outputs import staged_output, synthetic_note, write_json, write_text
 from covidxray.progress import progress_bar
 
 DEFAULT_BORDER = 0.15
@@ -333,13 +333,15 @@ def run_probes(
     """
     data_dir = Path(data_dir)
     _split_frames(data_dir)
-    with staged_output(out_dir, "probe", sources=[data_dir]) as tmp:
+    data = dataset_provenance(data_dir)
+    with staged_output(out_dir, "probe", sources=[data_dir], data=data) as tmp:
         stats = stats_probe(data_dir, seed=seed, n_boot=n_boot, progress=progress)
         source = source_probe(data_dir, image_size=image_size, epochs=epochs, seed=seed, border=border,
                               batch_size=batch_size, n_boot=n_boot, progress=progress)
         result: dict[str, Any] = {"data": str(data_dir), "source": source, "statistics": stats,
                                   "warnings": [r["warning"] for r in (source, stats) if r["warning"]]}
-        result["markdown"] = probes_markdown(result)
+        note = synthetic_note(data)
+        result["markdown"] = (f"**{note}**\n\n" if note else "") + probes_markdown(result)
         write_json({k: v for k, v in result.items() if k != "markdown"}, tmp / PROBES_JSON)
         write_text(result["markdown"], tmp / PROBES_MD)
     for warning in result["warnings"]:

@@ -30,9 +30,9 @@ from covidxray.build import BuildConfig, build_dataset
 from covidxray.designs import get_design
 from covidxray.errors import DataError, ModelError
 from covidxray.evaluate import evaluate_model, evaluate_predictions
-from covidxray.manifest import dataset_summary, read_manifest, split_frame
+from covidxray.manifest import dataset_provenance, dataset_summary, read_manifest, split_frame
 from covidxray.metrics import seed_summary
-from covidxray.outputs import OutputDir, claim_output
+from covidxray.outputs import OutputDir, claim_output, synthetic_note
 from covidxray.precision import PRECISIONS
 from covidxray.report import plot_reliability, plot_roc_pr, results_table
 
@@ -223,7 +223,10 @@ def _reproduce(config: ReproduceConfig, out: OutputDir, *, presplit, metadata, c
 
     summary = dataset_summary(dataset)
     record = dataset_record(dataset)
-    table = (results_table(rows) + design_notes(summary)
+    data = dataset_provenance(dataset)
+    out.set_data(data)
+    note = synthetic_note(data)
+    table = ((f"**{note}**\n\n" if note else "") + results_table(rows) + design_notes(summary)
              + f"\nDataset: {record['path']} (manifest fingerprint {record['fingerprint']}).\n")
     y = test_df["y"].to_numpy()
     out.put("roc_pr.png", lambda tmp: plot_roc_pr(y, probs_by_model, path=tmp))
@@ -237,6 +240,7 @@ def _reproduce(config: ReproduceConfig, out: OutputDir, *, presplit, metadata, c
                     "confounder_warnings": [w["message"] for w in
                                             (summary.get("confounders") or {}).get("warnings", [])]},
         "rows": rows,
+        "synthetic": data["synthetic"],
         "table": table,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "versions": versions()},
         "wall_s": round(time.perf_counter() - t0, 1),

@@ -61,7 +61,7 @@ from covidxray.features import (
     predict_cached,
     tail_part,
 )
-from covidxray.manifest import MANIFEST_NAME, dataset_summary, read_manifest, split_frame
+from covidxray.manifest import MANIFEST_NAME, dataset_provenance, dataset_summary, read_manifest, split_frame
 from covidxray.metrics import THRESHOLD_METHODS, choose_threshold
 from covidxray.model_card import drop_model_card, write_model_card
 from covidxray.model_io import CHECKPOINT_DIR, MODEL_FILE, load_run, predict_dataframe, read_run_json, versions
@@ -507,7 +507,7 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, pro
         return _train_worker(cfg, data_dir, out_dir, dataset, resume, progress, strategy, dist)
     link = _ChiefLink(strategy, dist)
     try:
-        with claim_output(out_dir, "train", sources=[data_dir]) as out:
+        with claim_output(out_dir, "train", sources=[data_dir], data=dataset_provenance(data_dir)) as out:
             run = _Run(cfg, data_dir, out, progress, tensorboard)
             try:
                 return _train(run, cfg, dataset, resume, strategy, dist, link)

@@ -66,6 +66,17 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def presplit(tmp_path_factory) -> Path:
+    """A small pre-split source, train|test/Covid|Normal (generated once)."""
+    root = tmp_path_factory.mktemp("presplit")
+    for i, (split, cls, n) in enumerate([("train", "Covid", 8), ("train", "Normal", 8), ("test", "Covid", 3),
+                                         ("test", "Normal", 3)]):
+        for k in range(n):
+            write_image(root / split / cls / f"{cls}{split}{k}.png", seed=1000 * i + k, size=(72, 64))
+    return root
+
+
+@pytest.fixture(scope="session")
 def synthetic_sources(tmp_path_factory):
     """The package's embedded synthetic data set in the two real source layouts (generated once)."""
     from covidxray.synthetic import make_synthetic_sources

@@ -83,17 +83,6 @@ VERB_OUTPUT_NAMES = {
 }
 
 
-@pytest.fixture(scope="module")
-def presplit(tmp_path_factory) -> Path:
-    """A small pre-split source, train|test/Covid|Normal."""
-    root = tmp_path_factory.mktemp("presplit")
-    for i, (split, cls, n) in enumerate([("train", "Covid", 8), ("train", "Normal", 8), ("test", "Covid", 3),
-                                         ("test", "Normal", 3)]):
-        for k in range(n):
-            write_image(root / split / cls / f"{cls}{split}{k}.png", seed=1000 * i + k, size=(72, 64))
-    return root
-
-
 def verb_args(verb: str, out: Path, presplit: Path, tiny_dataset: Path, tiny_run: Path) -> list[str]:
     """The cheapest real invocation of ``verb`` writing into ``out``."""
     return {

@@ -26,8 +26,8 @@ def files_of(folder):
                                                                                                    PENDING_NAME)}
 
 
-def build(folder, content: dict[str, bytes], prefix: str | None = None) -> None:
-    with staged_output(folder, "test", prefix=prefix) as stage:
+def build(folder, content: dict[str, bytes], prefix: str | None = None, verb: str = "data") -> None:
+    with staged_output(folder, verb, prefix=prefix) as stage:
         for rel, data in content.items():
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             (stage / rel).write_bytes(data)
@@ -35,17 +35,18 @@ def build(folder, content: dict[str, bytes], prefix: str | None = None) -> None:
 
 def test_put_records_and_a_rerun_replaces_only_its_own(tmp_path):
     out = tmp_path / "out"
-    with claim_output(out, "test") as o:
+    with claim_output(out, "evaluate") as o:
         o.write_text("a.txt", "one")
         o.write_json("sub/b.json", {"x": 1.5})
     record = json.loads((out / RECORD_NAME).read_text())
-    assert set(record["files"]) == {"a.txt", "sub/b.json"} and record["verb"] == "test"
-    with claim_output(out, "test") as o:
+    assert set(record["files"]) == {"a.txt", "sub/b.json"}
+    assert record["verb"] == "evaluate" and record["kind"] == "evaluation"
+    with claim_output(out, "evaluate") as o:
         o.write_text("a.txt", "two")
         o.remove("sub/b.json")
     assert (out / "a.txt").read_text() == "two" and not (out / "sub" / "b.json").exists()
     (out / "a.txt").write_text("edited by the user")
-    with pytest.raises(DataError, match=r"\(a.txt\)"), claim_output(out, "test"):
+    with pytest.raises(DataError, match=r"\(a.txt\)"), claim_output(out, "evaluate"):
         pass
     assert (out / "a.txt").read_text() == "edited by the user"
 
@@ -77,9 +78,9 @@ def test_a_record_name_that_is_a_link_or_garbage_is_foreign(tmp_path):
 
 def test_prefix_replaces_one_models_files_only(tmp_path):
     out = tmp_path / "cams"
-    build(out, {"a__1.png": b"1", "a__2.png": b"2"}, prefix="a__")
-    build(out, {"b__1.png": b"x"}, prefix="b__")
-    build(out, {"a__3.png": b"3"}, prefix="a__")
+    build(out, {"a__1.png": b"1", "a__2.png": b"2"}, prefix="a__", verb="cam")
+    build(out, {"b__1.png": b"x"}, prefix="b__", verb="cam")
+    build(out, {"a__3.png": b"3"}, prefix="a__", verb="cam")
     assert files_of(out) == {"a__3.png": b"3", "b__1.png": b"x"}
     assert foreign_entries(out) == []
 
@@ -87,14 +88,14 @@ def test_prefix_replaces_one_models_files_only(tmp_path):
 def test_nested_outputs_survive_the_parent_writing_afterwards(tmp_path):
     """A child claimed while the parent's claim is open stays named in the parent's record."""
     root = tmp_path / "root"
-    with claim_output(root, "parent") as parent:
+    with claim_output(root, "reproduce") as parent:
         build(root / "child", {"x.txt": b"x"})
-        with claim_output(root / "runs", "parent"):
+        with claim_output(root / "runs", "reproduce"):
             pass
         build(root / "runs" / "r1", {"m.keras": b"m"})
         parent.write_text("results.md", "table")
     assert foreign_entries(root) == []
-    with claim_output(root, "parent") as parent:
+    with claim_output(root, "reproduce") as parent:
         parent.write_text("results.md", "table again")
     (root / "runs" / "r1" / "notes.txt").write_text("user")
     assert foreign_entries(root) == ["runs/r1/notes.txt"]
@@ -104,13 +105,13 @@ def test_sources_around_the_output_are_refused(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     for out in (src, src / "inner", tmp_path):
-        with pytest.raises(DataError, match="source"), claim_output(out, "test", sources=[src]):
+        with pytest.raises(DataError, match="source"), claim_output(out, "evaluate", sources=[src]):
             pass
 
 
 def test_a_failure_removes_what_the_claim_created(tmp_path):
     out = tmp_path / "a" / "b" / "out"
-    with pytest.raises(RuntimeError), claim_output(out, "test") as o:
+    with pytest.raises(RuntimeError), claim_output(out, "evaluate") as o:
         o.scratch()
         raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []

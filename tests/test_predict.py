@@ -108,7 +108,8 @@ def test_predict_files_folders_and_a_csv(tiny_run: Path, tmp_path: Path) -> None
     result = predict(tiny_run, [src / "folder", src / "d.png", src / "list.csv"], tmp_path / "out")
 
     table = pd.read_csv(tmp_path / "out" / "predictions.csv", keep_default_na=False)
-    assert list(table.columns) == ["path", "p_covid", "pred", "threshold", "model", "skipped", "heatmap"]
+    assert list(table.columns) == ["path", "p_covid", "pred", "threshold", "model", "model_data", "skipped", "heatmap"]
+    assert set(table["model_data"]) == {"SYNTHETIC"}  # tiny_run is trained on the embedded synthetic set
     rows = {Path(p).name if "line" not in p else p: r for p, r in zip(table["path"], table.to_dict("records"),
                                                                         strict=True)}
     for name in ("a.png", "b.jpg", "c16.png", "d.png", "e.png"):
