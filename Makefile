@@ -26,7 +26,8 @@ test: install
 lint: install
 	$(BIN)/ruff check covidxray tests bench
 
-# Side-by-side benchmark against the 2020-style pipeline (about half an hour on 2 idle cores; --quick: 2 minutes).
+# Side-by-side benchmark against the 2020-style pipeline (about half an hour on 2 idle cores; --quick: 2 minutes,
+# written into runs/bench-quick/, never over the committed bench/results.*).
 bench: install
 	$(BIN)/python -m bench
 

@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     d = Options()
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="CI smoke run: 64 px, 2 epochs (< 3 minutes)")
-    p.add_argument("--out", type=Path, default=None, help="folder for results.json and results.md (default: bench/)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for results.json and results.md (default: bench/ for the full run on "
+                   "the 2020 images; runs/bench-quick/ for --quick, changed settings or synthetic data)")
     p.add_argument("--data", type=Path, default=SHARED_DATA,
                    help="folder holding seed-dataset/ and ieee8023-metadata/ (synthetic data when absent)")
     p.add_argument("--image-size", type=int, default=None)

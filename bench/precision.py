@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from bench.destination import results_folder
 from bench.measure import load_average, steady_epoch
-from bench.run import REPO, SHARED_DATA, Options, _clean, _fresh, _log, prepare_data, run_original
+from bench.run import REPO, SHARED_DATA, Options, _clean, _fresh, _log, partial_run, prepare_data, run_original
 from covidxray.features import conv_flops, extractor, frozen_part
 from covidxray.manifest import read_manifest, split_frame
 from covidxray.metrics import bootstrap_distribution, summarize
@@ -53,11 +54,17 @@ TARGETS = {
 """The issue's targets (bfloat16 against float32 and the original-style pipeline)."""
 
 
+MEASURED = ("image_size", "batch_size", "epochs", "original_epochs", "repeats", "weights", "lr", "seed",
+            "extract_batch", "extract_repeats", "n_boot", "max_images")
+"""Settings of :class:`PrecisionOptions` the committed bench/precision_results.json was measured with."""
+
+
 @dataclass
 class PrecisionOptions:
     """What the precision bench runs; ``quick_mode`` gives the CI variant."""
 
-    out: Path = REPO / "bench"
+    out: Path | None = None
+    """Folder for precision_results.json and .md; None: bench/ for the full run, runs/bench-quick/ for any other."""
     data: Path = SHARED_DATA
     quick: bool = False
     image_size: int = 224
@@ -218,7 +225,9 @@ def _targets(results: dict) -> dict:
 
 
 def run_precision(opts: PrecisionOptions) -> dict:
-    """Everything above, interleaved; writes ``precision_results.json`` and ``.md`` into ``opts.out``."""
+    """Everything above, interleaved; writes ``precision_results.json`` and ``.md`` into ``opts.out`` (None:
+    bench/ for the full run, runs/bench-quick/ for any other)."""
+    out = results_folder(opts.out, partial_run(opts, MEASURED))
     work = opts.workdir or Path(tempfile.mkdtemp(prefix="covidxray-bench-precision-"))
     work.mkdir(parents=True, exist_ok=True)
     t_start, load_before = time.perf_counter(), load_average()
@@ -228,7 +237,7 @@ def run_precision(opts: PrecisionOptions) -> dict:
     notes = [] if cpu["bf16"] else [f"this CPU ({cpu['model']}) reports none of {'/'.join(BF16_FLAGS)}: bfloat16 "
                                     "would be emulated, so only float32 is measured"]
     _log(f"CPU {cpu['model']}; bf16 flags: {cpu['bf16_flags'] or 'none'}; measuring {precisions}")
-    base = Options(out=opts.out, data=opts.data, quick=opts.quick, image_size=opts.image_size,
+    base = Options(out=out, data=opts.data, quick=opts.quick, image_size=opts.image_size,
                    batch_size=opts.batch_size, epochs=opts.original_epochs or 1, weights=opts.weights,
                    seed=opts.seed, max_images=opts.max_images)
     try:
@@ -296,10 +305,10 @@ def run_precision(opts: PrecisionOptions) -> dict:
         if opts.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     results = _clean(results)
-    opts.out.mkdir(parents=True, exist_ok=True)
-    write_json(results, opts.out / "precision_results.json")
-    (opts.out / "precision_results.md").write_text(markdown(results), encoding="utf-8")
-    _log(f"wrote {opts.out / 'precision_results.json'} and .md in {time.perf_counter() - t_start:.0f} s")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(results, out / "precision_results.json")
+    (out / "precision_results.md").write_text(markdown(results), encoding="utf-8")
+    _log(f"wrote {out / 'precision_results.json'} and .md in {time.perf_counter() - t_start:.0f} s")
     return results
 
 
@@ -375,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench --precision", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI smoke run: 64 px, a subset, 2 epochs (< 3 minutes)")
-    p.add_argument("--out", type=Path, default=None, help="folder for precision_results.json/.md (default: bench/)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for precision_results.json/.md (default: bench/ for the full run, "
+                   "runs/bench-quick/ for --quick, changed settings or synthetic data)")
     p.add_argument("--data", type=Path, default=SHARED_DATA,
                    help="folder holding seed-dataset/ and ieee8023-metadata/ (synthetic data when absent)")
     p.add_argument("--epochs", type=int, default=None, help=f"epochs per run of ours (default {d.epochs})")

@@ -10,8 +10,10 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -19,6 +21,7 @@ import pandas as pd
 import tensorflow as tf
 
 from bench import original
+from bench.destination import changed_settings, results_folder
 from bench.measure import (
     EpochTimer,
     PeakMemory,
@@ -60,7 +63,9 @@ TARGETS = {
 class Options:
     """What to run; ``quick()`` gives the CI variant."""
 
-    out: Path = REPO / "bench"
+    out: Path | None = None
+    """Folder for results.json and .md; None: bench/ for the full run, runs/bench-quick/ for any other (see
+    :func:`partial_run`)."""
     data: Path = SHARED_DATA
     quick: bool = False
     image_size: int = 224
@@ -95,6 +100,21 @@ class Options:
 
 def _log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+MEASURED = ("image_size", "epochs", "batch_size", "weights", "feature_views", "lr", "extra_views", "seed",
+            "max_images", "precision", "infer_images", "latency_calls", "matmul_n", "micro_repeats", "extract_batch")
+"""Settings of :class:`Options` the committed bench/results.json was measured with."""
+
+
+def partial_run(opts: Any, measured: Sequence[str] = MEASURED) -> list[str]:
+    """Why a run of ``opts`` (:class:`Options`, or the precision bench's, with ``data``) may not replace the
+    committed results (empty for the full run): ``--quick``, a changed setting of ``measured``, or the synthetic
+    data where the committed figures are the 2020 images'."""
+    reasons = changed_settings(opts, measured)
+    if not (opts.data / "seed-dataset" / "MANIFEST.csv").is_file():
+        reasons.append("synthetic data: no seed-dataset/ in --data")
+    return reasons
 
 
 def _fresh() -> None:
@@ -400,6 +420,7 @@ def run_all(opts: Options) -> dict:
     """Run everything, interleaving the two pipelines, and write ``results.json`` and ``results.md``."""
     from bench.report import write_markdown
 
+    out = results_folder(opts.out, partial_run(opts))
     work = opts.workdir or Path(tempfile.mkdtemp(prefix="covidxray-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -463,9 +484,9 @@ def run_all(opts: Options) -> dict:
                 entry.pop("model_path", None)
                 entry.pop("run_dir", None)
     results = _clean(results)
-    opts.out.mkdir(parents=True, exist_ok=True)
-    write_json(results, opts.out / "results.json")
-    write_markdown(results, opts.out / "results.md")
-    _log(f"wrote {opts.out / 'results.json'} and results.md in {time.perf_counter() - t_start:.0f} s")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(results, out / "results.json")
+    write_markdown(results, out / "results.md")
+    _log(f"wrote {out / 'results.json'} and results.md in {time.perf_counter() - t_start:.0f} s")
     return results
 

@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from bench.destination import changed_settings, results_folder
 from bench.measure import PeakMemory, load_average
 
 IMAGES_PER_NORMAL_PATIENT = 1.21
@@ -134,12 +135,16 @@ def growth(rows: list[dict], models: list[str]) -> dict:
     return out
 
 
+MEASURED = ("n", "fractions", "image_size", "epochs", "batch_size", "models", "weights", "lr", "seed", "precisions")
+"""Settings of :class:`ScalingOptions` the committed bench/scaling_results.json was measured with."""
+
+
 @dataclass
 class ScalingOptions:
     """What ``python -m bench --scaling`` runs; ``quick_mode`` gives the test's variant."""
 
     out: Path | None = None
-    """Folder for scaling_results.json and .md (None: this folder)."""
+    """Folder for scaling_results.json and .md; None: bench/ for the full run, runs/bench-quick/ for any other."""
     quick: bool = False
     n: int = 6000
     """Images of the full synthetic set (about: the synthetic patients have 1-3 films)."""
@@ -207,6 +212,7 @@ def run_scaling(opts: ScalingOptions, command: str = "python -m bench --scaling"
     from covidxray.model_io import versions
     from covidxray.precision import BF16_FLAGS
 
+    out = results_folder(opts.out, changed_settings(opts, MEASURED))
     t_start, load_before = time.perf_counter(), load_average()
     cpu = cpu_record()
     precisions = [p for p in SCALING_PRECISIONS if p in opts.precisions]
@@ -266,7 +272,6 @@ def run_scaling(opts: ScalingOptions, command: str = "python -m bench --scaling"
         },
     }
     results = portable(_clean(results), {str(work.resolve()): "WORKDIR", str(work): "WORKDIR", str(REPO): "."})
-    out = opts.out or REPO / "bench"
     out.mkdir(parents=True, exist_ok=True)
     write_results(results, out)
     _log(f"wrote {out / 'scaling_results.json'} and .md in {time.perf_counter() - t_start:.0f} s")
@@ -339,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench --scaling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="test run: about 60 images, 32 px, shares 0.5 and 1")
-    p.add_argument("--out", type=Path, default=None, help="folder for scaling_results.json/.md (default: bench/)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for scaling_results.json/.md (default: bench/ for the full run, "
+                   "runs/bench-quick/ for --quick or changed settings)")
     p.add_argument("--precisions", type=_precisions, default=None,
                    help="float32, bfloat16 or both (default both; bfloat16 only where the CPU has bf16)")
     p.add_argument("--scale-n", type=int, default=None, help=f"images of the full synthetic set (default {d.n})")

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.destination import REPO, changed_settings, results_folder
 from bench.precision import cpu_record
 from covidxray.outputs import write_json
 from covidxray.reproduce import ReproduceConfig, reproduce, reproduce_designs
@@ -67,6 +68,10 @@ RESULTS = {
 """Committed results file -> the file of the run it is copied from (relative to ``--work``)."""
 
 
+TRIAL_SETTINGS = ("seeds", "precision", "weights", "epochs", "image_size")
+"""Flags whose other values make a trial run, whose results files must not replace the committed ones."""
+
+
 def portable(obj: Any, roots: dict[str, str]) -> Any:
     """``obj`` with every string's machine-specific prefix (a key of ``roots``) replaced by its portable name."""
     if isinstance(obj, dict):
@@ -101,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=Path("../shared/data"))
     parser.add_argument("--work", type=Path, default=Path("runs/seeds"))
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: results/ (committed) for the full run; runs/bench-quick/results/ with other "
+                             "--seeds, --precision, --weights, --epochs or --image-size")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--precision", default="bfloat16")
     parser.add_argument("--weights", default="hed")
@@ -112,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probes-only", action="store_true",
                         help="only run the shortcut probes on the datasets of finished runs in --work, then collect")
     args = parser.parse_args(argv)
+    args.out = results_folder(args.out, changed_settings(args, TRIAL_SETTINGS, parser.parse_args([])),
+                              committed=REPO / "results")
     if args.collect_only or args.probes_only:
         if args.probes_only:
             probes(args.work)

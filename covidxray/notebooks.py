@@ -7,6 +7,11 @@ results of an earlier run (a finished run would be reused, not retrained), unles
 into ``runs/before-render-<time>/`` (nothing is deleted). After each notebook, papermill's
 ``injected-parameters`` cell (which names paths on the rendering machine) is replaced by a Markdown cell saying
 what the rendered run used, so the committed notebook keeps its defaults and runs as it is on a fresh clone.
+
+The committed files change only when every notebook succeeded: a missing or incomplete ``--shared`` folder is
+refused before any work, and the notebooks execute into a staging folder, ``runs/render-<time>/`` (the heatmap
+notebook writes into a copy of ``Class_Activation_Images/`` there), whose files are swapped into place at the end.
+A failed render says which notebook failed and replaces nothing; its staging folder stays for inspection.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from covidxray.errors import DataError
-from covidxray.outputs import KEPT_NAMES, claim_output, foreign_entries, refusal
+from covidxray.errors import CovidXrayError, DataError
+from covidxray.outputs import KEPT_NAMES, atomic_write, claim_output, foreign_entries, refusal
 
 NOTEBOOKS: tuple[str, ...] = (
     "Create_Data.ipynb",
@@ -41,8 +46,15 @@ RESULTS: dict[str, tuple[str, ...]] = {
     "Class_Activation_Maps.ipynb": (),
 }
 """Folders (relative to the repository root) each notebook writes with its default parameters; a render starts
-with all of them empty. Class_Activation_Images/ is committed: the notebook replaces the files it wrote there."""
+with all of them empty. Class_Activation_Images/ is committed: see COMMITTED_OUTPUTS."""
 CAM_DIR = "Class_Activation_Images"
+COMMITTED_OUTPUTS: dict[str, dict[str, str]] = {"Class_Activation_Maps.ipynb": {"OUT": CAM_DIR}}
+"""Committed folders a notebook writes, by the parameter that names each: a render points that parameter at a
+copy in its staging folder and swaps the copy in only when every notebook succeeded."""
+RENDER_PREFIX = "render-"
+"""Staging folders of renders: ``runs/render-<time>/`` (git-ignored)."""
+SHARED_FIX = ("pass the folder that holds seed-dataset/, ieee8023-metadata/metadata-early.csv and nih14-sample/ "
+              "(make notebooks SHARED=DIR)")
 NOTE_TAG = "rendered-parameters"
 """Tag of the Markdown cell that replaces papermill's ``injected-parameters`` cell."""
 INJECTED_TAG = "injected-parameters"
@@ -136,7 +148,8 @@ AS_COMMITTED: dict[str, str] = {
     "Train_VGG16.ipynb": "trains on `dataset/` (from Create_Data.ipynb; built from the embedded synthetic data when "
                          "missing), with small settings when that data is synthetic",
     "Class_Activation_Maps.ipynb": "explains the models in `runs/` (a small one is trained on the synthetic data "
-                                   "when there is none)",
+                                   "when there is none); heatmaps of the synthetic data go to "
+                                   "`runs/Class_Activation_Images-synthetic/`, never over the committed ones",
 }
 """What each notebook does when it is run as committed, with the defaults of its parameters cell."""
 
@@ -249,27 +262,130 @@ def prepare_clean_slate(names: Sequence[str], root: str | Path = ".", *, fresh: 
     return move_aside(found, root)
 
 
-def render(names: Sequence[str], shared: str, *, fresh: bool = False, root: str | Path = ".") -> None:
-    """Render ``names`` in place, in data-flow order, from a clean slate, with the parameters of the real run;
-    each rendered notebook gets its note instead of papermill's injected cell."""
+class RenderError(CovidXrayError):
+    """A notebook of a render failed; nothing committed was replaced."""
+
+
+def check_shared(parameters: Mapping[str, Mapping[str, Any]], shared: str) -> None:
+    """Refuse (DataError), before any work, a ``shared`` folder that lacks a file or folder that ``parameters``
+    (per notebook) point into; with none pointing into it (only Create_Data.ipynb reads it), nothing is checked."""
+    root = shared.rstrip("/") + "/"
+    needed = sorted({value for params in parameters.values() for value in params.values()
+                     if isinstance(value, str) and value.startswith(root)})
+    if not needed:
+        return
+    if not Path(shared).is_dir():
+        raise DataError(f"--shared {shared}: no such folder; {SHARED_FIX}.")
+    missing = [value[len(root):] for value in needed if not Path(value).exists()]
+    if missing:
+        raise DataError(f"--shared {shared}: {', '.join(missing)} not found there; {SHARED_FIX}.")
+
+
+def swap_in(staged: Path, final: Path, replaced: Sequence[str] = ()) -> None:
+    """Put every file of ``staged`` into ``final``, each replaced in one rename (:func:`atomic_write`), and remove
+    the files named in ``replaced`` (those ``staged`` started with) that are no longer in ``staged``; other entries
+    of ``final`` stay. ``staged`` is removed. Both hold files only (a committed output folder is flat)."""
+    entries = sorted(staged.iterdir())
+    nested = [e.name for e in entries if e.is_dir() or e.is_symlink()]
+    if nested:
+        raise DataError(f"{staged}: holds {', '.join(nested)}, not plain files; a committed output folder is flat. "
+                        f"Move them out, then render again ({final} is unchanged).")
+    for entry in entries:
+        atomic_write(final / entry.name, lambda tmp, entry=entry: shutil.copyfile(entry, tmp))
+    for name in sorted(set(replaced) - {e.name for e in entries}):
+        if (final / name).is_file() and not (final / name).is_symlink():
+            (final / name).unlink()
+    for entry in entries:
+        entry.unlink()
+    staged.rmdir()
+
+
+def _rename_in_text(path: Path, old: str, new: str) -> None:
+    """Replace ``old`` by ``new`` everywhere in the file at ``path`` (the staging path in a rendered notebook's
+    outputs becomes the committed folder it was swapped into)."""
+    text = path.read_text(encoding="utf-8")
+    if old in text:
+        path.write_text(text.replace(old, new), encoding="utf-8")
+
+
+def _failure(name: str, exc: Exception) -> str:
+    """What went wrong in notebook ``name``, in one line: the cell and the error papermill reports, else the
+    exception."""
+    cell = getattr(exc, "exec_count", None)
+    ename, evalue = getattr(exc, "ename", None), getattr(exc, "evalue", None)
+    if ename is not None:
+        where = f"cell [{cell}]" if cell is not None else "a cell"
+        return f"{name}: {where} raised {ename}: {str(evalue).splitlines()[0] if evalue else ''}".rstrip(": ")
+    return f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+
+
+def _new_stage(root: Path) -> Path:
+    """A new, empty ``runs/render-<time>[-N]/`` under ``root``, returned relative to ``root``."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    (root / "runs").mkdir(exist_ok=True)
+    for n in range(1, 1000):
+        rel = Path("runs") / f"{RENDER_PREFIX}{stamp}{'' if n == 1 else f'-{n}'}"
+        try:
+            (root / rel).mkdir()
+        except FileExistsError:
+            continue
+        return rel
+    raise DataError(f"{root / 'runs'}: 999 render folders of {stamp}; remove runs/{RENDER_PREFIX}{stamp}*.")
+
+
+def render(names: Sequence[str], shared: str, *, fresh: bool = False, root: str | Path = ".",
+           parameters: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Render ``names`` in data-flow order, from a clean slate, with the parameters of the real run (or
+    ``parameters``, per notebook); each rendered notebook gets its note instead of papermill's injected cell.
+
+    The notebooks execute into ``runs/render-<time>/`` and their committed outputs (COMMITTED_OUTPUTS) into copies
+    there; all of it is swapped into place only when every notebook succeeded. A failure raises RenderError and
+    leaves every committed notebook and output as it was (results folders such as ``dataset/`` and ``runs/scratch``
+    keep what the notebooks wrote before it, as after any run)."""
     order = [n for n in NOTEBOOKS if n in names]
     root = Path(root)
+    params = {**shared_parameters(shared), **(parameters or {})}
+    check_shared({name: params[name] for name in order}, shared)
     if "Create_Data.ipynb" not in order and not (root / "dataset" / "manifest.csv").is_file():
         raise DataError(f"{root / 'dataset'}: no dataset; render Create_Data.ipynb first (the other notebooks "
                         "would build a synthetic one).")
     aside = prepare_clean_slate(order, root, fresh=fresh)
     if aside is not None:
         print(f"earlier results moved to {aside}/", flush=True)
-    params = shared_parameters(shared)
+    stage_rel = _new_stage(root)
+    stage = root / stage_rel
+    copied: dict[str, list[str]] = {}
     for name in order:
-        print(f"executing {name}", flush=True)
-        path = root / name
-        run_notebook(path, path, parameters=params[name], cwd=root)
-        replace_injected_cell(path, rendered_note(name, params[name], shared))
+        for folder in COMMITTED_OUTPUTS.get(name, {}).values():
+            if (root / folder).is_dir():
+                shutil.copytree(root / folder, stage / folder, symlinks=True)
+            copied[folder] = sorted(e.name for e in (root / folder).iterdir()) if (root / folder).is_dir() else []
+    for name in order:
+        print(f"executing {name} into {stage_rel.as_posix()}/", flush=True)
+        staged = {key: (stage_rel / folder).as_posix() for key, folder in COMMITTED_OUTPUTS.get(name, {}).items()}
+        try:
+            run_notebook(root / name, stage / name, parameters={**params[name], **staged}, cwd=root)
+        except Exception as exc:  # papermill's execution error, a dead kernel, a timeout: the render stops here
+            raise RenderError(
+                f"{_failure(name, exc)}; nothing committed was replaced (the notebooks and "
+                f"{', '.join(f'{f}/' for f in copied) or 'their outputs'} are as they were). The executed copy is "
+                f"{(stage_rel / name).as_posix()}; fix the cause and render again (--fresh moves this run's "
+                "results aside).") from exc
+        replace_injected_cell(stage / name, rendered_note(name, params[name], shared))
+        for key, folder in COMMITTED_OUTPUTS.get(name, {}).items():
+            _rename_in_text(stage / name, staged[key], folder)
+    for folder, before in copied.items():
+        swap_in(stage / folder, root / folder, before)
+    for name in order:
+        atomic_write(root / name, lambda tmp, name=name: shutil.copyfile(stage / name, tmp))
+        (stage / name).unlink()
+    stage.rmdir()
+    print(f"rendered {', '.join(order)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Render every notebook in place with the parameters of the real run."""
+    """Render the notebooks with the parameters of the real run; exit 2 on a usage error (a missing --shared
+    folder, earlier results), 1 when a notebook fails (nothing committed replaced)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", default="../shared/data", help="the folder with seed-dataset/ etc.")
     parser.add_argument("--only", nargs="*", default=None, choices=NOTEBOOKS,
@@ -282,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RenderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -299,6 +299,30 @@ def training_settings(data: str | Path, epochs: int | None = None, image_size: i
     return chosen
 
 
+SYNTHETIC_CAM_DIR = paths.RUNS_DIR / "Class_Activation_Images-synthetic"
+"""Where the heatmap notebook writes on the embedded synthetic data (git-ignored, beside the other runs):
+``Class_Activation_Images/`` holds the committed heatmaps of the real data."""
+
+
+def heatmap_folder(data: str | Path, out: str | Path | None = None) -> Path:
+    """Where the heatmap notebook writes: ``out`` when given, else ``Class_Activation_Images/`` for a real
+    dataset and :data:`SYNTHETIC_CAM_DIR` for one built from the embedded synthetic data, which a line says.
+    Heatmaps of the synthetic data never go over the committed ones: ``out`` naming ``Class_Activation_Images/``
+    is then refused (DataError)."""
+    synthetic = is_synthetic_dataset(data)
+    folder = Path(out) if out is not None else SYNTHETIC_CAM_DIR if synthetic else paths.CAM_DIR
+    if not synthetic:
+        return folder
+    if folder.resolve() == paths.CAM_DIR.resolve():
+        raise DataError(f"{folder.as_posix()}/ holds the committed heatmaps of the real data, and the dataset "
+                        f"{Path(data).as_posix()}/ is SYNTHETIC: set `OUT = None` in the parameters cell (writes "
+                        f"{SYNTHETIC_CAM_DIR.as_posix()}/) or another folder.")
+    say(f"The dataset is built from the embedded **SYNTHETIC** data: its heatmaps go to `{folder.as_posix()}/`"
+        + (" (git-ignored)" if out is None else "") + "; the committed real-data heatmaps in "
+        f"`{paths.CAM_DIR.as_posix()}/` are left as they are.")
+    return folder
+
+
 def train_in_notebook(config: Any, data: str | Path, run_dir: str | Path) -> dict | None:
     """Train (or continue, or reuse a finished) run for a notebook, one progress line per epoch; returns its
     summary. The progress lines go to the cell's ordinary output: on the command line they are on stderr (stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -63,6 +64,30 @@ def tree_digest(root: Path) -> dict[str, str]:
     """sha256 of every file below ``root`` (to show a source is byte-identical after a run)."""
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def fresh_clone(dst: Path) -> Path:
+    """The repository's files as a fresh clone has them (tracked, plus new files git does not ignore), with no
+    ../shared beside them; a copy without .venv, runs and dataset contents where git is not available."""
+    try:
+        listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                                 capture_output=True, check=True).stdout.decode()
+    except (OSError, subprocess.CalledProcessError):
+        listing = ""
+    if not listing:
+        ignore = shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", "*.keras", "dataset-*",
+                                        ".pytest_cache", ".ruff_cache")
+        shutil.copytree(REPO, dst, ignore=ignore)
+        for folder in ("dataset", "Chest_XRAY", "Covid_XRAY"):
+            for entry in (dst / folder).iterdir():
+                if entry.name != "README.md":
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        return dst
+    for rel in filter(None, listing.split("\0")):
+        if (REPO / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dst / rel)
+    return dst
 
 
 @pytest.fixture(scope="session")

@@ -4,14 +4,12 @@ injected parameters they run on the synthetic data; the render starts from a cle
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import REPO, tree_digest
+from conftest import REPO, fresh_clone, tree_digest
 
 from covidxray.errors import DataError
 from covidxray.notebooks import (
@@ -26,6 +24,7 @@ from covidxray.notebooks import (
     shared_parameters,
 )
 from covidxray.outputs import RECORD_NAME, claim_output, foreign_entries
+from covidxray.workflow import SYNTHETIC_CAM_DIR
 
 SYNTHETIC_LINE = ("no data in Chest_XRAY/ and Covid_XRAY/: using the embedded SYNTHETIC data; numbers say nothing "
                   "about X-rays")
@@ -172,33 +171,11 @@ def test_notebooks_run_top_to_bottom_on_synthetic_data(tmp_path):
     assert (tmp_path / "runs" / "probes" / "adult-normals" / "probes.json").is_file()
     assert (tmp_path / "runs" / "scratch" / "model.keras").is_file()
     assert (tmp_path / "runs" / "vgg16" / "model.keras").is_file()
-    checks = json.loads((tmp_path / "Class_Activation_Images" / "vgg16__checks.json").read_text())
+    cams = tmp_path / SYNTHETIC_CAM_DIR  # the synthetic data's heatmaps, never Class_Activation_Images/
+    checks = json.loads((cams / "vgg16__checks.json").read_text())
     assert "randomization" in checks and "attention" in checks
-    assert list((tmp_path / "Class_Activation_Images").glob("scratch-gap__*__true-*__pred-*__p*.png"))
-
-
-def _fresh_clone(dst: Path) -> Path:
-    """The repository's files as a fresh clone has them (tracked, plus new files git does not ignore), with no
-    ../shared beside them; a copy without .venv, runs and dataset contents where git is not available."""
-    try:
-        listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                                 capture_output=True, check=True).stdout.decode()
-    except (OSError, subprocess.CalledProcessError):
-        listing = ""
-    if not listing:
-        ignore = shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", "*.keras", "dataset-*",
-                                        ".pytest_cache", ".ruff_cache")
-        shutil.copytree(REPO, dst, ignore=ignore)
-        for folder in ("dataset", "Chest_XRAY", "Covid_XRAY"):
-            for entry in (dst / folder).iterdir():
-                if entry.name != "README.md":
-                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        return dst
-    for rel in filter(None, listing.split("\0")):
-        if (REPO / rel).is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dst / rel)
-    return dst
+    assert list(cams.glob("scratch-gap__*__true-*__pred-*__p*.png"))
+    assert not (tmp_path / "Class_Activation_Images").exists()
 
 
 @pytest.mark.slow
@@ -207,8 +184,9 @@ def test_committed_notebooks_run_as_they_are_in_a_fresh_clone(tmp_path, monkeypa
     nothing beside it, falls back to the synthetic data with small settings and says so."""
     from nbclient import NotebookClient
 
-    clone = _fresh_clone(tmp_path / "clone")
+    clone = fresh_clone(tmp_path / "clone")
     assert not (clone.parent / "shared").exists()
+    committed = tree_digest(clone)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))  # no cached ImageNet weights
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
     monkeypatch.setenv("MPLBACKEND", "Agg")
@@ -231,4 +209,7 @@ def test_committed_notebooks_run_as_they_are_in_a_fresh_clone(tmp_path, monkeypa
         assert '`WEIGHTS` in the parameters cell (`"hed"` works offline' in texts["Train_VGG16.ipynb"]
         assert "--weights" not in texts["Train_VGG16.ipynb"]
     assert "'scratch-gap'" in texts["Class_Activation_Maps.ipynb"]
-    assert list((clone / "Class_Activation_Images").glob("scratch-gap__*__true-*__pred-*__p*.png"))
+    assert f"heatmaps go to `{SYNTHETIC_CAM_DIR.as_posix()}/`" in texts["Class_Activation_Maps.ipynb"]
+    assert list((clone / SYNTHETIC_CAM_DIR).glob("scratch-gap__*__true-*__pred-*__p*.png"))
+    after = tree_digest(clone)
+    assert {rel: after.get(rel) for rel in committed} == committed  # no committed file changed or went away
