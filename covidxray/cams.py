@@ -79,7 +79,7 @@ def render_model_cams(
     data: str | Path = paths.DATASET_DIR,
     *,
     split: str | None = "test",
-    out_dir: str | Path = paths.CAM_DIR,
+    out_dir: str | Path | None = None,
     method: str = "auto",
     layer: str | None = None,
     limit: int | None = None,
@@ -89,7 +89,8 @@ def render_model_cams(
 ) -> dict[str, Any]:
     """Write overlays, grid and checks for one model; return the checks, the files and the files skipped.
 
-    ``precision`` is the compute precision of the model (see covidxray.precision; default float32).
+    ``precision`` is the compute precision of the model (see covidxray.precision; default float32). ``out_dir``
+    defaults to :func:`heatmap_out` (``Class_Activation_Images/``, or a folder under ``runs/`` for synthetic data).
     """
     from covidxray.model_io import load_run, predict_dataframe, predict_proba
     from covidxray.pipeline import load_images
@@ -102,6 +103,7 @@ def render_model_cams(
     labeled = read_labeled(data, split=split)
     threshold = float(meta.get("threshold", 0.5))
     prefix = f"{safe_name(name, 'model', 60)}__"
+    out_dir = heatmap_out(data, out_dir)
     used = input_provenance(data)
     prov = provenance(fingerprint=used["fingerprint"], synthetic=used["synthetic"], source=used["source"],
                       model=data_provenance(meta["run_dir"], "run"))
@@ -125,6 +127,15 @@ def render_model_cams(
             "mean_probability": float(np.mean(probs)) if len(probs) else float("nan"), "map_scale": scale,
             "files": len(files), "checks": checks, "skipped": [list(s) for s in usable.skipped],
             "precision": meta["precision"], "synthetic": prov["synthetic"]}
+
+
+def heatmap_out(data: str | Path, out: str | Path | None = None) -> Path:
+    """Where heatmaps of ``data`` go when no folder is named: ``Class_Activation_Images/`` for real data, and
+    :data:`covidxray.paths.SYNTHETIC_CAM_DIR` for the embedded synthetic set, so that synthetic heatmaps never land
+    over the committed real-data ones; ``out`` when given."""
+    if out is not None:
+        return Path(out)
+    return paths.SYNTHETIC_CAM_DIR if input_provenance(data)["synthetic"] else paths.CAM_DIR
 
 
 def skipped_filename(model_name: str) -> str:

@@ -329,7 +329,9 @@ def _add_cam(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, required=True, help="run folder or .keras file")
     p.add_argument("--data", type=Path, default=paths.DATASET_DIR, help="built dataset folder")
     p.add_argument("--split", default="test", help="split of the dataset whose images are explained")
-    p.add_argument("--out", type=Path, default=paths.CAM_DIR, help="folder for the overlays and the grid")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the overlays and the grid (default: Class_Activation_Images/, or "
+                   "runs/Class_Activation_Images-synthetic/ for a dataset built from the synthetic data)")
     p.add_argument("--method", default="auto", choices=["auto", "cam", "gradcam", "gradcam++"],
                    help="auto: true CAM for a global-average-pooling model, else Grad-CAM")
     p.add_argument("--layer", default=None, help="target conv layer (default: the last one)")

@@ -866,6 +866,7 @@ def claim_output(
     path = Path(path)
     check_outside_sources(path, sources, flag)
     check_output(path, verb, flag=flag, children=children)
+    _check_no_synthetic_over_real(path, data, flag)
     if path.resolve() in _HELD:
         raise RuntimeError(f"{path} is already claimed by this process")
     created = [p for p in reversed([path, *path.absolute().parents]) if not p.exists()]
@@ -908,6 +909,17 @@ def claim_output(
     out._drop_scratch()
     _HELD.pop(path.resolve(), None)
     lock.release()
+
+
+def _check_no_synthetic_over_real(path: Path, data: Mapping[str, Any] | None, flag: str) -> None:
+    """Refuse to replace an artifact made from real data by one made from the embedded synthetic set (the
+    committed real-data heatmaps, say): the two never share a folder."""
+    record = artifact(path)
+    old = (record or {}).get("data") or {}
+    if data and data.get("synthetic") and old.get("synthetic") is False and record and record["files"]:
+        raise DataError(f"{flag} {path} holds {KINDS[record['kind']].name} made from real data, and these come from "
+                        f"the embedded {SYNTHETIC} data: they never share a folder, so nothing was changed. Choose "
+                        f"another {flag}.")
 
 
 def _remove_created(created: Sequence[Path]) -> None:

@@ -14,6 +14,9 @@ CAM_DIR = Path("Class_Activation_Images")
 """Heatmap overlays."""
 RUNS_DIR = Path("runs")
 """Training run folders."""
+SYNTHETIC_CAM_DIR = RUNS_DIR / "Class_Activation_Images-synthetic"
+"""Heatmaps of the embedded synthetic data (git-ignored, beside the runs): ``Class_Activation_Images/`` holds the
+committed heatmaps of the real data."""
 
 
 def has_files(folder: Path) -> bool:

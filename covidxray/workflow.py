@@ -299,9 +299,7 @@ def training_settings(data: str | Path, epochs: int | None = None, image_size: i
     return chosen
 
 
-SYNTHETIC_CAM_DIR = paths.RUNS_DIR / "Class_Activation_Images-synthetic"
-"""Where the heatmap notebook writes on the embedded synthetic data (git-ignored, beside the other runs):
-``Class_Activation_Images/`` holds the committed heatmaps of the real data."""
+SYNTHETIC_CAM_DIR = paths.SYNTHETIC_CAM_DIR
 
 
 def heatmap_folder(data: str | Path, out: str | Path | None = None) -> Path:
@@ -309,8 +307,10 @@ def heatmap_folder(data: str | Path, out: str | Path | None = None) -> Path:
     dataset and :data:`SYNTHETIC_CAM_DIR` for one built from the embedded synthetic data, which a line says.
     Heatmaps of the synthetic data never go over the committed ones: ``out`` naming ``Class_Activation_Images/``
     is then refused (DataError)."""
+    from covidxray.cams import heatmap_out
+
     synthetic = is_synthetic_dataset(data)
-    folder = Path(out) if out is not None else SYNTHETIC_CAM_DIR if synthetic else paths.CAM_DIR
+    folder = heatmap_out(data, out)
     if not synthetic:
         return folder
     if folder.resolve() == paths.CAM_DIR.resolve():
