@@ -34,6 +34,7 @@ from covidxray.explain import (
 )
 from covidxray.explain_checks import write_checks
 from covidxray.image_regions import REGIONS
+from covidxray.images import DEFAULT_MAX_PIXELS
 from covidxray.labeled import decodable, read_labeled
 from covidxray.outputs import staged_output
 
@@ -85,8 +86,10 @@ def render_model_cams(
     name: str | None = None,
     seed: int = 0,
     precision: str = "float32",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Write overlays, grid and checks for one model; return the checks, the files and the files skipped.
+    External images over ``max_pixels`` pixels are skipped.
 
     ``precision`` is the compute precision of the model (see covidxray.precision; default float32).
     """
@@ -98,7 +101,7 @@ def render_model_cams(
     config = meta.get("config", {})
     name = name or config.get("model") or Path(model_path).stem
     method, layer = resolve_method(model, method, layer)
-    labeled = read_labeled(data, split=split)
+    labeled = read_labeled(data, split=split, max_pixels=max_pixels)
     threshold = float(meta.get("threshold", 0.5))
     prefix = f"{safe_name(name, 'model', 60)}__"
     with staged_output(out_dir, "cam", sources=[data], prefix=prefix) as tmp, decodable(labeled) as usable:
