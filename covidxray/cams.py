@@ -34,6 +34,7 @@ from covidxray.explain import (
 )
 from covidxray.explain_checks import write_checks
 from covidxray.image_regions import REGIONS
+from covidxray.images import DEFAULT_MAX_PIXELS
 from covidxray.labeled import decodable, read_labeled
 from covidxray.manifest import input_provenance
 from covidxray.outputs import data_provenance, provenance, staged_output
@@ -86,8 +87,10 @@ def render_model_cams(
     name: str | None = None,
     seed: int = 0,
     precision: str = "float32",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Write overlays, grid and checks for one model; return the checks, the files and the files skipped.
+    External images over ``max_pixels`` pixels are skipped.
 
     ``precision`` is the compute precision of the model (see covidxray.precision; default float32). ``out_dir``
     defaults to :func:`heatmap_out` (``Class_Activation_Images/``, or a folder under ``runs/`` for synthetic data).
@@ -100,7 +103,7 @@ def render_model_cams(
     config = meta.get("config", {})
     name = name or config.get("model") or Path(model_path).stem
     method, layer = resolve_method(model, method, layer)
-    labeled = read_labeled(data, split=split)
+    labeled = read_labeled(data, split=split, max_pixels=max_pixels)
     threshold = float(meta.get("threshold", 0.5))
     prefix = f"{safe_name(name, 'model', 60)}__"
     out_dir = heatmap_out(data, out_dir)

@@ -14,7 +14,7 @@ from covidxray import LABELS, __version__, limits, paths
 from covidxray.distribute import DISTRIBUTES
 from covidxray.download import IEEE8023_COMMIT
 from covidxray.errors import CovidXrayError, DataError, os_error_line
-from covidxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from covidxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, PILLOW_MAX_PIXELS
 from covidxray.outputs import check_output, json_text
 from covidxray.precision import PRECISIONS
 from covidxray.progress import set_progress
@@ -69,6 +69,25 @@ def _bounded(kind: type[int] | type[float], valid: limits.Range) -> Callable[[st
     return parse
 
 
+def _path(text: str) -> Path:
+    """An argparse ``type=`` for path flags: a Path, refusing an empty string (``--out ""`` would mean the current
+    folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is an empty path; give a file or folder name ('.' for the current "
+                                         "folder)")
+    return Path(text)
+
+
+def _refuse_empty_paths(parser: argparse.ArgumentParser) -> None:
+    """Make every ``type=Path`` option and argument of ``parser`` and its verbs refuse an empty path while parsing."""
+    for action in parser._actions:
+        if action.type is Path:
+            action.type = _path
+        if isinstance(action, argparse._SubParsersAction):
+            for verb in action.choices.values():
+                _refuse_empty_paths(verb)
+
+
 def _number(p: argparse._ActionsContainer, flag: str, valid: limits.Range, help: str, **kwargs) -> None:
     """Add a numeric option checked against ``valid`` while parsing; its help ends with the range and default."""
     kind = int if valid.integer else float
@@ -82,6 +101,13 @@ def _precision(p: argparse._ActionsContainer, what: str) -> None:
                    help=f"compute precision of {what}: float32, bfloat16, float16 (GPU only; float32 on a CPU) or "
                    "auto (float16 on a GPU, bfloat16 on a CPU with avx512_bf16/amx_bf16, else float32); "
                    "default: %(default)s")
+
+
+def _max_pixels(p: argparse._ActionsContainer) -> None:
+    """Add ``--max-pixels`` (the image size limit) to a verb that reads image files."""
+    _number(p, "--max-pixels", limits.Range(DEFAULT_MIN_SIDE**2, PILLOW_MAX_PIXELS, integer=True),
+            f"refuse (skip) images larger than this many pixels ({DEFAULT_MIN_SIDE}x{DEFAULT_MIN_SIDE}, the smallest "
+            "image accepted, is the least; Pillow opens none larger than the most)", default=DEFAULT_MAX_PIXELS)
 
 
 def _cap(text: str) -> tuple[str, int]:
@@ -140,9 +166,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                    help="at most N >= 1 images of a class, e.g. --cap normal=200 as the 2020 project")
     p.add_argument("--views", default=None,
                    help="comma-separated ieee8023 views (default: frontal PA,AP,AP Supine,...; PA reproduces 2020)")
-    _number(p, "--max-pixels", limits.Range(DEFAULT_MIN_SIDE**2, integer=True),
-            f"refuse images larger than this many pixels ({DEFAULT_MIN_SIDE}x{DEFAULT_MIN_SIDE}, the smallest image "
-            "accepted, is the least)", default=DEFAULT_MAX_PIXELS)
+    _max_pixels(p)
     _number(p, "--near-dup-bits", limits.NEAR_DUP_BITS, _NEAR_DUP_HELP, default=12)
     p.set_defaults(func=cmd_data)
 
@@ -305,6 +329,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", type=Path, default=None,
                    help="metrics.json to compare with (default: RUN/eval-test/metrics.json when it exists)")
     _precision(p, "the predictions")
+    _max_pixels(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -314,7 +339,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_model(args.model, args.data, split=args.split, out_dir=args.out, n_boot=args.n_boot,
                             threshold=args.threshold, seed=args.seed, reference=args.reference,
-                            precision=args.precision)
+                            precision=args.precision, max_pixels=args.max_pixels)
     print(result["markdown"])
     return 0
 
@@ -338,6 +363,7 @@ def _add_cam(sub: argparse._SubParsersAction) -> None:
     _number(p, "--limit", limits.POSITIVE_INT, "at most this many images (when not given: all)", default=None)
     p.add_argument("--name", default=None, help="model name used in file names (default: from the run)")
     _precision(p, "the predictions and heatmaps")
+    _max_pixels(p)
     p.set_defaults(func=cmd_cam)
 
 
@@ -347,7 +373,7 @@ def cmd_cam(args: argparse.Namespace) -> int:
 
     result = render_model_cams(args.model, args.data, split=args.split, out_dir=args.out, method=args.method,
                                layer=args.layer, limit=args.limit, name=args.name,
-                               precision=args.precision)
+                               precision=args.precision, max_pixels=args.max_pixels)
     print(json_text(result), end="")
     return 0
 
@@ -367,6 +393,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cam", default=None, choices=["auto", "cam", "gradcam", "gradcam++"],
                    help="also draw one heatmap per image with this method (auto: CAM when the model allows it)")
     _number(p, "--batch-size", limits.POSITIVE_INT, "images per prediction step", default=32)
+    _max_pixels(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -374,7 +401,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Predict images and print a short table."""
     from covidxray.predict import format_predictions, predict
 
-    result = predict(args.model, args.inputs, args.out, cam=args.cam, batch_size=args.batch_size)
+    result = predict(args.model, args.inputs, args.out, cam=args.cam, batch_size=args.batch_size,
+                     max_pixels=args.max_pixels)
     print("\n".join(format_predictions(result)))
     return 0
 
@@ -537,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_data, _add_train, _add_evaluate, _add_cam, _add_predict, _add_probe, _add_reproduce, _add_demo,
                 _add_download):
         add(sub)
+    _refuse_empty_paths(parser)
     return parser
 
 

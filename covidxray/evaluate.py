@@ -19,6 +19,7 @@ import pandas as pd
 
 from covidxray import LABELS
 from covidxray.errors import DataError
+from covidxray.images import DEFAULT_MAX_PIXELS
 from covidxray.labeled import decodable, read_labeled
 from covidxray.manifest import input_provenance
 from covidxray.metrics import METRIC_NAMES, format_metric, summarize
@@ -180,8 +181,10 @@ def evaluate_model(
     seed: int = 0,
     reference: str | Path | None = None,
     precision: str = "float32",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Load a run (or .keras file), predict on ``data`` and summarise; the threshold defaults to the run's.
+    External images over ``max_pixels`` pixels are skipped.
 
     External images that cannot be used are skipped and listed (``skipped`` in the result, ``skipped.csv``).
     ``reference`` is the metrics.json of the run's own test evaluation (default: ``RUN/eval-test/metrics.json``
@@ -195,7 +198,7 @@ def evaluate_model(
     model, meta = load_run(model_path, precision=precision)
     trained_on = run_dataset(meta["run_dir"])
     image_size = meta["image_size"]
-    labeled = read_labeled(data, split=split)
+    labeled = read_labeled(data, split=split, max_pixels=max_pixels)
     thr = float(threshold if threshold is not None else meta.get("threshold", 0.5))
     config = meta.get("config", {})
     name = config.get("model", Path(model_path).stem)

@@ -97,8 +97,17 @@ def _is_4d(layer: keras.layers.Layer) -> bool:
     return out is not None and len(out.shape) == 4
 
 
-def find_target_layer(model: keras.Model, name: str | None = None) -> str:
-    """Name of the layer to explain: ``name`` if given (checked), else the last 2-D conv with a 4-D output."""
+LAYER_FIX = "name a layer with a 4-D output as layer=NAME (`covidxray cam --layer NAME`)"
+"""How a caller that can choose the target layer fixes a model without one it finds itself."""
+
+
+def find_target_layer(model: keras.Model, name: str | None = None, *, fix: str = LAYER_FIX) -> str:
+    """Name of the layer to explain: ``name`` if given (checked), else the last 2-D conv with a 4-D output.
+
+    Without one (no Conv2D at the top level of the model: none at all, or only inside a nested Sequential or
+    sub-model) a ModelError says so, lists the top-level layers with a 4-D output and ends with ``fix``, the
+    caller's way out (see :data:`LAYER_FIX`).
+    """
     if name is not None:
         try:
             layer = model.get_layer(name)
@@ -115,10 +124,14 @@ def find_target_layer(model: keras.Model, name: str | None = None) -> str:
     for layer in reversed(model.layers):
         if isinstance(layer, _CONV_TYPES) and _is_4d(layer):
             return layer.name
-    raise ModelError(
-        f"model {model.name!r} has no Conv2D layer with a 4-D output (nested sub-models are not searched: "
-        "build the model flat or pass the layer name)."
-    )
+    nested = [lay.name for lay in model.layers if isinstance(lay, keras.Model)]
+    where = (f"its conv layers, if any, are inside the nested model(s) {nested}, which are not searched"
+             if nested else "it has no conv layer to explain")
+    candidates = [lay.name for lay in model.layers if _is_4d(lay) and not isinstance(lay, keras.layers.InputLayer)]
+    shown = f"its top-level layers with a 4-D output are {candidates}" if candidates else \
+        "no top-level layer has a 4-D output"
+    raise ModelError(f"model {model.name!r} has no top-level Conv2D layer with a 4-D output ({where}; {shown}); "
+                     f"{fix}.")
 
 
 def _logit_layer(model: keras.Model) -> keras.layers.Layer | None:
@@ -146,19 +159,21 @@ def gap_feature_layer(model: keras.Model) -> str | None:
     return feature.name if feature is not None and _is_4d(feature) else None
 
 
-def resolve_method(model: keras.Model, method: str = "auto", layer: str | None = None) -> tuple[str, str]:
-    """The concrete (method, layer) that :func:`heatmaps` uses: "auto" picks CAM for a GAP->logit head."""
+def resolve_method(model: keras.Model, method: str = "auto", layer: str | None = None, *,
+                   fix: str = LAYER_FIX) -> tuple[str, str]:
+    """The concrete (method, layer) that :func:`heatmaps` uses: "auto" picks CAM for a GAP->logit head.
+    ``fix`` ends the error for a model without a layer to explain (see :func:`find_target_layer`)."""
     if method not in METHODS:
         raise ValueError(f"unknown heatmap method {method!r}; use one of {list(METHODS)}.")
     feature = gap_feature_layer(model)
     if method == "auto":
         if feature is not None and layer in (None, feature):
             return "cam", feature
-        return "gradcam", find_target_layer(model, layer)
+        return "gradcam", find_target_layer(model, layer, fix=fix)
     if method == "cam":
         _check_cam(model, feature, layer)
         return "cam", feature
-    return method, find_target_layer(model, layer)
+    return method, find_target_layer(model, layer, fix=fix)
 
 
 def _check_cam(model: keras.Model, feature: str | None, layer: str | None) -> None:

@@ -39,6 +39,8 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 JUNK_NAMES: frozenset[str] = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
 DEFAULT_MAX_PIXELS = 50_000_000
 """Larger images are refused before decoding (the largest real source image is about 17.5 MP)."""
+PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+"""The largest image Pillow opens at all (its decompression-bomb error); ``max_pixels`` cannot go beyond it."""
 DEFAULT_MIN_SIDE = 32
 """Smaller images carry no usable anatomy (a 1x1 file is refused)."""
 MAX_FILE_BYTES = 200 * 1024 * 1024
@@ -130,9 +132,9 @@ def check_image(
     sha = hashlib.sha256(data).hexdigest()
     with warnings.catch_warnings():
         # Pillow warns about odd metadata (corrupt EXIF, oversized tags) and carries on: the image itself is
-        # judged below, so the warnings only flood the build's output. A decompression bomb becomes an error.
+        # judged below, so the warnings only flood the build's output. Pillow's decompression-bomb warning is
+        # ignored too: ``max_pixels`` is checked on the header before any pixel is decoded.
         warnings.simplefilter("ignore")
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
         img, fmt, mode = _decode_file(path, data, max_pixels)
         upright, orientation = _upright(path, img)
     width, height = upright.size
@@ -191,7 +193,8 @@ def _decode(path: Path, data: bytes, max_pixels: int) -> tuple[Image.Image, str,
     except UnidentifiedImageError as exc:
         raise ImageError(path, "not an image Pillow can read (wrong extension or corrupt header)") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(path, f"too large to decode safely ({exc}); raise --max-pixels") from exc
+        raise ImageError(path, f"too large to decode safely ({exc}); no setting reads images over "
+                               f"{PILLOW_MAX_PIXELS} pixels: downscale the file") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(path, f"corrupt header ({exc})") from exc
     width, height = img.size

@@ -39,6 +39,8 @@ class LabeledSet:
     kind: str
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(file, reason) of each file found but not used."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Larger images are skipped by :func:`decodable` (a verb's ``--max-pixels``)."""
 
 
 _LAYOUTS = (
@@ -96,19 +98,20 @@ def _from_generic(path: Path, split: str | None) -> LabeledSet:
     return LabeledSet(frame[COLUMNS], "folders" if path.is_dir() else "csv", list(scan.skipped))
 
 
-def read_labeled(data: str | Path, split: str | None = "test") -> LabeledSet:
+def read_labeled(data: str | Path, split: str | None = "test", *,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> LabeledSet:
     """Labeled images for evaluation from a dataset folder, class subfolders or a CSV, with the files skipped.
 
     ``split`` selects the split of a built dataset, or of class folders / a CSV that name splits (see
     :func:`select_split`); None = all rows. Folders and CSVs are read exactly as the dataset build reads an
     ``--extra`` source (same labels, patient ids, sources and skips), except that a CSV may list files
-    outside its folder.
+    outside its folder. ``max_pixels`` is the size limit :func:`decodable` applies to the set's images.
     """
     path = Path(data)
     if path.is_dir() and (path / MANIFEST_NAME).is_file():
-        return LabeledSet(_from_manifest(path, split), "dataset")
+        return LabeledSet(_from_manifest(path, split), "dataset", max_pixels=max_pixels)
     if path.exists():
-        return _from_generic(path, split)
+        return replace(_from_generic(path, split), max_pixels=max_pixels)
     raise DataError(f"{path}: no such file or folder. {_LAYOUTS}")
 
 
@@ -119,13 +122,14 @@ def load_labeled(data: str | Path, split: str | None = "test") -> pd.DataFrame:
 
 @contextmanager
 def decodable(
-    labeled: LabeledSet, *, check: bool | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+    labeled: LabeledSet, *, check: bool | None = None, max_pixels: int | None = None,
     min_side: int = DEFAULT_MIN_SIDE, fix: str = "Replace the files or point --data at other images.",
 ) -> Iterator[LabeledSet]:
     """The set restricted to images the input pipeline decodes as the dataset build would; a context manager.
 
     External images (``check`` defaults to True unless the set is a built dataset, whose files the build
-    checked) go through :func:`covidxray.images.check_image` once: unusable ones (empty, truncated, not an
+    checked) go through :func:`covidxray.images.check_image` once (``max_pixels``: the set's own limit when
+    None): unusable ones (empty, truncated, not an
     image, too small or large, blank) move to ``skipped`` with the reason, and those TensorFlow would decode
     differently from the build (16-bit, CMYK, EXIF-rotated, DICOM, other formats) are read from normalised 8-bit
     PNG copies in a temporary folder removed on exit. ``path`` names each row's original file. A DataError when
@@ -145,7 +149,7 @@ def decodable(
         filepaths = frame["filepath"].astype(str).tolist()
         for i, file in enumerate(filepaths):
             try:
-                info = check_image(file, max_pixels=max_pixels, min_side=min_side)
+                info = check_image(file, max_pixels=max_pixels or labeled.max_pixels, min_side=min_side)
             except ImageError as exc:
                 skipped.append((file, exc.reason))
                 continue

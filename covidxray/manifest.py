@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pandas as pd
 
@@ -80,8 +80,48 @@ def read_manifest(dataset_dir: str | Path) -> pd.DataFrame:
     check_frame(df, ("path", "label", "split"), what=str(path), fix="rebuild it with `covidxray data`",
                 allow_empty=True)
     df["filepath"] = [str(dataset_dir / p) for p in df["path"]]
+    check_inside(df["path"], dataset_dir, path)
     df["y"] = (df["label"] == "covid").astype("int64")
     return df
+
+
+def check_inside(paths: Sequence[object] | pd.Series, dataset_dir: Path, manifest: Path) -> None:
+    """Raise DataError unless every manifest ``path`` names a file inside ``dataset_dir``: relative, without
+    ``..``, and not resolving out of the folder through a symbolic link (of the file or of a folder on the way).
+
+    A dataset folder must not make the tool read any image on disk; the error names the manifest file and the
+    row (its line in the file). A user's own evaluation CSV is not a manifest and may name any file.
+    """
+    root = dataset_dir.resolve()
+    resolved: dict[Path, bool] = {}
+
+    def inside(target: Path) -> bool:
+        try:
+            return target.resolve().is_relative_to(root)
+        except (OSError, RuntimeError):
+            return False
+
+    for index, value in enumerate(paths):
+        rel = str(value)
+        pure = PurePosixPath(rel.replace("\\", "/"))
+        problem = None
+        if not rel.strip() or pure == PurePosixPath("."):
+            problem = "empty"
+        elif pure.is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+            problem = "an absolute path"
+        elif ".." in pure.parts:
+            problem = "a path with '..'"
+        else:
+            file = dataset_dir / pure
+            parent = file.parent
+            if parent not in resolved:
+                resolved[parent] = inside(parent)
+            if not resolved[parent] or (file.is_symlink() and not inside(file)):
+                problem = "a symbolic link that resolves outside the dataset folder"
+        if problem:
+            raise DataError(f"{manifest}, line {index + 2}: path {rel!r} is {problem}; a dataset's images lie "
+                            f"inside its folder ({dataset_dir}). Rebuild the dataset with `covidxray data`, or pass "
+                            "your own list of images as a CSV to evaluate/predict instead.")
 
 
 def split_frame(df: pd.DataFrame, split: str) -> pd.DataFrame:

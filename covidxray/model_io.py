@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import platform
 import weakref
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pandas as pd
 import tensorflow as tf
 
 import covidxray
-from covidxray import LABELS
+from covidxray import LABELS, limits
 from covidxray.errors import ModelError
 from covidxray.outputs import file_sha256
 from covidxray.pipeline import make_dataset, raise_unreadable
@@ -157,18 +158,45 @@ def _refused_code(exc: BaseException) -> bool:
     return False
 
 
+def lambda_layers(model_path: str | Path) -> list[str]:
+    """Names of the ``Lambda`` layers (nested models included) in a ``.keras`` file's stored config; [] when there
+    are none or the archive cannot be read. Read from the file, without deserialising anything."""
+    try:
+        with zipfile.ZipFile(model_path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return []
+    names: list[str] = []
+    stack: list[object] = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("class_name") == "Lambda":
+                names.append(str((node.get("config") or {}).get("name", "?")))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return sorted(set(names))
+
+
 def _load_keras(model_path: Path) -> keras.Model:
-    """``keras.models.load_model`` in safe mode, uncompiled; a ModelError naming the file saying why it failed."""
+    """``keras.models.load_model`` in safe mode, uncompiled; a one-line ModelError naming the file saying why it
+    failed: Python code in the file (a ``Lambda`` layer, whether it stores bytecode or names a function), else a
+    truncated or corrupt file."""
     try:
         return keras.models.load_model(model_path, compile=False, safe_mode=True)
     except Exception as exc:
-        if _refused_code(exc):
-            what = "a Lambda layer" if "Lambda" in str(exc) else "a Python lambda"
-            raise ModelError(f"{model_path}: the model holds Python code ({what}); covidxray loads models in "
-                             "Keras safe mode and does not run code from model files. Re-export the model "
+        lambdas = lambda_layers(model_path)
+        if lambdas or _refused_code(exc):
+            what = "a Lambda layer" if lambdas or "Lambda" in str(exc) else "a Python lambda"
+            named = f" in layer {', '.join(repr(n) for n in lambdas[:3])}" if lambdas else ""
+            raise ModelError(f"{model_path}: the model holds Python code ({what}){named}; covidxray loads models "
+                             "in Keras safe mode and does not run code from model files. Re-export the model "
                              "without Lambda layers (built-in layers only).") from exc
-        raise ModelError(f"{model_path}: cannot load the model ({type(exc).__name__}: {exc}); the file is truncated "
-                         "or corrupt: retrain or re-download it.") from exc
+        detail = " ".join(str(exc).split())
+        detail = detail if len(detail) <= 200 else detail[:197] + "..."
+        raise ModelError(f"{model_path}: cannot load the model ({type(exc).__name__}: {detail}); the file is "
+                         "truncated or corrupt: retrain or re-download it.") from exc
 
 
 def model_id(model_path: str | Path, sha256: str) -> str:
@@ -179,32 +207,81 @@ def model_id(model_path: str | Path, sha256: str) -> str:
     return f"{name}@{sha256[:12]}"
 
 
+def run_field(path: Path, data: object, field: str, valid: limits.Range, fix: str) -> float:
+    """The number at ``field`` (dotted, e.g. ``decision.threshold``) of a run file's JSON ``data``, checked
+    against ``valid``; a ModelError naming the file, the field and ``fix`` when it is missing or out of range."""
+    value: object = data
+    for key in field.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise ModelError(f"{path}: no field {field!r}; {fix}")
+        value = value[key]
+    problem = limits.out_of_range(field, value, valid)
+    if problem:
+        raise ModelError(f"{path}: {problem}; {fix}")
+    return value  # type: ignore[return-value]
+
+
 def read_card(model_path: str | Path, sha256: str, image_size: int) -> dict | None:
     """The run's ``model.json`` beside ``model_path`` (None when there is none: a bare .keras file, an older run).
 
     A card written for another model file (its recorded SHA-256 differs: a resumed run killed before it
-    finished) or stating another input size is refused: its threshold would not be this model's.
+    finished), stating another input size, or whose threshold is not a probability in [0, 1] (1.5, NaN, a
+    string) is refused, naming the field: its threshold would not be this model's, or would call every image
+    one class.
     """
     path = Path(model_path)
     card_path = path.parent / CARD_FILE
     if path.name != MODEL_FILE or not card_path.is_file():
         return None
     card = read_run_json(card_path)
-    try:
-        recorded = card["model"]["sha256"]
-        card_size = int(card["input"]["image_size"])
-        float(card["decision"]["threshold"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"{card_path}: not a covidxray model card (no {exc}); retrain the run or delete "
-                         f"{CARD_FILE} to fall back to threshold.json.") from exc
+    fix = (f"the card is damaged or was edited by hand: retrain the run, or delete {CARD_FILE} to fall back to "
+           "threshold.json.")
+    if not isinstance(card, dict):
+        raise ModelError(f"{card_path}: not a covidxray model card (a JSON object is expected); {fix}")
+    recorded = card.get("model", {}).get("sha256") if isinstance(card.get("model"), dict) else None
+    if not isinstance(recorded, str):
+        raise ModelError(f"{card_path}: no field 'model.sha256' (the SHA-256 of {MODEL_FILE}); {fix}")
+    card_size = run_field(card_path, card, "input.image_size", limits.IMAGE_SIZE, fix)
+    run_field(card_path, card, "decision.threshold", limits.PROBABILITY, fix)
     if recorded != sha256:
-        raise ModelError(f"{card_path}: describes another model file (sha256 {recorded[:12]}, {MODEL_FILE} has "
-                         f"{sha256[:12]}); the run was changed after its card was written (an unfinished --resume?). "
-                         "Finish the run with `covidxray train --resume`, or retrain it.")
+        raise ModelError(f"{card_path}: describes another model file (model.sha256 is {recorded[:12]}..., "
+                         f"{MODEL_FILE} has {sha256[:12]}...); the run was changed after its card was written (an "
+                         "unfinished --resume?). Finish the run with `covidxray train --resume`, or retrain it.")
     if card_size != image_size:
-        raise ModelError(f"{card_path}: states an input size of {card_size} px, but {path} takes {image_size} px; "
-                         "retrain the run or delete the card.")
+        raise ModelError(f"{card_path}: input.image_size is {card_size} px, but {path} takes {image_size} px; "
+                         f"retrain the run, or delete {CARD_FILE} to fall back to threshold.json.")
     return card
+
+
+def _run_config(model_path: Path, image_size: int) -> dict:
+    """The ``config.json`` beside ``model_path`` ({} without one); in a run folder (``model_path`` is its
+    ``model.keras``) refused when its ``image_size`` is not the model's."""
+    run_dir = model_path.parent
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return {}
+    config = read_run_json(path)
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: not a run config (a JSON object is expected); the run folder is damaged: "
+                         "retrain or re-download it.")
+    if model_path.name == MODEL_FILE and config.get("image_size") is not None:
+        fix = "the run folder is damaged or was edited by hand: retrain or re-download it."
+        size = run_field(path, config, "image_size", limits.IMAGE_SIZE, fix)
+        if size != image_size:
+            raise ModelError(f"{path}: image_size is {size} px, but {model_path} takes {image_size} px; "
+                             f"{fix}")
+    return config
+
+
+def _threshold_file(run_dir: Path) -> dict | None:
+    """The run's ``threshold.json`` (None without one); refused when its threshold is not in [0, 1]."""
+    path = run_dir / "threshold.json"
+    if not path.is_file():
+        return None
+    info = read_run_json(path)
+    run_field(path, info, "threshold", limits.PROBABILITY,
+              "the file is damaged or was edited by hand: retrain the run, or delete threshold.json to use 0.5.")
+    return info
 
 
 def load_run(run_or_model_path: str | Path, precision: str = "float32") -> tuple[keras.Model, dict]:
@@ -239,8 +316,8 @@ def load_run(run_or_model_path: str | Path, precision: str = "float32") -> tuple
     sha256 = file_sha256(model_path)
     card = read_card(model_path, sha256, image_size)
     run_dir = model_path.parent
-    config = read_run_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
-    info = read_run_json(run_dir / "threshold.json") if (run_dir / "threshold.json").is_file() else None
+    config = _run_config(model_path, image_size)
+    info = _threshold_file(run_dir)
     if card is not None:
         threshold, source = float(card["decision"]["threshold"]), CARD_FILE
     else:

@@ -24,7 +24,7 @@ import pandas as pd
 
 from covidxray import LABELS
 from covidxray.errors import DataError
-from covidxray.images import skip_reason
+from covidxray.images import DEFAULT_MAX_PIXELS, skip_reason
 from covidxray.labeled import LabeledSet, decodable
 from covidxray.outputs import SYNTHETIC, data_provenance, provenance, staged_output, write_text
 from covidxray.sources.base import read_table
@@ -150,9 +150,11 @@ def predict(
     *,
     cam: str | None = None,
     batch_size: int = 32,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Predict every image the inputs name with a run folder or .keras file; write ``predictions.csv`` (and
-    heatmaps with ``cam``, one of :data:`covidxray.explain.METHODS`) into ``out_dir``.
+    heatmaps with ``cam``, one of :data:`covidxray.explain.METHODS`) into ``out_dir``. Images over ``max_pixels``
+    pixels are skipped.
 
     Returns the model id, threshold (and the file it came from), image size, heatmap method, counts of files
     predicted and skipped, the seconds taken and ``predictions`` (the table written).
@@ -164,14 +166,16 @@ def predict(
     model, meta = load_run(model_path)
     method = layer = None
     if cam is not None:
-        method, layer = resolve_method(model, cam, None)
+        method, layer = resolve_method(model, cam, None, fix=(
+            f"predict cannot draw its heatmaps: leave out --cam {cam} to get the predictions alone, or draw "
+            f"heatmaps with `covidxray cam --model {model_path} --layer NAME`"))
     entries = collect_inputs(inputs)
     threshold, size, model_name = float(meta["threshold"]), int(meta["image_size"]), meta["model_id"]
     wanted = [path for path, reason in entries if reason is None]
     if not wanted:
         shown = "; ".join(f"{path}: {reason}" for path, reason in entries[:3])
         raise DataError(f"none of the {len(entries)} file(s) found is an image to predict ({shown}). {_INPUTS}")
-    labeled = LabeledSet(pd.DataFrame({"filepath": wanted, "y": 0}), kind="files")
+    labeled = LabeledSet(pd.DataFrame({"filepath": wanted, "y": 0}), kind="files", max_pixels=max_pixels)
     out_dir = Path(out_dir)
     heat: dict[str, str] = {}
     model_data = data_provenance(meta["run_dir"], "run")

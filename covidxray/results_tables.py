@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from covidxray import paths
+from covidxray import limits, paths
 from covidxray.errors import DataError
 from covidxray.metrics import format_metric, mean_std, seed_summary
 from covidxray.outputs import write_text
@@ -69,17 +70,102 @@ SEED_METRICS: tuple[tuple[str, str, bool], ...] = tuple(m for m in TABLE_METRICS
 _SECTION = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 
 
+_BENCH_FIX = "restore the file (`git checkout -- FILE`) or rerun `python -m bench` to write it again"
+_CHECKS_FIX = "restore the file (`git checkout -- FILE`) or rerun Class_Activation_Maps.ipynb (or `covidxray cam`)"
+_RESULTS_FIX = "restore the file (`git checkout -- FILE`) or rerun `python -m bench.seeds` to write it again"
+_RATES: tuple[str, ...] = tuple(key for key, _, _ in TABLE_METRICS)
+"""Metrics of the results files that are shares in [0, 1] (NaN or null: undefined, shown as n/a)."""
+_TABLES = ("table1", "table2", "table3")
+
+
+def read_json(path: str | Path, fix: str = _RESULTS_FIX) -> dict[str, Any]:
+    """One results file as a JSON object; a DataError naming it and ``fix`` (FILE: the path) when it cannot be
+    read, is not JSON or not an object."""
+    path = Path(path)
+    fix = fix.replace("FILE", str(path))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable JSON file ({exc}); {fix}.") from exc
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: a JSON object is expected, not {type(data).__name__}; {fix}.")
+    return data
+
+
+def _check_rate(path: Path, field: str, value: object) -> None:
+    """A DataError naming the file and field when ``value`` is neither a share in [0, 1] nor undefined."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return
+    problem = limits.out_of_range(field, value, limits.PROBABILITY)
+    if problem:
+        raise DataError(f"{path}: {problem}; {_RESULTS_FIX.replace('FILE', str(path))}.")
+
+
+def check_results(name: str, result: Mapping[str, Any], path: str | Path) -> None:
+    """Check one results file of :data:`FILES` before a table is made of it: a seed table has at least one row,
+    each with its ``metrics``; every rate (accuracy, precision, recall, specificity, F1, ROC-AUC, PR-AUC) of the
+    rows, seeds, intervals and cross-design cells is in [0, 1] (or undefined). A DataError names the file and
+    the field."""
+    path = Path(path)
+    fix = _RESULTS_FIX.replace("FILE", str(path))
+    if name in _TABLES:
+        rows = result.get("rows")
+        if not isinstance(rows, list) or not rows:
+            state = "empty" if rows == [] else "missing" if rows is None else f"a {type(rows).__name__}"
+            raise DataError(f"{path}: field 'rows' is {state}; a results table needs at least one model row; {fix}.")
+        for i, row in enumerate(rows):
+            metrics = row.get("metrics") if isinstance(row, dict) else None
+            if not isinstance(metrics, dict):
+                raise DataError(f"{path}: field 'rows[{i}].metrics' is missing; {fix}.")
+            seeds = row.get("per_seed") or []
+            ci = row.get("ci") or {}
+            for key in _RATES:
+                _check_rate(path, f"rows[{i}].metrics.{key}", metrics.get(key))
+                for k, seed in enumerate(seeds if isinstance(seeds, list) else []):
+                    _check_rate(path, f"rows[{i}].per_seed[{k}].{key}",
+                                seed.get(key) if isinstance(seed, dict) else seed)
+                bounds = ci.get(key) if isinstance(ci, dict) else None
+                for k, bound in enumerate(bounds if isinstance(bounds, list) else []):
+                    _check_rate(path, f"rows[{i}].ci.{key}[{k}]", bound)
+    if name == "cross":
+        matrix = result.get("matrix")
+        if not isinstance(matrix, dict) or not matrix:
+            raise DataError(f"{path}: field 'matrix' is {'empty' if matrix == {} else 'missing'}; {fix}.")
+        for model, by_design in matrix.items():
+            for trained, cells in (by_design or {}).items():
+                for other, cell in (cells or {}).items():
+                    for key in _RATES:
+                        _check_rate(path, f"matrix.{model}.{trained}.{other}.{key}",
+                                    cell.get(key) if isinstance(cell, dict) else cell)
+
+
+def results_files(results_dir: str | Path = RESULTS_DIR) -> dict[str, Path]:
+    """The path of each results file of :data:`FILES` in ``results_dir``, by table name."""
+    return {name: Path(results_dir) / file for name, file in FILES.items()}
+
+
 def load_results(results_dir: str | Path = RESULTS_DIR) -> dict[str, Any]:
-    """Every results file of :data:`FILES` in ``results_dir``, by table name; DataError naming a missing file."""
-    results_dir = Path(results_dir)
+    """Every results file of :data:`FILES` in ``results_dir``, by table name, checked (:func:`check_results`);
+    DataError naming a missing, unreadable or malformed file."""
     out: dict[str, Any] = {}
-    for name, file in FILES.items():
-        path = results_dir / file
+    for name, path in results_files(results_dir).items():
         if not path.is_file():
             raise DataError(f"{path}: not found; run `python -m bench.seeds` (see the README's Results section) to "
                             "write the results files.")
-        out[name] = json.loads(path.read_text(encoding="utf-8"))
+        out[name] = read_json(path)
+        check_results(name, out[name], path)
     return out
+
+
+def from_file(path: str | Path, make: Callable[[], str], fix: str = _RESULTS_FIX) -> str:
+    """``make()``, the Markdown made from the results file ``path``; a field it lacks (KeyError) or holds in
+    another shape becomes a DataError naming the file and the field, not a traceback."""
+    try:
+        return make()
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        what = (f"field {exc.args[0]!r} is missing" if isinstance(exc, KeyError) and exc.args
+                else f"a field is malformed ({type(exc).__name__}: {exc})")
+        raise DataError(f"{path}: {what}; {fix.replace('FILE', str(path))}.") from exc
 
 
 def _model_name(row: Mapping[str, Any]) -> str:
@@ -277,7 +363,7 @@ def _memory(mib: float) -> str:
 def load_scaling(path: str | Path = SCALING_FILE) -> dict[str, Any] | None:
     """``python -m bench --scaling``'s results, or None when the file has not been written yet."""
     path = Path(path)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return read_json(path, _BENCH_FIX) if path.is_file() else None
 
 
 def scaling_text(scaling: Mapping[str, Any] | None) -> str:
@@ -330,8 +416,8 @@ def load_heatmap_checks(cam_dir: str | Path = paths.CAM_DIR) -> dict[str, Any]:
     files = sorted(Path(cam_dir).glob("*__checks.json"))
     if not files:
         raise DataError(f"{cam_dir}: no *__checks.json; run Class_Activation_Maps.ipynb (or `covidxray cam`).")
-    checks = [json.loads(path.read_text(encoding="utf-8")) for path in files]
-    return {c["model"]: c for c in checks}
+    checks = {path: read_json(path, _CHECKS_FIX) for path in files}
+    return {from_file(path, lambda c=c: str(c["model"]), _CHECKS_FIX): c for path, c in checks.items()}
 
 
 def heatmap_table(checks: Mapping[str, Mapping[str, Any]]) -> str:
@@ -366,29 +452,42 @@ def load_bench(files: Mapping[str, Path] = BENCH_FILES) -> dict[str, Any]:
     missing = [str(path) for path in files.values() if not Path(path).is_file()]
     if missing:
         raise DataError(f"{', '.join(missing)}: not found; run `python -m bench` and `python -m bench --precision`.")
-    return {name: json.loads(Path(path).read_text(encoding="utf-8")) for name, path in files.items()}
+    return {name: read_json(path, _BENCH_FIX) for name, path in files.items()}
 
 
 def sections(results: Mapping[str, Any], bench: Mapping[str, Any] | None = None,
-             heatmaps: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """Every generated README section, by marker name (the benchmark and heatmap sections when given)."""
+             heatmaps: Mapping[str, Any] | None = None, *, files: Mapping[str, Path] | None = None) -> dict[str, str]:
+    """Every generated README section, by marker name (the benchmark and heatmap sections when given).
+
+    ``files`` names the file behind each input (table name, ``speed``, ``precision``, ``heatmaps``) for the
+    DataError that a missing or malformed field becomes (see :func:`from_file`)."""
+    where = {**results_files(), **BENCH_FILES, "heatmaps": paths.CAM_DIR / "*__checks.json", **(files or {})}
     designs = {"original": ("original (pediatric normals)", "pediatric"), "adult-normals": ("adult-normals", "adult")}
     tables = {"table1": results["table1"], "table2": results["table2"], "table3": results["table3"]}
-    return {
-        "table1-setup": f"{split_counts(results['table1'])}; {_setup(results['table1'])}.\n",
-        "table1": seed_table(results["table1"], reported=REPORTED_2020),
-        "table2-setup": f"{split_counts(results['table2'])}; {_setup(results['table2'])}.\n",
-        "table2": seed_table(results["table2"]),
-        "table3-setup": f"{split_counts(results['table3'])}; {_setup(results['table3'])}.\n",
-        "table3": seed_table(results["table3"]),
-        "table3-cross": cross_table(results["cross"], designs),
-        "per-seed": per_seed_table(tables),
-        "timing": timing_text(results["timing"]),
-        "table4": probes_table({"original": results["probes-original"],
-                                "adult-normals": results["probes-adult-normals"]}),
-        **({"speed": speed_table(bench["speed"]), "precision": precision_text(bench["precision"])} if bench else {}),
-        **({"heatmaps": heatmap_table(heatmaps)} if heatmaps else {}),
-    }
+
+    def made(name: str, make: Callable[[], str], fix: str = _RESULTS_FIX) -> str:
+        return from_file(where[name], make, fix)
+
+    out = {}
+    for table in _TABLES:
+        out[f"{table}-setup"] = made(table, lambda t=table: f"{split_counts(results[t])}; {_setup(results[t])}.\n")
+        out[table] = made(table, lambda t=table: seed_table(results[t], reported=REPORTED_2020 if t == "table1"
+                                                            else ()))
+    out["table3-cross"] = made("cross", lambda: cross_table(results["cross"], designs))
+    for table in _TABLES:
+        made(table, lambda t=table: per_seed_table({t: tables[t]}))
+    out["per-seed"] = per_seed_table(tables)
+    out["timing"] = made("timing", lambda: timing_text(results["timing"]))
+    for design in ("original", "adult-normals"):
+        made(f"probes-{design}", lambda d=design: probes_table({d: results[f"probes-{d}"]}))
+    out["table4"] = probes_table({"original": results["probes-original"],
+                                  "adult-normals": results["probes-adult-normals"]})
+    if bench:
+        out["speed"] = made("speed", lambda: speed_table(bench["speed"]), _BENCH_FIX)
+        out["precision"] = made("precision", lambda: precision_text(bench["precision"]), _BENCH_FIX)
+    if heatmaps:
+        out["heatmaps"] = made("heatmaps", lambda: heatmap_table(heatmaps), _CHECKS_FIX)
+    return out
 
 
 def markdown(names: Sequence[str], results_dir: str | Path = RESULTS_DIR, *, missing: str = "say") -> str:
@@ -397,7 +496,7 @@ def markdown(names: Sequence[str], results_dir: str | Path = RESULTS_DIR, *, mis
     Without the results files (a notebook run from another folder, or ``results/`` deleted), ``missing="say"``
     returns one Markdown line naming the file and how to make it, so the notebook carries on; ``"raise"`` raises."""
     try:
-        generated = sections(load_results(results_dir))
+        generated = sections(load_results(results_dir), files=results_files(results_dir))
     except DataError as exc:
         if missing == "say":
             return f"*The results tables cannot be shown: {exc}*\n"
@@ -433,10 +532,13 @@ def readme_sections(root: str | Path = ".", results_dir: str | Path | None = Non
     the benchmark results (:data:`BENCH_FILES`, and :data:`SCALING_FILE` when present) and the heatmap checks
     (:data:`covidxray.paths.CAM_DIR`)."""
     root = Path(root)
-    generated = sections(load_results(root / RESULTS_DIR if results_dir is None else results_dir),
-                         load_bench({name: root / path for name, path in BENCH_FILES.items()}),
-                         load_heatmap_checks(root / paths.CAM_DIR))
-    return {**generated, "scaling": scaling_text(load_scaling(root / SCALING_FILE))}
+    results_dir = root / RESULTS_DIR if results_dir is None else Path(results_dir)
+    bench_files = {name: root / path for name, path in BENCH_FILES.items()}
+    files = {**results_files(results_dir), **bench_files, "heatmaps": root / paths.CAM_DIR / "*__checks.json"}
+    generated = sections(load_results(results_dir), load_bench(bench_files), load_heatmap_checks(root / paths.CAM_DIR),
+                         files=files)
+    scaling = from_file(root / SCALING_FILE, lambda: scaling_text(load_scaling(root / SCALING_FILE)), _BENCH_FIX)
+    return {**generated, "scaling": scaling}
 
 
 def check_readme(readme: str | Path = README, results_dir: str | Path | None = None) -> list[str]:

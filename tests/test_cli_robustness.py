@@ -162,7 +162,7 @@ BAD_ARGS = [
     ("data", ["--nih-min-age", "-1"], "argument --nih-min-age", "[0, 150]"),
     ("data", ["--nih-max-age", "inf"], "argument --nih-max-age", "[0, 150]"),
     ("data", ["--nih-min-age", "40", "--nih-max-age", "30"], "--nih-min-age", "above nih_max_age (--nih-max-age)"),
-    ("data", ["--max-pixels", "100"], "argument --max-pixels", ">= 1024"),
+    ("data", ["--max-pixels", "100"], "argument --max-pixels", "in [1024, 178956970]"),
     ("data", ["--cap", "normal=0"], "argument --cap", "N an integer >= 1"),
     ("data", ["--cap", "covid=x"], "argument --cap", "LABEL=N"),
     ("data", ["--cap", "dogs=3"], "argument --cap", "'dogs=3'"),

@@ -109,7 +109,8 @@ def test_find_target_layer() -> None:
         find_target_layer(model, "logit")
     inp = keras.Input((4,))
     dense = keras.Model(inp, keras.layers.Dense(1, name="logit")(inp))
-    with pytest.raises(ModelError, match="no Conv2D"):
+    with pytest.raises(ModelError, match=r"no top-level Conv2D .*it has no conv layer to explain.*name a layer "
+                                         r"with a 4-D output as layer=NAME \(`covidxray cam --layer NAME`\)"):
         find_target_layer(dense)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -9,10 +10,13 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from conftest import write_image
 
+from covidxray.cli import main
 from covidxray.errors import ModelError
 from covidxray.model_io import check_model_contract, load_run, predict_proba
 from covidxray.models import MODEL_NAMES, build_model
+from covidxray.outputs import file_sha256
 
 SIZE = 32
 
@@ -44,6 +48,24 @@ def test_a_lambda_layer_is_refused_as_code_not_as_corruption(tmp_path: Path) -> 
     assert re.search(r"lambda run.model\.keras: the model holds Python code \(a Lambda layer\)", message)
     assert "safe mode" in message and "does not run code" in message and "without Lambda layers" in message
     assert "corrupt" not in message
+
+
+def _double(t: keras.KerasTensor) -> keras.KerasTensor:
+    return t * 2.0
+
+
+def test_a_lambda_layer_naming_a_function_is_refused_as_code_in_one_line(tmp_path: Path) -> None:
+    """A Lambda over a named function stores the function's name, not bytecode: Keras fails with a multi-line
+    "could not be deserialized" dump, which used to be reported as a truncated or corrupt file."""
+    inputs, x = _pooled((SIZE, SIZE, 3))
+    x = keras.layers.Lambda(_double, name="doubler")(x)
+    run = _save(keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x)), tmp_path / "named")
+    with pytest.raises(ModelError) as info:
+        load_run(run)
+    message = str(info.value)
+    assert re.search(r"named.model\.keras: the model holds Python code \(a Lambda layer\) in layer 'doubler'; "
+                     r"covidxray loads models in Keras safe mode and does not run code from model files", message)
+    assert "corrupt" not in message and "\n" not in message
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random bytes"])
@@ -127,3 +149,83 @@ def _nested() -> keras.Model:
 @pytest.mark.parametrize("kind", list(FITTING))
 def test_other_models_that_fit_the_contract_are_accepted(kind: str) -> None:
     assert check_model_contract(FITTING[kind](), kind) == SIZE
+
+
+# ---------------------------------------------------------------------------------------------- run files
+
+
+def _run_folder(folder: Path, *, card: dict | None = None, threshold: object = None,
+                config: dict | None = None) -> Path:
+    """A run folder with a real tiny model, and a model.json (``card`` merged into a valid card), threshold.json
+    and config.json when given."""
+    run = _save(_with_head(lambda x: keras.layers.Dense(1, activation="sigmoid")(x)), folder)
+    if card is not None:
+        full = {"model": {"sha256": file_sha256(run / "model.keras")}, "input": {"image_size": SIZE},
+                "decision": {"threshold": 0.4}}
+        for key, value in card.items():
+            full[key] = {**full.get(key, {}), **value}
+        (run / "model.json").write_text(json.dumps(full), encoding="utf-8")
+    if threshold is not None:
+        (run / "threshold.json").write_text(json.dumps({"threshold": threshold}), encoding="utf-8")
+    if config is not None:
+        (run / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return run
+
+
+BAD_THRESHOLDS = {"1.5": (1.5, "1.5"), "-0.1": (-0.1, "-0.1"), "NaN": (float("nan"), "nan"),
+                  "a string": ("0.3", "'0.3'"), "null": (None, "None"), "true": (True, "True")}
+
+
+@pytest.mark.parametrize("case", list(BAD_THRESHOLDS))
+def test_a_card_threshold_outside_0_1_is_refused(tmp_path: Path, case: str) -> None:
+    value, shown = BAD_THRESHOLDS[case]
+    run = _run_folder(tmp_path / "run", card={"decision": {"threshold": value}})
+    with pytest.raises(ModelError, match=rf"run.model\.json: decision\.threshold is {re.escape(shown)}; it must be "
+                                         r"a number in \[0, 1\]; .*delete model\.json"):
+        load_run(run)
+
+
+@pytest.mark.parametrize("case", ["1.5", "NaN", "a string"])
+def test_a_threshold_json_threshold_outside_0_1_is_refused(tmp_path: Path, case: str) -> None:
+    value, shown = BAD_THRESHOLDS[case]
+    run = _run_folder(tmp_path / "run", threshold=value)
+    with pytest.raises(ModelError, match=rf"run.threshold\.json: threshold is {re.escape(shown)}; it must be a "
+                                         r"number in \[0, 1\]; .*retrain the run"):
+        load_run(run)
+
+
+def test_valid_run_files_are_read(tmp_path: Path) -> None:
+    run = _run_folder(tmp_path / "run", card={}, threshold=0.7, config={"image_size": SIZE})
+    _, meta = load_run(run)
+    assert meta["threshold"] == 0.4 and meta["threshold_source"] == "model.json" and meta["image_size"] == SIZE
+    (run / "model.json").unlink()
+    _, meta = load_run(run)
+    assert meta["threshold"] == 0.7 and meta["threshold_source"] == "threshold.json"
+
+
+def test_run_files_disagreeing_with_the_model_file_are_refused(tmp_path: Path) -> None:
+    run = _run_folder(tmp_path / "size", card={"input": {"image_size": 64}})
+    with pytest.raises(ModelError, match=r"size.model\.json: input\.image_size is 64 px, but .*model\.keras takes "
+                                         rf"{SIZE} px"):
+        load_run(run)
+    run = _run_folder(tmp_path / "config", config={"image_size": 224})
+    with pytest.raises(ModelError, match=r"config.config\.json: image_size is 224 px, but .*model\.keras takes "
+                                         rf"{SIZE} px"):
+        load_run(run)
+    run = _run_folder(tmp_path / "hash", card={"model": {"sha256": "0" * 64}})
+    with pytest.raises(ModelError, match=r"hash.model\.json: describes another model file \(model\.sha256 is "
+                                         r"000000000000\.\.\., model\.keras has"):
+        load_run(run)
+    run = _run_folder(tmp_path / "nohash", card={"model": {"sha256": 5}})
+    with pytest.raises(ModelError, match=r"nohash.model\.json: no field 'model\.sha256'"):
+        load_run(run)
+
+
+def test_predict_refuses_a_card_threshold_of_1_5_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Before: a threshold of 1.5 silently called every image normal."""
+    run = _run_folder(tmp_path / "run", card={"decision": {"threshold": 1.5}})
+    image = write_image(tmp_path / "x.png", size=(64, 64))
+    assert main(["predict", "--quiet", "--model", str(run), str(image), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "model.json: decision.threshold is 1.5; it must be a number in [0, 1]" in err
+    assert not (tmp_path / "out").exists()

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +142,58 @@ def test_the_speed_section_leaves_the_scaling_curve_to_its_own_section(tmp_path)
     assert "scaling" in readme_sections(tmp_path) and "scaling" not in sections(load_results(tmp_path / "results"))
     (tmp_path / "bench" / "scaling_results.json").unlink(missing_ok=True)
     assert readme_sections(tmp_path)["scaling"].startswith("*No scaling results yet")
+
+
+def _damage(path: Path, change) -> None:
+    """Apply ``change`` to the JSON object in ``path`` (or write its text when ``change`` is a string)."""
+    if isinstance(change, str):
+        path.write_text(change, encoding="utf-8")
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    change(data)
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+def _first_cell(data: dict) -> dict:
+    """The first cell (model, trained on, tested on) of a cross-design matrix."""
+    by_design = next(iter(data["matrix"].values()))
+    return next(iter(next(iter(by_design.values())).values()))
+
+
+def _drop_config(data: dict) -> None:
+    del data["config"]
+
+
+DAMAGES = {
+    "corrupt JSON": ("table1", '{"rows": [', r"table1-2020-split\.json: not a readable JSON file \(Expecting"),
+    "accuracy 1.5": ("table2", lambda d: d["rows"][0]["metrics"].update(accuracy=1.5),
+                     r"table2-patient-split\.json: rows\[0\]\.metrics\.accuracy is 1\.5; it must be a number in "
+                     r"\[0, 1\]"),
+    "per-seed F1 a string": ("table1", lambda d: next(r for r in d["rows"] if "per_seed" in r)["per_seed"][1]
+                             .update(f1="0.9"), r"per_seed\[1\]\.f1 is '0\.9'; it must be a number in \[0, 1\]"),
+    "empty rows": ("table3", lambda d: d.update(rows=[]),
+                   r"table3-adult-normals\.json: field 'rows' is empty; a results table needs at least one model row"),
+    "missing key": ("table1", _drop_config, r"table1-2020-split\.json: field 'config' is missing"),
+    "cross-design cell": ("cross", lambda d: _first_cell(d).update(roc_auc=-0.2),
+                          r"table3-cross-design\.json: matrix\..*\.roc_auc is -0\.2"),
+    "timing key": ("timing", lambda d: d.pop("wall_s"), r"timing\.json: field 'wall_s' is missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGES))
+def test_a_damaged_results_file_is_named_with_its_field_and_the_readme_is_left_alone(
+        tmp_path: Path, case: str) -> None:
+    """Before: a traceback (corrupt JSON, a missing key), or a README showing "150.0 %" or an empty table."""
+    name, change, expected = DAMAGES[case]
+    results = _copy_results(tmp_path)
+    readme = tmp_path / "README.md"
+    _damage(results / FILES[name], change)
+    before = hashlib.sha256(readme.read_bytes()).hexdigest()
+    proc = subprocess.run([sys.executable, "-m", "covidxray.results_tables", "--readme", str(readme)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert re.search(expected, lines[0]), lines[0]
+    assert "git checkout -- " in lines[0] and "python -m bench.seeds" in lines[0]
+    assert hashlib.sha256(readme.read_bytes()).hexdigest() == before

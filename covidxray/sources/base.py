@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +117,26 @@ def outside_reason(path: Path, root: Path) -> str | None:
     return f"path leaves the source folder (resolves to {target}; put the file inside {root} or list it there)"
 
 
+def _first_line(csv_path: Path) -> str:
+    """The first line of a CSV file as text ("" when it cannot be read: pandas then reports the problem)."""
+    try:
+        with open(csv_path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+            return handle.readline()
+    except OSError:
+        return ""
+
+
+def duplicate_columns(text: str, *, lower: bool = False) -> list[str]:
+    """Column names the header (first line of the CSV ``text``) holds more than once, compared stripped (and
+    lower-cased with ``lower``), blanks ignored; [] when each is unique."""
+    try:
+        header = next(csv.reader(io.StringIO(text.lstrip("\ufeff"))), [])
+    except csv.Error:
+        return []
+    counts = Counter(c.strip().lower() if lower else c.strip() for c in header)
+    return sorted(c for c, n in counts.items() if c and n > 1)
+
+
 def read_table(
     csv_path: Path, required: Sequence[str], fix: str, *, text: str | None = None, lower: bool = False,
     keep_blank_lines: bool = False,
@@ -131,6 +153,11 @@ def read_table(
                          skip_blank_lines=not keep_blank_lines)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{csv_path}: not a readable CSV ({exc}); {fix}") from exc
+    duplicated = duplicate_columns(text if text is not None else _first_line(csv_path), lower=lower)
+    if duplicated:
+        raise DataError(f"{csv_path}: the header names column(s) {duplicated} more than once; a column must appear "
+                        f"once (the reader would rename the copy {duplicated[0] + '.1'!r} and ignore it). Delete or "
+                        f"rename the extra column. {fix}")
     df.columns = [str(c).strip().lower() if lower else str(c).strip() for c in df.columns]
     df = df.loc[:, [c for c in df.columns if c and not c.lower().startswith("unnamed:")]]
     missing = [c for c in required if c not in df.columns]
