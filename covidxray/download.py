@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from covidxray import __version__
 from covidxray.errors import DataError
-from covidxray.outputs import file_sha256, record_files, refusal, replaceable, write_json
+from covidxray.outputs import RESERVED_NAMES, file_sha256, record_files, refusal, replaceable, write_json
 from covidxray.paths import CHEST_XRAY_DIR, COVID_XRAY_DIR
 
 IEEE8023_REPOSITORY = "ieee8023/covid-chestxray-dataset"
@@ -336,6 +336,8 @@ def _read_members(archive: Path, strip_top: bool) -> dict[str, _Member]:
             raise DataError(f"{archive}: expected a single top folder to strip, found {tops[:5]}. "
                             "Is this the right archive?")
         entries = [(e[0][1:], *e[1:]) for e in entries if len(e[0]) > 1]
+    # an archive's own covidxray record is someone else's bookkeeping, never an instruction here: left out
+    entries = [e for e in entries if e[0][0] not in RESERVED_NAMES]
     if not any(e[1] == "file" for e in entries):
         raise DataError(f"{archive}: the archive holds no files; delete it and download it again.")
     members: dict[str, _Member] = {}

@@ -60,7 +60,9 @@ LOCK_NOTE = ".covidxray.lock"
 FORMAT = 2
 KNOWN_FORMATS = frozenset({1, 2})
 """Record formats this version reads: 1 (no kind, version or data; the kind follows from the verb) and 2."""
-_RESERVED = frozenset({RECORD_NAME, PENDING_NAME, LOCK_NOTE})
+RESERVED_NAMES = frozenset({RECORD_NAME, PENDING_NAME, LOCK_NOTE})
+"""Top-level names of an output folder that are the package's bookkeeping, never data (nor taken from an archive)."""
+_RESERVED = RESERVED_NAMES
 MAX_NAMED = 5
 
 
@@ -672,7 +674,10 @@ class OutputDir:
         self._save()
 
     def discard(self) -> None:
-        """Remove the files this claim wrote (a failed run that left nothing worth keeping) and emptied folders."""
+        """Remove the files this claim wrote (a failed run that left nothing worth keeping) and emptied folders;
+        a claim that wrote nothing changes nothing (the record stays as it was)."""
+        if not self.written:
+            return
         for rel in sorted(self.written):
             if self.owns(rel):
                 (self.path / rel).unlink(missing_ok=True)
