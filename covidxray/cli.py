@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import re
+import signal
+import socket
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from covidxray import LABELS, __version__, limits, paths
-from covidxray.distribute import DISTRIBUTES
+from covidxray.distribute import DEFAULT_STARTUP_TIMEOUT, DISTRIBUTES, native_start_unfinished
 from covidxray.download import IEEE8023_COMMIT
 from covidxray.errors import CovidXrayError, DataError, os_error_line
 from covidxray.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, PILLOW_MAX_PIXELS
@@ -279,6 +283,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "machine) or multi-worker (the machines TF_CONFIG names; run the same command on each, only "
                    "the chief writes --out). What was used and why: "
                    "summary.json; default: %(default)s")
+    _number(p, "--startup-timeout", limits.STARTUP_TIMEOUT, "multi-worker: seconds to wait for the other machines "
+            "of TF_CONFIG; past it the run stops naming the host:port of each one not reached",
+            default=DEFAULT_STARTUP_TIMEOUT)
     p.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard logs into RUN/tensorboard (view: pip install "
                    "\"covidxray[tensorboard]\"; tensorboard --logdir RUN/tensorboard)")
@@ -295,7 +302,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          cache=None if args.cache == "none" else args.cache, precision=args.precision,
                          cached_features=not args.no_cached_features, feature_views=args.feature_views,
                          jit_compile={"auto": None, "on": True, "off": False}[args.jit_compile],
-                         distribute=args.distribute)
+                         distribute=args.distribute, startup_timeout=args.startup_timeout)
     if args.lr is not None:
         config.lr = args.lr
     if args.no_augment:
@@ -597,12 +604,105 @@ def out_of_memory_line(exc: BaseException, args: argparse.Namespace) -> str | No
     return f"out of memory ({detail}); {hint}"
 
 
+def peer_lost_line(exc: BaseException) -> str | None:
+    """One line when a multi-worker run's collective ops were aborted because another task stopped; else None."""
+    tf = sys.modules.get("tensorflow")
+    if tf is None or not isinstance(exc, tf.errors.UnavailableError) or "Collective ops is aborted" not in str(exc):
+        return None
+    detail = re.sub(r"^\{\{[^}]*\}\}\s*", "", str(exc).strip().splitlines()[0])[:200]
+    return (f"another task of this multi-worker run stopped or can no longer be reached ({detail}); start the same "
+            "command with --resume on every machine to continue from the chief's last checkpoint")
+
+
 def failure_line(exc: BaseException, args: argparse.Namespace) -> str | None:
     """The one line for an OS error (also inside a TensorFlow error) or for running out of memory; None for any
     other exception (a bug, shown with its traceback)."""
     out_flag = "--covid-xray/--chest-xray" if args.verb == "download" else "--out"
     inner = exc if isinstance(exc, OSError) else tf_os_error(exc)
-    return os_error_line(inner, out_flag) if inner is not None else out_of_memory_line(exc, args)
+    if inner is not None:
+        return os_error_line(inner, out_flag)
+    return out_of_memory_line(exc, args) or peer_lost_line(exc)
+
+
+STOP_GRACE_S = 5.0
+"""Seconds a verb has, after SIGINT or SIGTERM, to stop by itself before the process exits regardless (when its
+main thread is stuck in native code that never returns to Python)."""
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: the verb stops as for Ctrl-C (its clean-up runs)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stopped_line(verb: str, signum: int) -> str:
+    """The one line printed when a verb stops on ``signum``."""
+    if signum == signal.SIGINT:
+        return f"covidxray {verb}: interrupted"
+    return f"covidxray {verb}: stopped by {signal.Signals(signum).name}"
+
+
+@contextlib.contextmanager
+def stop_on_signals(verb: str) -> Iterator[None]:
+    """While the verb runs, SIGINT and SIGTERM raise :class:`Stopped` in the main thread; a watcher thread, woken
+    by the signal itself (``signal.set_wakeup_fd``), prints the line and ends the process ``STOP_GRACE_S`` seconds
+    later if the verb has not stopped by then (a native call that never returns, such as a collective op waiting
+    for a machine that is gone). Handlers, wake-up descriptor and thread are the caller's again afterwards; outside
+    the main thread (no signals arrive there) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    done = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    def watch() -> None:
+        with reader:
+            while True:
+                try:
+                    data = reader.recv(64)
+                except OSError:
+                    return
+                signums = [b for b in data if b in STOP_SIGNALS]
+                if not data or done.is_set():
+                    return
+                if signums:
+                    break
+            if done.wait(STOP_GRACE_S):
+                return
+            print(_stopped_line(verb, signums[0]), file=sys.stderr, flush=True)
+            os._exit(128 + signums[0])
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    old_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, daemon=True, name="covidxray-stop")
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        signal.set_wakeup_fd(old_fd)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        with contextlib.suppress(OSError):
+            writer.send(b"\0")
+        watcher.join(timeout=1.0)
+        writer.close()
+
+
+def _exit_now_if_needed(code: int) -> None:
+    """After a failed or stopped multi-worker start, end the process now: TensorFlow's shutdown could wait for
+    the tasks that never came."""
+    if native_start_unfinished():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def check_verb_output(args: argparse.Namespace) -> None:
@@ -617,24 +717,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run a verb; user-fixable problems (bad input, OS errors, out of memory) print one line, exit 2.
 
     Numeric flags are checked while parsing: an out-of-range value exits 2 naming the flag and its range before any
-    work is done.
+    work is done. SIGINT and SIGTERM stop the verb with one line, exit 128 + the signal number (130, 143).
     """
     args = build_parser().parse_args(argv)
     quiet_tensorflow(verbose=args.verbose)
     set_progress(not args.quiet)
     try:
         check_verb_output(args)
-        return int(args.func(args) or 0)
+        with stop_on_signals(args.verb):
+            return int(args.func(args) or 0)
     except CovidXrayError as exc:
         line: str | None = str(exc)
+    except Stopped as exc:
+        print(_stopped_line(args.verb, exc.signum), file=sys.stderr)
+        _exit_now_if_needed(128 + exc.signum)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print(f"covidxray {args.verb}: interrupted", file=sys.stderr)
+        _exit_now_if_needed(130)
         return 130
     except Exception as exc:
         line = failure_line(exc, args)
         if line is None:
             raise
     print(f"covidxray {args.verb}: error: {line}", file=sys.stderr)
+    _exit_now_if_needed(2)
     return 2
 
 

@@ -26,6 +26,10 @@ class ModelError(CovidXrayError):
     """A model file or weights file is missing, unreadable or does not fit."""
 
 
+class ClusterError(CovidXrayError):
+    """The other machines of a multi-worker run cannot all be reached within the start-up timeout."""
+
+
 _OS_FIXES: dict[int, str] = {
     errno.ENOSPC: "the disk is full: free some space or choose another {out} on a disk with room",
     errno.EDQUOT: "the disk quota is used up: free some space or choose another {out}",

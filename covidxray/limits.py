@@ -25,6 +25,8 @@ MIN_N_BOOT = 20
 """Fewest bootstrap resamples that still give an interval (0 turns intervals off)."""
 MAX_AGE = 150.0
 """Oldest plausible patient age in years."""
+MAX_STARTUP_TIMEOUT = 86400.0
+"""Longest wait, in seconds, for the other machines of a multi-worker run (a day)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ AGE = Range(0.0, MAX_AGE)
 LEARNING_RATE = Range(0.0, 1.0, lo_open=True)
 N_BOOT = Range(MIN_N_BOOT, integer=True, also=(0,))
 NEAR_DUP_BITS = Range(0, MAX_NEAR_DUP_BITS, integer=True)
+STARTUP_TIMEOUT = Range(0.0, MAX_STARTUP_TIMEOUT, lo_open=True)
+PORT = Range(1, 65535, integer=True)
 
 
 def out_of_range(name: str, value: object, valid: Range, flag: str | None = None) -> str | None:

@@ -50,7 +50,13 @@ import tensorflow as tf
 
 from covidxray import LABELS
 from covidxray.backbones import VGG16_CONV_LAYERS, check_weights_available, load_vgg16_backbone_weights
-from covidxray.distribute import DISTRIBUTES, DistributeChoice, choose_distribution, make_strategy
+from covidxray.distribute import (
+    DEFAULT_STARTUP_TIMEOUT,
+    DISTRIBUTES,
+    DistributeChoice,
+    choose_distribution,
+    make_strategy,
+)
 from covidxray.errors import CovidXrayError, DataError, ModelError
 from covidxray.features import (
     FeatureBatches,
@@ -77,7 +83,7 @@ TENSORBOARD_DIR = "tensorboard"
 VAL_SUMMARY: tuple[str, ...] = ("n", "n_pos", "roc_auc", "accuracy", "recall", "specificity")
 """The val metrics (at the chosen threshold) repeated in ``summary.json``; all of threshold.json has them."""
 MONITORS: dict[str, str] = {"val_loss": "min", "val_auc": "max", "val_accuracy": "max"}
-RESUMABLE_CHANGES: tuple[str, ...] = ("epochs", "finetune_epochs", "distribute")
+RESUMABLE_CHANGES: tuple[str, ...] = ("epochs", "finetune_epochs", "distribute", "startup_timeout")
 """Config fields a resumed run may change (to train longer, or on other hardware); any other difference is an
 error."""
 
@@ -109,6 +115,8 @@ class TrainConfig:
     ``distribute`` is where training runs (see covidxray.distribute): auto (multi-worker when ``TF_CONFIG`` is
     set, mirrored over several GPUs, else one device), one, mirrored or multi-worker. What was used and why is
     ``summary.json``'s ``distribute``. Every strategy trains with the same loop (covidxray.train_loop).
+    ``startup_timeout``: seconds a multi-worker run waits for its other machines before it stops with a
+    ClusterError naming those not reached (ignored by the other strategies).
     """
 
     model: str = "vgg16"
@@ -139,6 +147,7 @@ class TrainConfig:
     feature_views: int = 1
     jit_compile: bool | None = None
     distribute: str = "auto"
+    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
 
     def resolved(self) -> TrainConfig:
         """A copy with defaults that depend on the model filled in, checked for consistency."""
@@ -172,6 +181,7 @@ class TrainConfig:
             ("finetune_epochs", self.finetune_epochs, limits.NON_NEGATIVE_INT, "--finetune-epochs"),
             ("finetune_lr", self.finetune_lr, limits.LEARNING_RATE, None),
             ("feature_views", self.feature_views, limits.POSITIVE_INT, "--feature-views"),
+            ("startup_timeout", self.startup_timeout, limits.STARTUP_TIMEOUT, "--startup-timeout"),
             ("dropout", self.dropout, limits.FRACTION, None),
             *((name, getattr(self, name), limits.FRACTION, None) for name in ("width_shift", "height_shift", "zoom")),
             ("shear", self.shear, limits.Range(0.0, 90.0, hi_open=True), None),
@@ -502,7 +512,8 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, pro
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     dataset = dataset_record(data_dir)
     dist = choose_distribution(cfg.distribute)
-    strategy = make_strategy(dist)  # first: multi-worker must set up before TensorFlow runs anything
+    # first: multi-worker must set up before TensorFlow runs anything
+    strategy = make_strategy(dist, startup_timeout=cfg.startup_timeout)
     if not dist.chief:
         return _train_worker(cfg, data_dir, out_dir, dataset, resume, progress, strategy, dist)
     link = _ChiefLink(strategy, dist)

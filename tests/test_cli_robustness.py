@@ -177,6 +177,7 @@ BAD_ARGS = [
     ("train", ["--patience", "-1"], "argument --patience", ">= 0"),
     ("train", ["--finetune-epochs", "-1"], "argument --finetune-epochs", ">= 0"),
     ("train", ["--feature-views", "0"], "argument --feature-views", ">= 1"),
+    ("train", ["--startup-timeout", "0"], "argument --startup-timeout", "(0, 86400]"),
     ("evaluate", ["--model", "run", "--threshold", "1.5"], "argument --threshold", "[0, 1]"),
     ("evaluate", ["--model", "run", "--threshold", "-0.1"], "argument --threshold", "[0, 1]"),
     ("evaluate", ["--model", "run", "--n-boot", "5"], "argument --n-boot", "0 or an integer >= 20"),

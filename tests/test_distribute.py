@@ -7,9 +7,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,8 +20,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from covidxray.distribute import TF_CONFIG_VAR, choose_distribution, make_strategy
-from covidxray.errors import ModelError
+from covidxray.cli import main
+from covidxray.distribute import TF_CONFIG_VAR, choose_distribution, make_strategy, parse_cluster, wait_for_peers
+from covidxray.errors import ClusterError, ModelError
 from covidxray.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +83,21 @@ def test_auto_is_multi_worker_with_tf_config(monkeypatch):
     ('{"cluster": {"worker": ["a:1"], "ps": ["b:2"]}, "task": {"type": "worker", "index": 0}}', "['ps']"),
     ('{"cluster": {"worker": ["a"]}, "task": {"type": "worker", "index": 0}}', '"host:port"'),
     ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}', "task type 'chief'"),
+    ('{"task": {"type": "worker", "index": 0}}', 'has no "cluster" object'),
+    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker"}}',
+     'has no task "index"; add "index": N to "task", N being this machine\'s place in the cluster\'s "worker" '
+     'list (0 ... 1)'),
+    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": "1"}}',
+     'has task index "1", a string; write it as a number, without quotes ("index": 1)'),
+    ('{"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 1}}',
+     'has task index 1; the cluster lists 1 "worker" task(s), so it must be 0 ... 0'),
+    ('{"cluster": {"worker": ["a:x1"]}, "task": {"type": "worker", "index": 0}}',
+     "has cluster \"worker\" address \"a:x1\", whose port 'x1' is not an integer in [1, 65535]"),
+    ('{"cluster": {"worker": ["a:70000"]}, "task": {"type": "worker", "index": 0}}',
+     "port '70000' is not an integer in [1, 65535]"),
+    ('{"cluster": {"worker": ["a:0"]}, "task": {"type": "worker", "index": 0}}', "port '0' is not an integer"),
+    ('{"cluster": {"chief": ["a:1"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}',
+     'lists "a:1" twice (chief 0 and worker 0)'),
 ])
 def test_a_bad_tf_config_names_the_variable_the_problem_and_the_fix(monkeypatch, text, says):
     monkeypatch.setenv(TF_CONFIG_VAR, text)
@@ -375,3 +393,127 @@ def test_the_loop_shows_its_progress_on_stderr_only(data, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and "4/4" in captured.err
     assert len(lines) == 1 and lines[0].startswith("epoch 1/1 - ") and "ms/step - loss: " in lines[0]
+
+
+# ------------------------------------------------------------------------------------------------ bounded start-up
+
+STARTUP_TIMEOUT = 3.0
+"""--startup-timeout of the start-up tests: short, so a worker whose peer never comes fails fast."""
+STOP_WITHIN = 5.0
+"""Seconds a worker has to exit after its start-up timeout or a signal."""
+
+
+def test_the_startup_timeout_is_checked_on_the_command_line_and_in_the_config(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["train", "--startup-timeout", "0"])
+    assert err.value.code == 2 and "--startup-timeout: 0 is out of range" in capsys.readouterr().err
+    with pytest.raises(ModelError, match=r"startup_timeout \(--startup-timeout\) is -1; it must be a number in"):
+        TrainConfig(startup_timeout=-1).validate()
+    assert TrainConfig().startup_timeout == 120.0
+
+
+def test_a_bad_port_stops_train_before_anything_starts(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(TF_CONFIG_VAR, '{"cluster": {"worker": ["127.0.0.1:99999"]}, "task": {"type": "worker", '
+                                      '"index": 0}}')
+    code = main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--distribute", "multi-worker",
+                 *TRAIN])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "address \"127.0.0.1:99999\", whose port '99999' is not an integer in [1, 65535]" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_tasks_meet_on_their_own_ports_before_tensorflow_starts():
+    """Three tasks of one cluster, started one after the other, all get past the start-up wait; a fourth
+    process on a port of the cluster that is not a covidxray task is named as such."""
+    ports = free_ports(3)
+    text = [tf_config(ports, i) for i in range(3)]
+    errors: list[BaseException] = []
+
+    def task(i: int) -> None:
+        try:
+            wait_for_peers(parse_cluster(text[i]), 20.0)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=task, args=(i,)) for i in range(3)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+        time.sleep(0.5)
+    for thread in threads:
+        thread.join(30)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert time.monotonic() - started < 10
+    # a port of the cluster held by something else: it answers, but not as a task of this run
+    with socket.create_server(("127.0.0.1", ports[1])) as stranger:
+        def answer() -> None:
+            while True:
+                try:
+                    conn = stranger.accept()[0]
+                except OSError:
+                    return
+                with conn:
+                    conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        with pytest.raises(ClusterError) as err:
+            wait_for_peers(parse_cluster(tf_config(ports[:2], 0)), 1.0)
+    assert f"127.0.0.1:{ports[1]} (worker 1: something listens there, but not `covidxray train`" in str(err.value)
+
+
+def start_worker(data: Path, out: Path, tf_config_text: str, timeout: float) -> subprocess.Popen:
+    """``covidxray train --distribute multi-worker --startup-timeout timeout`` as a process; stderr piped."""
+    cmd = [sys.executable, "-m", "covidxray", "train", "--data", str(data), "--out", str(out), "--distribute",
+           "multi-worker", "--startup-timeout", str(timeout), *TRAIN]
+    return subprocess.Popen(cmd, env={**os.environ, TF_CONFIG_VAR: tf_config_text}, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_listening(port: int, proc: subprocess.Popen) -> float:
+    """When ``proc`` listens on ``port`` (it is waiting for its peers), by time.monotonic()."""
+    deadline = time.monotonic() + WORKER_TIMEOUT
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return time.monotonic()
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"the worker never listened on {port}: {proc.communicate()[1][-2000:]}")
+
+
+def test_a_worker_whose_peer_never_answers_stops_within_its_startup_timeout(data, tmp_path):
+    ports = free_ports(2)
+    proc = start_worker(data, tmp_path / "run", tf_config(ports, 0), STARTUP_TIMEOUT)
+    waiting = wait_listening(ports[0], proc)
+    try:
+        _, err = proc.communicate(timeout=STARTUP_TIMEOUT + STOP_WITHIN)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"still waiting {STARTUP_TIMEOUT + STOP_WITHIN} s after it began: {proc.communicate()[1]}")
+    seconds = time.monotonic() - waiting
+    print(f"failed {seconds:.1f} s after the start-up wait began (--startup-timeout {STARTUP_TIMEOUT})")
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"covidxray train: error: multi-worker start-up: no answer within {STARTUP_TIMEOUT:g} s")
+    assert f"127.0.0.1:{ports[1]} (worker 1: connection refused: nothing listens on that port)" in err
+    assert "raise --startup-timeout" in err
+    assert seconds <= STARTUP_TIMEOUT + STOP_WITHIN and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("sig", "code", "says"), [(signal.SIGTERM, 143, "covidxray train: stopped by SIGTERM"),
+                                                   (signal.SIGINT, 130, "covidxray train: interrupted")])
+def test_a_signal_stops_a_waiting_worker_at_once(data, tmp_path, sig, code, says):
+    ports = free_ports(2)
+    proc = start_worker(data, tmp_path / "run", tf_config(ports, 1), 60.0)
+    wait_listening(ports[1], proc)
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=STOP_WITHIN)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"{sig.name} did not stop the worker within {STOP_WITHIN} s: {proc.communicate()[1]}")
+    print(f"{sig.name}: stopped in {time.monotonic() - sent:.1f} s")
+    assert proc.returncode == code and err.splitlines() == [says], err
+    assert not (tmp_path / "run").exists()
