@@ -212,11 +212,13 @@ class Kind:
     nests: frozenset[str] = frozenset()
     """Kinds that may live in a direct sub-folder (each named in the record as a child, never removed by a
     rebuild of this one)."""
+    phrase: str = ""
+    """How a sentence names one such folder ("a folder of predictions"); default: the name with its article."""
 
     @property
     def article(self) -> str:
-        """``a dataset``, ``an evaluation``: the kind as a sentence names it."""
-        return ("an " if self.name[0] in "aeiou" else "a ") + self.name
+        """``a dataset``, ``an evaluation``, ``a folder of heatmaps``: the kind as a sentence names it."""
+        return self.phrase or ("an " if self.name[0] in "aeiou" else "a ") + self.name
 
 
 _RESULT_FILES = ("*.json", "*.csv", "*.md", "*.png", "*.txt")
@@ -224,15 +226,18 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("dataset", ("data",), ("train", "val", "test", "manifest.csv", "summary.json", "rejected.csv")),
     Kind("run", ("train",), nests=frozenset({"evaluation", "predictions", "heatmaps", "probes"})),
     Kind("evaluation", ("evaluate",), _RESULT_FILES),
-    Kind("predictions", ("predict",), ("predictions.csv", "skipped.csv", "heatmaps", "*.json")),
-    Kind("heatmaps", ("cam",), _RESULT_FILES),
-    Kind("probes", ("probe",), _RESULT_FILES),
+    Kind("predictions", ("predict",), ("predictions.csv", "skipped.csv", "heatmaps", "*.json"),
+         phrase="a folder of predictions"),
+    Kind("heatmaps", ("cam",), _RESULT_FILES, phrase="a folder of heatmaps"),
+    Kind("probes", ("probe",), _RESULT_FILES, phrase="a folder of shortcut probes"),
     Kind("reproduction", ("reproduce",), _RESULT_FILES,
          nests=frozenset({"reproduction", "dataset", "run", "evaluation", "heatmaps", "probes", "synthetic sources"})),
-    Kind("demo", ("demo",), nests=frozenset({"synthetic sources", "dataset", "reproduction", "heatmaps"})),
-    Kind("synthetic sources", ("synthetic",), ("*",), nests=frozenset({"synthetic sources"})),
-    Kind("download", ("download",)),
-    Kind("set-aside results", ("render",)),
+    Kind("demo", ("demo",), nests=frozenset({"synthetic sources", "dataset", "reproduction", "heatmaps"}),
+         phrase="a demo folder"),
+    Kind("synthetic sources", ("synthetic",), ("*",), nests=frozenset({"synthetic sources"}),
+         phrase="a folder of synthetic sources"),
+    Kind("download", ("download",), phrase="a downloaded source"),
+    Kind("set-aside results", ("render",), phrase="a folder of results set aside by a render"),
     Kind("scratch", ("scratch",)),
 )}
 """Every kind of output folder the package writes."""
@@ -814,7 +819,7 @@ def check_output(path: str | Path, verb: str, *, flag: str = "--out", children: 
                             f"{flag} outside it (or move the set-aside folder away first).")
         if kind.name not in KINDS[parent_record["kind"]].nests:
             raise DataError(f"{flag} {path} lies inside {parent}, which is {describe(parent_record)}; "
-                            f"{KINDS[parent_record['kind']].article} does not hold {kind.name}, and its rebuild "
+                            f"{KINDS[parent_record['kind']].article} does not hold {kind.article}, and its rebuild "
                             f"must not meet them, so nothing was changed. Choose a {flag} outside {parent}.")
         if path.absolute().parent != parent.absolute():
             raise DataError(f"{flag} {path} lies deeper inside {parent} ({describe(parent_record)}); a nested output "
