@@ -709,7 +709,9 @@ def check_verb_output(args: argparse.Namespace) -> None:
     """Refuse, before any work (a model load, a build), an ``--out`` the verb may not write: another kind of
     output, a folder nested in an artifact that does not hold this kind, entries covidxray did not write."""
     out = getattr(args, "out", None)
-    if out is not None and args.verb != "download":
+    # train claims its folder itself, right after the workers of a multi-worker run have met: a chief that
+    # refused here, before meeting them, would leave the others waiting for it
+    if out is not None and args.verb not in ("download", "train"):
         check_output(out, args.verb)
 
 

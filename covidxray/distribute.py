@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 
 from covidxray import limits
 from covidxray.errors import ClusterError, ModelError
+from covidxray.outputs import json_text
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -113,7 +114,7 @@ class Cluster:
 
     def fingerprint(self) -> str:
         """A short hash of the cluster, the same on every machine whose TF_CONFIG names the same cluster."""
-        return hashlib.sha256(json.dumps([self.addresses, self.names]).encode()).hexdigest()[:16]
+        return hashlib.sha256(json_text([self.addresses, self.names]).encode()).hexdigest()[:16]
 
     def describe(self, i: int) -> str:
         """``host:port (worker 1)`` of task ``i``."""
@@ -181,7 +182,7 @@ def parse_cluster(text: str) -> Cluster:
                   f'"{kind}" list (0 ... {len(cluster[kind]) - 1})')
     index = task["index"]
     if isinstance(index, str):
-        raise bad(f'has task index {json.dumps(index)}, a string; write it as a number, without quotes '
+        raise bad(f'has task index "{index}", a string; write it as a number, without quotes '
                   f'("index": {index.strip() if index.strip().isdecimal() else 0})')
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(cluster[kind]):
         raise bad(f'has task index {index!r}; the cluster lists {len(cluster[kind])} "{kind}" task(s), '

@@ -78,7 +78,7 @@ _RATES: tuple[str, ...] = tuple(key for key, _, _ in TABLE_METRICS)
 _TABLES = ("table1", "table2", "table3")
 
 
-def read_json(path: str | Path, fix: str = _RESULTS_FIX) -> dict[str, Any]:
+def read_results_file(path: str | Path, fix: str = _RESULTS_FIX) -> dict[str, Any]:
     """One results file as a JSON object; a DataError naming it and ``fix`` (FILE: the path) when it cannot be
     read, is not JSON or not an object."""
     path = Path(path)
@@ -152,7 +152,7 @@ def load_results(results_dir: str | Path = RESULTS_DIR) -> dict[str, Any]:
         if not path.is_file():
             raise DataError(f"{path}: not found; run `python -m bench.seeds` (see the README's Results section) to "
                             "write the results files.")
-        out[name] = read_json(path)
+        out[name] = read_results_file(path)
         check_results(name, out[name], path)
     return out
 
@@ -363,7 +363,7 @@ def _memory(mib: float) -> str:
 def load_scaling(path: str | Path = SCALING_FILE) -> dict[str, Any] | None:
     """``python -m bench --scaling``'s results, or None when the file has not been written yet."""
     path = Path(path)
-    return read_json(path, _BENCH_FIX) if path.is_file() else None
+    return read_results_file(path, _BENCH_FIX) if path.is_file() else None
 
 
 def scaling_text(scaling: Mapping[str, Any] | None) -> str:
@@ -416,7 +416,7 @@ def load_heatmap_checks(cam_dir: str | Path = paths.CAM_DIR) -> dict[str, Any]:
     files = sorted(Path(cam_dir).glob("*__checks.json"))
     if not files:
         raise DataError(f"{cam_dir}: no *__checks.json; run Class_Activation_Maps.ipynb (or `covidxray cam`).")
-    checks = {path: read_json(path, _CHECKS_FIX) for path in files}
+    checks = {path: read_results_file(path, _CHECKS_FIX) for path in files}
     return {from_file(path, lambda c=c: str(c["model"]), _CHECKS_FIX): c for path, c in checks.items()}
 
 
@@ -452,7 +452,7 @@ def load_bench(files: Mapping[str, Path] = BENCH_FILES) -> dict[str, Any]:
     missing = [str(path) for path in files.values() if not Path(path).is_file()]
     if missing:
         raise DataError(f"{', '.join(missing)}: not found; run `python -m bench` and `python -m bench --precision`.")
-    return {name: read_json(path, _BENCH_FIX) for name, path in files.items()}
+    return {name: read_results_file(path, _BENCH_FIX) for name, path in files.items()}
 
 
 def sections(results: Mapping[str, Any], bench: Mapping[str, Any] | None = None,
