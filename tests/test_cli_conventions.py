@@ -108,7 +108,8 @@ def test_data_evaluate_and_probe_print_their_results_on_stdout(synthetic_sources
     assert main(["probe", "--data", data, "--out", str(tmp_path / "probes"), "--epochs", "1",
                  "--image-size", "32"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.startswith("# Shortcut probes") and "| source |" in captured.out
+    assert captured.out.startswith("**SYNTHETIC DATA") and "\n# Shortcut probes" in captured.out
+    assert "| source |" in captured.out
     assert "[covidxray.probe]" in captured.err and "[covidxray.probe]" not in captured.out
 
 
