@@ -71,18 +71,26 @@ _TF_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\
                        r"To enable the following instructions|WARNING:tensorflow:.*retracing)")
 
 
-def strip_tf_noise(path: str | Path) -> None:
-    """Drop TensorFlow's C++ start-up log lines (oneDNN, CUDA probing, graph attribute notices) from the
-    notebook's stderr outputs: TensorFlow 2.21 writes them whatever TF_CPP_MIN_LOG_LEVEL says, and they carry
-    no information about the run. Every other output is kept as it is."""
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+"""The output type of a live Jupyter widget (a tqdm bar): a rendered file can only show it frozen, so never kept."""
+
+
+def strip_render_noise(path: str | Path) -> None:
+    """Drop what a rendered notebook cannot show truthfully: TensorFlow's C++ start-up log lines (oneDNN, CUDA
+    probing, graph attribute notices; TensorFlow 2.21 writes them whatever TF_CPP_MIN_LOG_LEVEL says) from the
+    stderr outputs, and saved widget state and widget outputs (progress bars a reader would see frozen at 0 %).
+    Every other output is kept as it is."""
     import nbformat
 
     nb = nbformat.read(str(path), as_version=4)
+    nb.metadata.pop("widgets", None)
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
         kept = []
         for out in cell.get("outputs", []):
+            if WIDGET_VIEW in out.get("data", {}):
+                continue
             if out.get("output_type") == "stream" and out.get("name") == "stderr":
                 lines = [ln for ln in out["text"].splitlines(keepends=True) if not _TF_NOISE.match(ln)]
                 if not "".join(lines).strip():
@@ -109,7 +117,7 @@ def run_notebook(
     papermill.execute_notebook(str(notebook), str(output), parameters=parameters or {}, kernel_name="python3",
                                cwd=None if cwd is None else str(cwd), progress_bar=False,
                                execution_timeout=timeout)
-    strip_tf_noise(output)
+    strip_render_noise(output)
     return Path(output)
 
 

@@ -16,12 +16,14 @@ from covidxray.notebooks import (
     INJECTED_TAG,
     NOTE_TAG,
     NOTEBOOKS,
+    WIDGET_VIEW,
     prepare_clean_slate,
     render,
     rendered_note,
     replace_injected_cell,
     run_notebook,
     shared_parameters,
+    strip_render_noise,
 )
 from covidxray.outputs import RECORD_NAME, claim_output, foreign_entries
 from covidxray.workflow import SYNTHETIC_CAM_DIR
@@ -58,6 +60,31 @@ def test_committed_notebook_names_no_machine_path_and_has_no_injected_cell(name)
     nb = nbformat.read(REPO / name, as_version=4)
     assert not [c for c in nb.cells if INJECTED_TAG in c.metadata.get("tags", [])]
     assert "parameters" not in nb.metadata.get("papermill", {})
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_notebook_holds_no_widget_state(name):
+    """A saved progress-bar widget shows readers a bar frozen at 0 %: the render strips them."""
+    nb = nbformat.read(REPO / name, as_version=4)
+    assert "widgets" not in nb.metadata
+    assert not [out for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+                if WIDGET_VIEW in out.get("data", {})]
+
+
+def test_render_pass_strips_widgets_and_tensorflow_noise_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "nb.ipynb"
+    nb = nbformat.v4.new_notebook()
+    bar = nbformat.v4.new_output("display_data", data={WIDGET_VIEW: {"model_id": "abc"},
+                                                       "text/plain": "bootstrap:   0%|          | 0/2000"})
+    noise = nbformat.v4.new_output("stream", name="stderr", text="I0000 00:00:12.5 cpu_feature_guard.cc] x\n")
+    kept = nbformat.v4.new_output("stream", name="stdout", text="epoch 1/5\n")
+    nb.cells = [nbformat.v4.new_code_cell("run()", outputs=[bar, noise, kept])]
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    nbformat.write(nb, str(path))
+    strip_render_noise(path)
+    cleaned = nbformat.read(path, as_version=4)
+    assert "widgets" not in cleaned.metadata
+    assert [out.get("text") for out in cleaned.cells[0].outputs] == ["epoch 1/5\n"]
 
 
 def _rendered_like(path: Path) -> Path:
