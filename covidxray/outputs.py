@@ -783,10 +783,7 @@ def _clean_leftovers(path: Path) -> None:
 def _nearest_artifact(path: Path) -> tuple[Path, dict] | None:
     """The closest folder above ``path`` that is an artifact, with its record (None when there is none)."""
     for parent in path.absolute().parents:
-        try:
-            record = artifact(parent)
-        except RecordError:
-            raise
+        record = artifact(parent)
         if record is not None:
             return parent, record
     return None

@@ -14,7 +14,7 @@ import pandas as pd
 
 from covidxray import LABELS, paths
 from covidxray.errors import CovidXrayError, DataError
-from covidxray.manifest import MANIFEST_NAME, SPLITS, dataset_summary
+from covidxray.manifest import MANIFEST_NAME, SPLITS, dataset_provenance
 
 
 @dataclass(frozen=True)
@@ -279,7 +279,7 @@ def ensure_dataset(
 
 def is_synthetic_dataset(data: str | Path) -> bool:
     """True when the dataset at ``data`` was built from the embedded synthetic sources (its summary says so)."""
-    return dataset_summary(data).get("synthetic") is True
+    return dataset_provenance(data)["synthetic"]
 
 
 def training_settings(data: str | Path, epochs: int | None = None, image_size: int | None = None) -> tuple[int, int]:
@@ -299,12 +299,10 @@ def training_settings(data: str | Path, epochs: int | None = None, image_size: i
     return chosen
 
 
-SYNTHETIC_CAM_DIR = paths.SYNTHETIC_CAM_DIR
-
-
 def heatmap_folder(data: str | Path, out: str | Path | None = None) -> Path:
     """Where the heatmap notebook writes: ``out`` when given, else ``Class_Activation_Images/`` for a real
-    dataset and :data:`SYNTHETIC_CAM_DIR` for one built from the embedded synthetic data, which a line says.
+    dataset and :data:`covidxray.paths.SYNTHETIC_CAM_DIR` for one built from the embedded synthetic data, which a
+    line says.
     Heatmaps of the synthetic data never go over the committed ones: ``out`` naming ``Class_Activation_Images/``
     is then refused (DataError)."""
     from covidxray.cams import heatmap_out
@@ -316,7 +314,7 @@ def heatmap_folder(data: str | Path, out: str | Path | None = None) -> Path:
     if folder.resolve() == paths.CAM_DIR.resolve():
         raise DataError(f"{folder.as_posix()}/ holds the committed heatmaps of the real data, and the dataset "
                         f"{Path(data).as_posix()}/ is SYNTHETIC: set `OUT = None` in the parameters cell (writes "
-                        f"{SYNTHETIC_CAM_DIR.as_posix()}/) or another folder.")
+                        f"{paths.SYNTHETIC_CAM_DIR.as_posix()}/) or another folder.")
     say(f"The dataset is built from the embedded **SYNTHETIC** data: its heatmaps go to `{folder.as_posix()}/`"
         + (" (git-ignored)" if out is None else "") + "; the committed real-data heatmaps in "
         f"`{paths.CAM_DIR.as_posix()}/` are left as they are.")

@@ -16,7 +16,8 @@ from conftest import fresh_clone, tree_digest
 
 from covidxray.errors import DataError
 from covidxray.notebooks import NOTEBOOKS, RenderError, render
-from covidxray.workflow import SYNTHETIC_CAM_DIR, heatmap_folder
+from covidxray.paths import SYNTHETIC_CAM_DIR
+from covidxray.workflow import heatmap_folder
 
 CAM_DIR = "Class_Activation_Images"
 

@@ -26,7 +26,7 @@ from covidxray.notebooks import (
     strip_render_noise,
 )
 from covidxray.outputs import RECORD_NAME, claim_output, foreign_entries
-from covidxray.workflow import SYNTHETIC_CAM_DIR
+from covidxray.paths import SYNTHETIC_CAM_DIR
 
 SYNTHETIC_LINE = ("no data in Chest_XRAY/ and Covid_XRAY/: using the embedded SYNTHETIC data; numbers say nothing "
                   "about X-rays")
