@@ -46,12 +46,12 @@ reproduce-seed: install
 # their results files copied into results/, then the README's tables generated from them.
 results: install
 	$(BIN)/python -m bench.seeds --shared $(SHARED) --seeds 5 --precision bfloat16
-	$(BIN)/python -m covidxray.results_tables
+	$(BIN)/python -m covidxray.studies.readme_tables
 
 # Renders from a clean slate: refuses while dataset/, runs/scratch etc. hold earlier results; FRESH=1 moves them
 # aside into runs/before-render-<time>/ first.
 notebooks: install
-	$(BIN)/python -m covidxray.notebooks --shared $(SHARED) $(if $(FRESH),--fresh)
+	$(BIN)/python -m covidxray.app.render_notebooks --shared $(SHARED) $(if $(FRESH),--fresh)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -15,16 +15,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from covidxray.build import BuildConfig, build_dataset
+from covidxray.app.notebook_helpers import evaluate_runs, resolve_sources
+from covidxray.data.build import BuildConfig, build_dataset
+from covidxray.evaluation.figures import results_table
 from covidxray.outputs import fingerprint, write_json
-from covidxray.report import results_table
-from covidxray.reproduce import cross_design_evaluation
-from covidxray.workflow import evaluate_runs, resolve_sources
+from covidxray.studies.reproduce import cross_design_evaluation
 
 
 def measure(shared: Path, work: Path) -> dict:
     """Build the three datasets under ``work`` and return {table: {"dataset": ..., "baseline": row, "probe": ...}}."""
-    from covidxray.probes import stats_probe
+    from covidxray.evaluation.shortcut_probes import stats_probe
 
     meta = shared / "ieee8023-metadata" / "metadata-early.csv"
     sources = resolve_sources("seed", seed_dataset=shared / "seed-dataset", seed_metadata=meta, work_dir=work / "src")

@@ -26,7 +26,7 @@ import numpy as np
 from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
 from bench.measure import EpochTimer
-from covidxray.backbones import read_vgg16_weights
+from covidxray.training.backbones import read_vgg16_weights
 
 CLASSES = ["normal", "covid"]
 TRAIN_AUGMENT = {"rescale": 1.0 / 255, "width_shift_range": 0.2, "height_shift_range": 0.1, "shear_range": 0.2,

@@ -4,9 +4,9 @@
     python -m bench.predict_speed --n 64 --models scratch-gap
 
 Writes ``--n`` synthetic 8-bit grayscale PNGs into a temporary folder, saves each model (built with
-``covidxray.models.build_model``, ``weights="none"``: the speed does not depend on the weights) as a ``.keras``
-file, and times :func:`covidxray.predict.predict` on the folder: model loading, the check of every file
-(``covidxray.labeled.decodable``), decoding, resizing, inference and writing predictions.csv. Each model runs
+``covidxray.training.models.build_model``, ``weights="none"``: the speed does not depend on the weights) as a ``.keras``
+file, and times :func:`covidxray.runs.predict.predict` on the folder: model loading, the check of every file
+(``covidxray.data.labeled_sets.decodable``), decoding, resizing, inference and writing predictions.csv. Each model runs
 ``--repeats`` times; the first run includes tracing the model. Nothing is written into the repository.
 """
 
@@ -22,8 +22,8 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from covidxray.models import build_model
-from covidxray.predict import predict
+from covidxray.runs.predict import predict
+from covidxray.training.models import build_model
 
 
 def write_images(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:

@@ -30,16 +30,16 @@ from bench.measure import (
     matmul_gflops,
     steady_epoch,
 )
-from covidxray.build import build_dataset
-from covidxray.features import conv_flops, extract_features, extractor, frozen_part, tail_part
-from covidxray.manifest import read_manifest, split_frame
-from covidxray.metrics import binary_metrics
-from covidxray.model_io import load_run, predict_dataframe, predict_proba, versions
-from covidxray.models import build_model, compile_model
+from covidxray.data.build import build_dataset
+from covidxray.data.manifest import read_manifest, split_frame
+from covidxray.evaluation.metrics import binary_metrics
 from covidxray.outputs import write_json
-from covidxray.pipeline import load_images, make_dataset
-from covidxray.train import TrainConfig, train
-from covidxray.train_loop import CustomLoop
+from covidxray.runs.load import load_run, predict_dataframe, predict_proba, versions
+from covidxray.training.feature_cache import conv_flops, extract_features, extractor, frozen_part, tail_part
+from covidxray.training.loop import CustomLoop
+from covidxray.training.models import build_model, compile_model
+from covidxray.training.pipeline import load_images, make_dataset
+from covidxray.training.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -134,7 +134,7 @@ def prepare_data(opts: Options, work: Path) -> dict:
         build_dataset(out, presplit=seed_dir, metadata=metadata if metadata.is_file() else None, progress=False)
         source = "seed-dataset (the 2020 project's images)"
     else:
-        from covidxray.synthetic import make_synthetic_sources
+        from covidxray.data.synthetic import make_synthetic_sources
 
         src = make_synthetic_sources(work / "sources", seed=opts.seed)
         build_dataset(out, chest_xray=src.chest_xray, covid_xray=src.covid_xray, progress=False)
@@ -211,7 +211,7 @@ def _ours_config(kind: str, opts: Options, views: int | None = None) -> TrainCon
 
 
 def run_ours(kind: str, opts: Options, data: dict, work: Path, views: int | None = None) -> dict:
-    """Train with covidxray.train.train (everything it writes included in the time)."""
+    """Train with covidxray.training.train.train (everything it writes included in the time)."""
     _fresh()
     cfg = _ours_config(kind, opts, views)
     out = work / f"ours-{kind}-v{cfg.feature_views}"
@@ -244,7 +244,7 @@ def run_ours(kind: str, opts: Options, data: dict, work: Path, views: int | None
 
 def input_pipeline_reference(opts: Options, data: dict) -> dict:
     """The scratch CNN's epoch time on the same batches already decoded and augmented, held in memory, trained by
-    the same loop as ours (covidxray.train_loop), so the difference is the input pipeline's cost alone."""
+    the same loop as ours (covidxray.training.loop), so the difference is the input pipeline's cost alone."""
     _fresh()
     cfg = _ours_config("scratch", opts).resolved()
     df = read_manifest(data["dir"])

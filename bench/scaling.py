@@ -1,7 +1,7 @@
 """How cost grows with the data: build and train on 10 %, 30 %, 100 % of a synthetic set, one subprocess each.
 
 Each size runs in its own process, so its peak resident memory is its own. The synthetic sources are generated
-first, in the parent (not measured); then the dataset build and each model's ``covidxray.train.train`` are
+first, in the parent (not measured); then the dataset build and each model's ``covidxray.training.train.train`` are
 measured separately in the child. The memory caches are reported next to the peaks (decoded images: uint8
 grayscale; frozen-backbone activations: float16), because those grow with the data by design and everything else
 should not.
@@ -31,14 +31,14 @@ from bench.measure import PeakMemory, load_average
 
 IMAGES_PER_NORMAL_PATIENT = 1.21
 IMAGES_PER_COVID_PATIENT = 1.57
-"""Average films per patient of ``covidxray.synthetic`` (measured), to aim at a number of images."""
+"""Average films per patient of ``covidxray.data.synthetic`` (measured), to aim at a number of images."""
 SCALING_PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
 """The precisions the scaling bench can compare (float16 needs a GPU)."""
 
 
 def synthetic_sources(root: Path, n: int, fraction: float, seed: int) -> dict[str, str]:
     """Write synthetic sources of about ``n * fraction`` images (60 % normal) under ``root``; their two folders."""
-    from covidxray.synthetic import make_synthetic_sources
+    from covidxray.data.synthetic import make_synthetic_sources
 
     target = n * fraction
     src = make_synthetic_sources(root, seed=seed,
@@ -52,9 +52,9 @@ def child(spec: dict) -> dict:
 
     ``spec["sources"]`` are the synthetic source folders (written by the parent, not measured); ``precision``
     (default float32) goes to ``TrainConfig.precision``."""
-    from covidxray.build import build_dataset
-    from covidxray.manifest import read_manifest
-    from covidxray.train import TrainConfig, train
+    from covidxray.data.build import build_dataset
+    from covidxray.data.manifest import read_manifest
+    from covidxray.training.train import TrainConfig, train
 
     work = Path(spec["workdir"])
     precision = spec.get("precision", "float32")
@@ -209,8 +209,8 @@ def run_scaling(opts: ScalingOptions, command: str = "python -m bench --scaling"
     from bench.precision import cpu_record
     from bench.run import REPO, _clean
     from bench.seeds import portable
-    from covidxray.model_io import versions
-    from covidxray.precision import BF16_FLAGS
+    from covidxray.runs.load import versions
+    from covidxray.training.compute_dtype import BF16_FLAGS
 
     out = results_folder(opts.out, changed_settings(opts, MEASURED))
     t_start, load_before = time.perf_counter(), load_average()
@@ -279,9 +279,9 @@ def run_scaling(opts: ScalingOptions, command: str = "python -m bench --scaling"
 
 
 def markdown(results: dict) -> str:
-    """``scaling_results.md``: the README's section (see ``covidxray.results_tables.scaling_text``), then every
+    """``scaling_results.md``: the README's section (see ``covidxray.studies.readme_tables.scaling_text``), then every
     figure of every run and the failures."""
-    from covidxray.results_tables import scaling_text
+    from covidxray.studies.readme_tables import scaling_text
 
     models = results["models"]
     lines = ["# Scaling, float32 and bfloat16 (`python -m bench --scaling`)", "", scaling_text(results).rstrip(), "",

@@ -8,7 +8,7 @@ folders go to ``--work`` (git-ignored); the results files the README tables are 
 (``results/``, committed): each reproduction's ``results.json`` (every row with its per-seed metrics, seed 0's
 patient-bootstrap intervals), the cross-design matrix, and ``timing.json`` (wall time per reproduction and in all,
 the CPU model and flags, the versions), and the shortcut probes on the datasets of tables 2 and 3 (README table 4;
-run after the timed job). ``python -m covidxray.results_tables`` then writes the README tables.
+run after the timed job). ``python -m covidxray.studies.readme_tables`` then writes the README tables.
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ from typing import Any
 
 from bench.destination import REPO, changed_settings, results_folder
 from bench.precision import cpu_record
+from covidxray.app.notebook_helpers import resolve_sources
 from covidxray.outputs import write_json
-from covidxray.reproduce import ReproduceConfig, reproduce, reproduce_designs
-from covidxray.workflow import resolve_sources
+from covidxray.studies.reproduce import ReproduceConfig, reproduce, reproduce_designs
 
 
 def run(shared: Path, work: Path, out: Path, *, seeds: int, precision: str, weights: str, epochs: int = 20,
         image_size: int = 224) -> dict:
     """Run both reproductions under ``work``, copy their results files into ``out`` and return the timing record."""
-    from covidxray.model_io import versions
+    from covidxray.runs.load import versions
 
     meta = shared / "ieee8023-metadata" / "metadata-early.csv"
     config = ReproduceConfig(weights=weights, seeds=seeds, precision=precision, epochs=epochs, image_size=image_size)
@@ -87,7 +87,7 @@ def portable(obj: Any, roots: dict[str, str]) -> Any:
 def probes(work: Path) -> None:
     """Both shortcut probes (README table 4) on the datasets of tables 2 and 3, with the defaults that
     ``Create_Data.ipynb`` uses, into ``work/probes/<design>/`` (not part of the timed job)."""
-    from covidxray.probes import run_probes
+    from covidxray.evaluation.shortcut_probes import run_probes
 
     for design in ("original", "adult-normals"):
         run_probes(work / "tables2-3-designs" / design / "dataset", work / "probes" / design, seed=0)

@@ -2,6 +2,6 @@
 
 import sys
 
-from covidxray.cli import main
+from covidxray.app.cli import main
 
 sys.exit(main())

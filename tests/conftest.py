@@ -104,7 +104,7 @@ def presplit(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_sources(tmp_path_factory):
     """The package's embedded synthetic data set in the two real source layouts (generated once)."""
-    from covidxray.synthetic import make_synthetic_sources
+    from covidxray.data.synthetic import make_synthetic_sources
 
     return make_synthetic_sources(tmp_path_factory.mktemp("synthetic"), seed=0)
 
@@ -120,7 +120,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory, synthetic_sources) -> Path:
     """A dataset built from the synthetic sources (once per session)."""
-    from covidxray.build import build_dataset
+    from covidxray.data.build import build_dataset
 
     out = tmp_path_factory.mktemp("tiny") / "dataset"
     build_dataset(out, chest_xray=synthetic_sources.chest_xray, covid_xray=synthetic_sources.covid_xray,
@@ -131,7 +131,7 @@ def tiny_dataset(tmp_path_factory, synthetic_sources) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_dataset) -> Path:
     """A scratch-gap model trained for two epochs on 32 px images: fast, real, and enough for the plumbing."""
-    from covidxray.train import TrainConfig, train
+    from covidxray.training.train import TrainConfig, train
 
     run = tmp_path_factory.mktemp("runs") / "scratch-gap"
     train(TrainConfig(model="scratch-gap", weights="none", epochs=2, image_size=32, batch_size=16, lr=1e-3),

@@ -52,7 +52,7 @@ def args_for(verb: str, out: Path, presplit: Path, tiny_dataset: Path, tiny_run:
 def made(tmp_path_factory, presplit, tiny_dataset, tiny_run, images) -> dict[str, Path]:
     """One real artifact of each kind, each made by its own verb (the run and dataset are copies of the
     session's, records and all)."""
-    from covidxray.cli import main
+    from covidxray.app.cli import main
 
     root = tmp_path_factory.mktemp("artifacts")
     out = {"dataset": root / "dataset", "run": root / "run"}
@@ -116,7 +116,7 @@ def test_a_runs_own_evaluation_nests_and_survives_the_cards_refresh(made, tmp_pa
     eval_files = snapshot(run / "eval-test")
     card = (run / "model.json").read_bytes()
     capsys.readouterr()
-    from covidxray.cli import main
+    from covidxray.app.cli import main
 
     assert main(["evaluate", "--model", str(run), "--data", str(tiny_dataset), "--split", "test",
                  "--n-boot", "20"]) == 0

@@ -12,10 +12,10 @@ from conftest import tree_digest, write_image
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from covidxray.build import BuildConfig, build_dataset
+from covidxray.data.build import BuildConfig, build_dataset
+from covidxray.data.manifest import MANIFEST_COLUMNS, check_frame, read_manifest
+from covidxray.data.split import SPLIT_STRICTNESS, assign_splits, group_ids, near_duplicate_pairs
 from covidxray.errors import DataError
-from covidxray.manifest import MANIFEST_COLUMNS, check_frame, read_manifest
-from covidxray.split import SPLIT_STRICTNESS, assign_splits, group_ids, near_duplicate_pairs
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_failed_build_keeps_the_previous_dataset(tmp_path, synthetic_sources, mo
     build_dataset(out, chest_xray=synthetic_sources.chest_xray, covid_xray=synthetic_sources.covid_xray,
                   progress=False)
     before = tree_digest(out)
-    import covidxray.build as build_module
+    import covidxray.data.build as build_module
 
     def boom(*args, **kwargs):
         raise OSError("disk full")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import tmpfs, write_image
 
-from covidxray.cli import main
+from covidxray.app.cli import main
 from covidxray.outputs import PENDING_NAME, RECORD_NAME, SCRATCH_PREFIX
 
 CASES: list[tuple[str, bool]] = []

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from covidxray.cli import build_parser, main
+from covidxray.app.cli import build_parser, main
 
 VERBS = ["data", "train", "evaluate", "cam", "predict", "probe", "reproduce", "demo", "download"]
 
@@ -80,8 +80,8 @@ def test_evaluate_with_a_missing_model_is_one_line(tmp_path, tiny_dataset, capsy
 
 
 def test_data_with_nih_and_the_adult_normals_design(tmp_path, synthetic_sources, capsys):
-    from covidxray.manifest import read_manifest
-    from covidxray.synthetic import make_synthetic_nih
+    from covidxray.data.manifest import read_manifest
+    from covidxray.data.synthetic import make_synthetic_nih
 
     nih = make_synthetic_nih(tmp_path / "nih", n_patients=30)
     out = tmp_path / "ds"

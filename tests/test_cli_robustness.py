@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import tmpfs, write_image
 
-from covidxray.build import BuildConfig, build_dataset
-from covidxray.cli import build_parser, failure_line, main, os_error_line
+from covidxray.app.cli import build_parser, failure_line, main, os_error_line
+from covidxray.data.build import BuildConfig, build_dataset
 from covidxray.errors import DataError, ModelError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_the_placeholder_scan_finds_a_missing_f_prefix(tmp_path):
 
 
 def test_missing_manifest_message_names_the_folder(tmp_path):
-    from covidxray.manifest import read_manifest
+    from covidxray.data.manifest import read_manifest
 
     with pytest.raises(DataError) as info:
         read_manifest(tmp_path / "ds")
@@ -249,8 +249,8 @@ def test_build_config_validate(changes, fragment, tmp_path):
 
 
 def test_default_configs_are_valid():
-    from covidxray.reproduce import ReproduceConfig
-    from covidxray.train import TrainConfig
+    from covidxray.studies.reproduce import ReproduceConfig
+    from covidxray.training.train import TrainConfig
 
     BuildConfig().validate()
     TrainConfig().validate()
@@ -270,7 +270,7 @@ def test_default_configs_are_valid():
     ({"zoom": -0.1}, "zoom is -0.1"),
 ])
 def test_train_config_validate(changes, fragment, tmp_path):
-    from covidxray.train import TrainConfig, train
+    from covidxray.training.train import TrainConfig, train
 
     config = TrainConfig(model="scratch", **changes)
     with pytest.raises(ModelError) as info:
@@ -292,7 +292,7 @@ def test_train_config_validate(changes, fragment, tmp_path):
     ({"models": ("resnet",)}, "unknown model 'resnet'"),
 ])
 def test_reproduce_config_validate(changes, fragment, tmp_path):
-    from covidxray.reproduce import ReproduceConfig, reproduce, reproduce_designs
+    from covidxray.studies.reproduce import ReproduceConfig, reproduce, reproduce_designs
 
     config = ReproduceConfig(**changes)
     with pytest.raises(ModelError) as info:

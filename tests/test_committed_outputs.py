@@ -14,10 +14,10 @@ import nbformat
 import pytest
 from conftest import fresh_clone, tree_digest
 
+from covidxray.app.notebook_helpers import heatmap_folder
+from covidxray.app.render_notebooks import NOTEBOOKS, RenderError, render
 from covidxray.errors import DataError
-from covidxray.notebooks import NOTEBOOKS, RenderError, render
 from covidxray.paths import SYNTHETIC_CAM_DIR
-from covidxray.workflow import heatmap_folder
 
 CAM_DIR = "Class_Activation_Images"
 
@@ -52,7 +52,8 @@ def _tiny_repository(clone: Path, cam_code: str) -> None:
 def test_render_with_a_missing_shared_folder_is_one_line_before_any_work(tmp_path):
     clone = fresh_clone(tmp_path / "clone")
     before = tree_digest(clone)
-    proc = subprocess.run([sys.executable, "-m", "covidxray.notebooks", "--shared", "/nonexistent"], cwd=clone,
+    proc = subprocess.run([sys.executable, "-m", "covidxray.app.render_notebooks", "--shared", "/nonexistent"],
+                          cwd=clone,
                           env=_env(clone), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from covidxray.build import BuildConfig, build_dataset
-from covidxray.designs import RULES, apply_design, confounders, format_design
+from covidxray.data.build import BuildConfig, build_dataset
+from covidxray.data.designs import RULES, apply_design, confounders, format_design
+from covidxray.data.manifest import read_manifest
+from covidxray.data.sources import SourceImage
+from covidxray.data.synthetic import make_synthetic_labeled, make_synthetic_nih, make_synthetic_sources
 from covidxray.errors import DataError
-from covidxray.manifest import read_manifest
-from covidxray.reproduce import ReproduceConfig, reproduce_designs, unseen_test_split
-from covidxray.sources import SourceImage
-from covidxray.synthetic import make_synthetic_labeled, make_synthetic_nih, make_synthetic_sources
+from covidxray.studies.reproduce import ReproduceConfig, reproduce_designs, unseen_test_split
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_unseen_test_leaves_out_what_the_model_saw(tmp_path, synthetic_sources):
 
 @pytest.mark.shared
 def test_shared_data_adult_normals(tmp_path, shared_data):
-    from covidxray.relayout import presplit_as_sources
+    from covidxray.data.presplit_layout import presplit_as_sources
 
     chest, covid = presplit_as_sources(shared_data / "seed-dataset",
                                        shared_data / "ieee8023-metadata" / "metadata-early.csv", tmp_path / "src")

@@ -27,11 +27,11 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from covidxray.build import build_dataset
+from covidxray.data.build import build_dataset
+from covidxray.data.images import IMAGE_EXTENSIONS, check_image, dicom_tags, open_grayscale
+from covidxray.data.manifest import read_manifest
+from covidxray.data.sources import parse_age, read_generic
 from covidxray.errors import ImageError
-from covidxray.images import IMAGE_EXTENSIONS, check_image, dicom_tags, open_grayscale
-from covidxray.manifest import read_manifest
-from covidxray.sources import parse_age, read_generic
 
 SIZE = (40, 48)
 """Rows, columns of the test images."""
@@ -330,7 +330,7 @@ def test_build_from_dicom_folder(tmp_path):
 @pytest.fixture(scope="module")
 def model_run(tmp_path_factory) -> Path:
     """An untrained scratch-gap model at 32 px: loading and predicting is all these tests need."""
-    from covidxray.models import build_model
+    from covidxray.training.models import build_model
 
     run = tmp_path_factory.mktemp("model") / "run"
     run.mkdir()
@@ -339,8 +339,8 @@ def model_run(tmp_path_factory) -> Path:
 
 
 def test_evaluate_and_cam_on_a_dicom_folder(tmp_path, model_run):
-    from covidxray.cams import render_model_cams
-    from covidxray.evaluate import SKIPPED_FILE, evaluate_model
+    from covidxray.evaluation.evaluate import SKIPPED_FILE, evaluate_model
+    from covidxray.explain.render import render_model_cams
 
     data = dicom_folder(tmp_path / "ext", per_class=3)
     truncated = data / "normal" / "cut.dcm"
@@ -399,7 +399,7 @@ def test_mutated_dicom_gives_image_error_only(kind, data):
 
 
 def test_predict_reads_dicom_as_every_reader_does(tmp_path, model_run):
-    from covidxray.predict import predict
+    from covidxray.runs.predict import predict
 
     folder = tmp_path / "scans"
     for i, (bits, photometric) in enumerate([(16, "MONOCHROME2"), (12, "MONOCHROME1"), (8, "MONOCHROME2")]):

@@ -1,4 +1,5 @@
-"""Where training runs (covidxray.distribute) and covidxray's one training loop (covidxray.train_loop): the loop
+"""Where training runs (covidxray.training.distribute) and covidxray's one training loop (covidxray.training.loop):
+the loop
 against Keras' ``fit`` on one device, and multi-worker training with two real worker processes on this machine,
 compared with one process that trains the same global batches."""
 
@@ -20,10 +21,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from covidxray.cli import main
-from covidxray.distribute import TF_CONFIG_VAR, choose_distribution, make_strategy, parse_cluster, wait_for_peers
+from covidxray.app.cli import main
 from covidxray.errors import ClusterError, ModelError
-from covidxray.train import TrainConfig
+from covidxray.training.distribute import (
+    TF_CONFIG_VAR,
+    choose_distribution,
+    make_strategy,
+    parse_cluster,
+    wait_for_peers,
+)
+from covidxray.training.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--model", "scratch", "--image-size", "32", "--batch-size", "8", "--lr", "1e-3", "--patience", "0",
@@ -37,7 +44,7 @@ import sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from covidxray.cli import main
+from covidxray.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 """One process whose CPU is split into two logical devices, so ``--distribute mirrored`` has two replicas."""
@@ -159,7 +166,7 @@ def test_one_device_trains_the_vgg16_tail_on_cached_features_and_resumes(data, t
     and a resumed run rebuilds the frozen part, restores the tail and its optimizer, and trains on."""
     import keras
 
-    from covidxray.train import train
+    from covidxray.training.train import train
 
     monkeypatch.delenv(TF_CONFIG_VAR, raising=False)
     cfg = TrainConfig(model="vgg16", weights="none", image_size=32, batch_size=8, epochs=1, lr=1e-3, patience=0,
@@ -182,7 +189,7 @@ def test_one_device_trains_the_vgg16_tail_on_cached_features_and_resumes(data, t
 def test_one_device_resumes_from_the_checkpoint(data, tmp_path, monkeypatch):
     """A resumed run restores the checkpoint's weights and optimizer state and writes the run folder's files
     (the path a multi-worker resume takes, with no other worker)."""
-    from covidxray.train import train
+    from covidxray.training.train import train
 
     monkeypatch.delenv(TF_CONFIG_VAR, raising=False)
     cfg = TrainConfig(model="scratch", image_size=32, batch_size=8, epochs=1, lr=1e-3, patience=0, distribute="one")
@@ -205,10 +212,10 @@ def test_the_loop_trains_what_keras_fit_trains_on_one_device(data, augment):
     import keras
     import tensorflow as tf
 
-    from covidxray.manifest import read_manifest, split_frame
-    from covidxray.models import build_model, compile_model
-    from covidxray.pipeline import make_dataset
-    from covidxray.train_loop import CustomLoop
+    from covidxray.data.manifest import read_manifest, split_frame
+    from covidxray.training.loop import CustomLoop
+    from covidxray.training.models import build_model, compile_model
+    from covidxray.training.pipeline import make_dataset
 
     cfg = TrainConfig(model="scratch", image_size=32, batch_size=8, lr=1e-3, augment=augment)
     frame = read_manifest(data)
@@ -378,10 +385,10 @@ def test_the_loop_shows_its_progress_on_stderr_only(data, capsys):
     """The progress bar (for a terminal) and the per-epoch line go to stderr: stdout carries the commands' results."""
     import tensorflow as tf
 
-    from covidxray.manifest import read_manifest, split_frame
-    from covidxray.models import build_model, compile_model
-    from covidxray.pipeline import make_dataset
-    from covidxray.train_loop import CustomLoop
+    from covidxray.data.manifest import read_manifest, split_frame
+    from covidxray.training.loop import CustomLoop
+    from covidxray.training.models import build_model, compile_model
+    from covidxray.training.pipeline import make_dataset
 
     frame = read_manifest(data)
     train_ds = make_dataset(split_frame(frame, "train"), image_size=32, batch_size=8, training=True, seed=0)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from covidxray import download
-from covidxray.build import build_dataset
-from covidxray.download import (
+from covidxray.data import download
+from covidxray.data.build import build_dataset
+from covidxray.data.download import (
     DEFAULT_IEEE8023_URL,
     IEEE8023_COMMIT,
     download_file,
@@ -33,8 +33,8 @@ from covidxray.download import (
     kermany_manual_steps,
     read_download_record,
 )
+from covidxray.data.manifest import dataset_summary
 from covidxray.errors import DataError
-from covidxray.manifest import dataset_summary
 from covidxray.outputs import RECORD_NAME
 
 

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 from conftest import tree_digest
 
-from covidxray.cams import checks_table, render_model_cams
+from covidxray.data.manifest import read_manifest
 from covidxray.errors import DataError
-from covidxray.evaluate import evaluate_model
-from covidxray.manifest import read_manifest
-from covidxray.reproduce import ReproduceConfig, reproduce
+from covidxray.evaluation.evaluate import evaluate_model
+from covidxray.explain.render import checks_table, render_model_cams
+from covidxray.studies.reproduce import ReproduceConfig, reproduce
 
 
 def test_evaluate_on_the_test_split_writes_every_file(tiny_run, tiny_dataset, tmp_path):

@@ -11,7 +11,16 @@ import pytest
 import tensorflow as tf
 
 from covidxray.errors import DataError, ModelError
-from covidxray.explain import (
+from covidxray.explain.checks import (
+    SHORTCUT_WARNING,
+    attention_distribution,
+    checks_filename,
+    randomization_check,
+    randomized_copy,
+    region_masks,
+    write_checks,
+)
+from covidxray.explain.maps import (
     cam_filename,
     class_activation_maps,
     find_target_layer,
@@ -24,15 +33,6 @@ from covidxray.explain import (
     resolve_method,
     select_examples,
     summary_grid,
-)
-from covidxray.explain_checks import (
-    SHORTCUT_WARNING,
-    attention_distribution,
-    checks_filename,
-    randomization_check,
-    randomized_copy,
-    region_masks,
-    write_checks,
 )
 
 SIZE = 16

@@ -12,8 +12,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from covidxray.data.manifest import read_manifest, split_frame
 from covidxray.errors import ModelError
-from covidxray.features import (
+from covidxray.runs.load import load_run, predict_proba
+from covidxray.training.feature_cache import (
     FeatureBatches,
     FeatureStore,
     can_cache,
@@ -23,11 +25,9 @@ from covidxray.features import (
     predict_cached,
     tail_part,
 )
-from covidxray.manifest import read_manifest, split_frame
-from covidxray.model_io import load_run, predict_proba
-from covidxray.models import build_model, set_trainable_from
-from covidxray.pipeline import AugmentConfig, load_images
-from covidxray.train import TrainConfig, train
+from covidxray.training.models import build_model, set_trainable_from
+from covidxray.training.pipeline import AugmentConfig, load_images
+from covidxray.training.train import TrainConfig, train
 
 SIZE = 32
 

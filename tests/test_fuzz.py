@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from covidxray.data.images import CheckedImage, check_image
+from covidxray.data.sources.ieee8023 import REQUIRED_COLUMNS, read_metadata
 from covidxray.errors import DataError, ImageError
-from covidxray.images import CheckedImage, check_image
-from covidxray.sources.ieee8023 import REQUIRED_COLUMNS, read_metadata
 
 FUZZ = settings(max_examples=int(os.environ.get("COVIDXRAY_FUZZ_EXAMPLES", "150")), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from conftest import write_image
 
-from covidxray.build import build_dataset
+from covidxray.data.build import build_dataset
+from covidxray.data.manifest import read_manifest
+from covidxray.data.sources import read_generic
 from covidxray.errors import DataError
-from covidxray.manifest import read_manifest
-from covidxray.sources import read_generic
 
 
 @pytest.fixture()

@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidxray.cams import pick_images, render_model_cams, restore_aspect, side_by_side
-from covidxray.explain import heatmaps, model_scale, normalise_maps, scale_label, scale_maps
-from covidxray.explain_checks import OFF_ANATOMY_WARNING, off_anatomy, randomization_check, separation
-from covidxray.models import build_model, compile_model
-from covidxray.synthetic import chest_image
+from covidxray.data.synthetic import chest_image
+from covidxray.explain.checks import OFF_ANATOMY_WARNING, off_anatomy, randomization_check, separation
+from covidxray.explain.maps import heatmaps, model_scale, normalise_maps, scale_label, scale_maps
+from covidxray.explain.render import pick_images, render_model_cams, restore_aspect, side_by_side
+from covidxray.training.models import build_model, compile_model
 
 SIZE = 48
 

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidxray.explain_checks import OFF_ANATOMY_WARNING, off_anatomy, off_anatomy_shares
-from covidxray.image_regions import body_mask, flat_mask, marker_mask, mass_shares, region_masks
+from covidxray.explain.checks import OFF_ANATOMY_WARNING, off_anatomy, off_anatomy_shares
+from covidxray.explain.regions import body_mask, flat_mask, marker_mask, mass_shares, region_masks
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -9,8 +9,8 @@ import pytest
 from conftest import write_image
 from PIL import Image
 
+from covidxray.data.images import check_image, is_junk, open_grayscale
 from covidxray.errors import ImageError
-from covidxray.images import check_image, is_junk, open_grayscale
 
 
 @pytest.mark.parametrize("mode, fmt, ext, kept", [

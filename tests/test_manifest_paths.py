@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from conftest import write_image
 
-from covidxray.cli import main
+from covidxray.app.cli import main
+from covidxray.data.labeled_sets import read_labeled
+from covidxray.data.manifest import read_manifest
 from covidxray.errors import DataError
-from covidxray.labeled import read_labeled
-from covidxray.manifest import read_manifest
 
 
 @pytest.fixture

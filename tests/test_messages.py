@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from conftest import write_image
 
-from covidxray.cli import build_parser, main
+from covidxray.app.cli import build_parser, main
+from covidxray.data.sources.ieee8023 import read_ieee8023, read_metadata
 from covidxray.errors import DataError
-from covidxray.sources.ieee8023 import read_ieee8023, read_metadata
 
 SIZE = 32
 

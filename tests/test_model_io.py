@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from conftest import write_image
 
-from covidxray.cli import main
+from covidxray.app.cli import main
 from covidxray.errors import ModelError
-from covidxray.model_io import check_model_contract, load_run, predict_proba
-from covidxray.models import MODEL_NAMES, build_model
 from covidxray.outputs import file_sha256
+from covidxray.runs.load import check_model_contract, load_run, predict_proba
+from covidxray.training.models import MODEL_NAMES, build_model
 
 SIZE = 32
 

@@ -9,11 +9,16 @@ import keras
 import numpy as np
 import pytest
 
-from covidxray import backbones
-from covidxray.backbones import VGG16_CONV_LAYERS, VGG16_NOTOP_NAME, VGG16_NOTOP_URL, load_vgg16_backbone_weights
 from covidxray.errors import ModelError
-from covidxray.model_io import predict_proba
-from covidxray.models import MODEL_NAMES, build_model, compile_model, set_trainable_from
+from covidxray.runs.load import predict_proba
+from covidxray.training import backbones
+from covidxray.training.backbones import (
+    VGG16_CONV_LAYERS,
+    VGG16_NOTOP_NAME,
+    VGG16_NOTOP_URL,
+    load_vgg16_backbone_weights,
+)
+from covidxray.training.models import MODEL_NAMES, build_model, compile_model, set_trainable_from
 
 SIZE = 32
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from covidxray.data.sources import parse_age, read_nih
+from covidxray.data.sources.nih import nih_patient_id
+from covidxray.data.synthetic import NIH_HEADER, make_synthetic_nih
 from covidxray.errors import DataError
-from covidxray.sources import parse_age, read_nih
-from covidxray.sources.nih import nih_patient_id
-from covidxray.synthetic import NIH_HEADER, make_synthetic_nih
 
 N_PATIENTS = 15
 

@@ -11,8 +11,7 @@ import nbformat
 import pytest
 from conftest import REPO, fresh_clone, tree_digest
 
-from covidxray.errors import DataError
-from covidxray.notebooks import (
+from covidxray.app.render_notebooks import (
     INJECTED_TAG,
     NOTE_TAG,
     NOTEBOOKS,
@@ -25,6 +24,7 @@ from covidxray.notebooks import (
     shared_parameters,
     strip_render_noise,
 )
+from covidxray.errors import DataError
 from covidxray.outputs import RECORD_NAME, claim_output, foreign_entries
 from covidxray.paths import SYNTHETIC_CAM_DIR
 
@@ -174,7 +174,7 @@ def test_render_refuses_foreign_heatmaps_and_a_missing_dataset(tmp_path):
 
 @pytest.mark.slow
 def test_notebooks_run_top_to_bottom_on_synthetic_data(tmp_path):
-    from covidxray.synthetic import make_synthetic_nih
+    from covidxray.data.synthetic import make_synthetic_nih
 
     nih = make_synthetic_nih(tmp_path / "nih", n_patients=30)
     params = {
@@ -229,7 +229,7 @@ def test_committed_notebooks_run_as_they_are_in_a_fresh_clone(tmp_path, monkeypa
     assert "### original design" in texts["Create_Data.ipynb"]
     for name in ("Train_Scratch_CNN.ipynb", "Train_VGG16.ipynb"):
         assert "**SYNTHETIC** data: training 5 epochs at 64 px" in texts[name]
-    assert "[covidxray.train] epoch 5/5 - " in texts["Train_Scratch_CNN.ipynb"]  # one progress line per epoch
+    assert "[covidxray.training.train] epoch 5/5 - " in texts["Train_Scratch_CNN.ipynb"]  # one progress line per epoch
     assert (clone / "runs" / "scratch" / "model.keras").is_file()
     assert (clone / "runs" / "scratch-gap" / "model.keras").is_file()
     if not (clone / "runs" / "vgg16" / "model.keras").is_file():  # offline: no ImageNet weights

@@ -13,7 +13,7 @@ import tensorflow as tf
 from PIL import Image
 
 from covidxray.errors import DataError, ImageError
-from covidxray.pipeline import AugmentConfig, load_images, make_dataset
+from covidxray.training.pipeline import AugmentConfig, load_images, make_dataset
 
 SIZE = 32
 

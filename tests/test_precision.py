@@ -11,14 +11,11 @@ import keras
 import numpy as np
 import pytest
 
+from covidxray.data.manifest import read_manifest, split_frame
 from covidxray.errors import ModelError
-from covidxray.explain import heatmaps
-from covidxray.features import extract_features, frozen_part
-from covidxray.manifest import read_manifest, split_frame
-from covidxray.model_io import load_run, predict_dataframe, predict_proba
-from covidxray.models import build_model
-from covidxray.pipeline import load_images
-from covidxray.precision import (
+from covidxray.explain.maps import heatmaps
+from covidxray.runs.load import load_run, predict_dataframe, predict_proba
+from covidxray.training.compute_dtype import (
     FLOAT32_LAYERS,
     choose_precision,
     cpu_has_bf16,
@@ -29,7 +26,10 @@ from covidxray.precision import (
     read_cpuinfo,
     with_precision,
 )
-from covidxray.train import TrainConfig, train
+from covidxray.training.feature_cache import extract_features, frozen_part
+from covidxray.training.models import build_model
+from covidxray.training.pipeline import load_images
+from covidxray.training.train import TrainConfig, train
 
 SIZE = 32
 EPYC = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\n"

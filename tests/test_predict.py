@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 from conftest import tree_digest, write_image
 
-from covidxray.cli import main
+from covidxray.app.cli import main
 from covidxray.errors import DataError, ModelError
-from covidxray.evaluate import evaluate_model
-from covidxray.model_io import load_run
+from covidxray.evaluation.evaluate import evaluate_model
 from covidxray.outputs import RECORD_NAME, file_sha256, foreign_entries
-from covidxray.predict import predict
+from covidxray.runs.load import load_run
+from covidxray.runs.predict import predict
 
 
 @pytest.fixture

@@ -12,12 +12,11 @@ import pytest
 from conftest import tree_digest
 from PIL import Image
 
-import covidxray.probes as probes_module
-from covidxray import metrics
+import covidxray.evaluation.shortcut_probes as probes_module
+from covidxray.data.manifest import MANIFEST_COLUMNS, read_manifest
 from covidxray.errors import DataError
-from covidxray.manifest import MANIFEST_COLUMNS, read_manifest
-from covidxray.outputs import RECORD_NAME
-from covidxray.probes import (
+from covidxray.evaluation import metrics
+from covidxray.evaluation.shortcut_probes import (
     PROBES_JSON,
     PROBES_MD,
     chance_level,
@@ -26,6 +25,7 @@ from covidxray.probes import (
     run_probes,
     stats_probe,
 )
+from covidxray.outputs import RECORD_NAME
 
 SPLIT_SIZES = {"train": 100, "val": 20, "test": 30}
 """Images per class and split."""

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from conftest import write_image
 
-from covidxray.build import build_dataset
+from covidxray.data.build import build_dataset
+from covidxray.data.labeled_sets import read_labeled
+from covidxray.data.sources import read_generic, read_ieee8023, read_kermany, read_nih, read_presplit
+from covidxray.data.sources.base import outside_reason, parse_age, parse_label
 from covidxray.errors import DataError
-from covidxray.labeled import read_labeled
-from covidxray.sources import read_generic, read_ieee8023, read_kermany, read_nih, read_presplit
-from covidxray.sources.base import outside_reason, parse_age, parse_label
 
 LEAVES = "path leaves the source folder"
 

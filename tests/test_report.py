@@ -12,12 +12,10 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
+from covidxray.data.labeled_sets import COLUMNS, load_labeled
+from covidxray.data.manifest import MANIFEST_COLUMNS, MANIFEST_NAME
 from covidxray.errors import DataError
-from covidxray.labeled import COLUMNS, load_labeled
-from covidxray.manifest import MANIFEST_COLUMNS, MANIFEST_NAME
-from covidxray.metrics import seed_summary, summarize
-from covidxray.outputs import write_json, write_text
-from covidxray.report import (
+from covidxray.evaluation.figures import (
     plot_confusion,
     plot_distributions,
     plot_history,
@@ -26,6 +24,8 @@ from covidxray.report import (
     plot_sample_grid,
     results_table,
 )
+from covidxray.evaluation.metrics import seed_summary, summarize
+from covidxray.outputs import write_json, write_text
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

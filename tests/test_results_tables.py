@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO
 
 from covidxray.errors import DataError
-from covidxray.results_tables import (
+from covidxray.studies.readme_tables import (
     FILES,
     check_readme,
     load_results,
@@ -34,7 +34,7 @@ RESULTS = REPO / "results"
 
 def test_readme_tables_agree_with_the_results_files():
     assert check_readme(REPO / "README.md", RESULTS) == [], (
-        "README results sections differ from results/: run `python -m covidxray.results_tables`")
+        "README results sections differ from results/: run `python -m covidxray.studies.readme_tables`")
 
 
 def test_results_files_hold_five_seeds_per_cnn_and_no_machine_path():
@@ -189,7 +189,7 @@ def test_a_damaged_results_file_is_named_with_its_field_and_the_readme_is_left_a
     readme = tmp_path / "README.md"
     _damage(results / FILES[name], change)
     before = hashlib.sha256(readme.read_bytes()).hexdigest()
-    proc = subprocess.run([sys.executable, "-m", "covidxray.results_tables", "--readme", str(readme)],
+    proc = subprocess.run([sys.executable, "-m", "covidxray.studies.readme_tables", "--readme", str(readme)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -24,12 +24,12 @@ import pytest
 from conftest import tree_digest, write_image
 from PIL import Image
 
-from covidxray.build import BuildConfig, build_dataset
-from covidxray.cams import render_model_cams, skipped_filename
+from covidxray.data.build import BuildConfig, build_dataset
+from covidxray.data.manifest import read_manifest
 from covidxray.errors import CovidXrayError, DataError, ImageError, ModelError
-from covidxray.evaluate import SKIPPED_FILE, evaluate_model
-from covidxray.explain import safe_name
-from covidxray.manifest import read_manifest
+from covidxray.evaluation.evaluate import SKIPPED_FILE, evaluate_model
+from covidxray.explain.maps import safe_name
+from covidxray.explain.render import render_model_cams, skipped_filename
 
 IMAGE_SIZE = 32
 
@@ -71,7 +71,7 @@ def big_png() -> bytes:
 @pytest.fixture(scope="session")
 def model_run(tmp_path_factory) -> Path:
     """A run folder holding an untrained scratch-gap model at 32 px: loading and predicting is all these need."""
-    from covidxray.models import build_model
+    from covidxray.training.models import build_model
 
     run = tmp_path_factory.mktemp("model") / "run"
     run.mkdir()
@@ -203,7 +203,7 @@ def _build(source: Path, out: Path) -> dict:
 
 def _pipeline_reads_everything(dataset: Path) -> None:
     """The training input pipeline decodes every file the build wrote (no TensorFlow decode error)."""
-    from covidxray.pipeline import make_dataset
+    from covidxray.training.pipeline import make_dataset
 
     df = read_manifest(dataset)
     ds = make_dataset(df, image_size=IMAGE_SIZE, batch_size=16, training=False, cache=None)
@@ -329,7 +329,7 @@ def test_one_class_train_split_is_refused_by_training(tmp_path):
     """A manifest edited (or built elsewhere) so that train holds one class: training refuses it by name."""
     import pandas as pd
 
-    from covidxray.train import TrainConfig, train
+    from covidxray.training.train import TrainConfig, train
 
     source = presplit_source(tmp_path / "src")
     _build(source, tmp_path / "dataset")
@@ -556,7 +556,7 @@ def test_output_folder_on_a_read_only_path(tmp_path, model_run, read_only_dir, s
         elif stage == "cam":
             render_model_cams(model_run, data, out_dir=out)
         else:
-            from covidxray.probes import run_probes
+            from covidxray.evaluation.shortcut_probes import run_probes
 
             _build(source, tmp_path / "dataset")
             before = tree_digest(tmp_path)
@@ -568,7 +568,7 @@ def test_output_folder_on_a_read_only_path(tmp_path, model_run, read_only_dir, s
 
 
 def test_file_damaged_after_the_build_is_named_by_training_and_evaluation(tmp_path, model_run):
-    from covidxray.train import TrainConfig, train
+    from covidxray.training.train import TrainConfig, train
 
     source = presplit_source(tmp_path / "src")
     _build(source, tmp_path / "dataset")
@@ -589,7 +589,7 @@ def test_file_damaged_after_the_build_is_named_by_training_and_evaluation(tmp_pa
 
 
 def test_external_csv_reports_sources_and_the_change_against_the_internal_test(tmp_path, model_run):
-    from covidxray.metrics import METRIC_NAMES
+    from covidxray.evaluation.metrics import METRIC_NAMES
 
     dataset = tmp_path / "dataset"
     _build(presplit_source(tmp_path / "src"), dataset)

@@ -15,7 +15,7 @@ if str(REPO) not in sys.path:
 from conftest import run_quick_bench  # noqa: E402
 
 from bench.scaling import main, time_ratios  # noqa: E402
-from covidxray.results_tables import load_scaling, scaling_text  # noqa: E402
+from covidxray.studies.readme_tables import load_scaling, scaling_text  # noqa: E402
 
 STAGE_FIELDS = ("seconds", "peak_rss_mb", "start_rss_mb", "memory_cache_mb", "peak_minus_cache_mb", "epoch_seconds",
                 "precision_used")
@@ -72,7 +72,7 @@ def test_the_section_without_bfloat16_has_no_ratio_column_and_shows_the_note() -
 def test_without_results_the_section_says_what_to_run(tmp_path: Path) -> None:
     assert load_scaling(tmp_path / "scaling_results.json") is None
     text = scaling_text(None)
-    assert "not found" in text and "`make scaling`" in text and "python -m covidxray.results_tables" in text
+    assert "not found" in text and "`make scaling`" in text and "python -m covidxray.studies.readme_tables" in text
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -7,9 +7,9 @@ import shutil
 import pytest
 from conftest import write_image
 
+from covidxray.data.sources import kermany_patient_id, read_ieee8023, read_kermany, read_presplit
+from covidxray.data.sources.ieee8023 import finding_matches, read_metadata
 from covidxray.errors import DataError
-from covidxray.sources import kermany_patient_id, read_ieee8023, read_kermany, read_presplit
-from covidxray.sources.ieee8023 import finding_matches, read_metadata
 
 EARLY_HEADER = (
     "patientid,offset,sex,age,finding,survival,intubated,intubation_present,went_icu,in_icu,"

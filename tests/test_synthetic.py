@@ -13,8 +13,7 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
-from covidxray.errors import DataError
-from covidxray.synthetic import (
+from covidxray.data.synthetic import (
     EARLY_COLUMNS,
     LATEST_COLUMNS,
     MARKER_NAME,
@@ -24,6 +23,7 @@ from covidxray.synthetic import (
     make_synthetic_presplit,
     make_synthetic_sources,
 )
+from covidxray.errors import DataError
 
 NORMAL_NAME = re.compile(r"^(NORMAL2-)?IM-\d{4}-\d{4}\.jpeg$")
 PNEUMONIA_NAME = re.compile(r"^person\d+_(bacteria|virus)_\d+\.jpeg$")

@@ -6,11 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from covidxray.backbones import resolve_vgg16_weights
-from covidxray.errors import ModelError
-from covidxray.report import age_unknown_note, plot_distributions
-from covidxray.train import TrainConfig
-from covidxray.workflow import (
+from covidxray.app.notebook_helpers import (
     WEIGHTS_FIX,
     ensure_dataset,
     is_synthetic_dataset,
@@ -22,6 +18,10 @@ from covidxray.workflow import (
     trained_runs,
     training_settings,
 )
+from covidxray.errors import ModelError
+from covidxray.evaluation.figures import age_unknown_note, plot_distributions
+from covidxray.training.backbones import resolve_vgg16_weights
+from covidxray.training.train import TrainConfig
 
 
 def test_auto_sources_say_synthetic_in_so_many_words(tmp_path):

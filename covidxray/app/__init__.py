@@ -1,0 +1,1 @@
+"""Entry points: the command line, the demo, notebook helpers and the notebook renderer."""

@@ -1,0 +1,1 @@
+"""Sources as downloaded -> checked images -> patient-grouped split -> a dataset folder."""

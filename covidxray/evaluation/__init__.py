@@ -1,0 +1,1 @@
+"""Predictions -> metrics with uncertainty, the baseline, shortcut probes and figures."""

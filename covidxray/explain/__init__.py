@@ -1,0 +1,1 @@
+"""Heatmaps (CAM, Grad-CAM) and the checks of where they look."""

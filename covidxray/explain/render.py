@@ -1,0 +1,256 @@
+"""``covidxray cam``: heatmaps of one trained model over a labeled image set, with the two sanity checks.
+
+Loads the run, picks the images (default: the test split; with a limit, a sample stratified by outcome TP/TN/FP/FN
+and source, so the summary grid's cells fill), predicts, computes the maps once, and writes the overlays, the
+summary grid and ``<model>__checks.json`` into ``Class_Activation_Images/``. Overlays and grid share one colour
+scale per model (raw maps / the 99th percentile of the set's map values, clipped at 1; see
+:func:`covidxray.explain.maps.model_scale`); the checks use the maps normalised per image. A rerun replaces all of that
+model's files (and only those). External images that cannot be used are skipped and listed in
+``<model>__skipped.csv``; the files are written to a temporary folder and moved into place only when all of
+them are done.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from covidxray import paths
+from covidxray.data.images import DEFAULT_MAX_PIXELS
+from covidxray.data.labeled_sets import decodable, read_labeled
+from covidxray.data.manifest import input_provenance
+from covidxray.evaluation.evaluate import write_skipped
+from covidxray.explain.checks import write_checks
+from covidxray.explain.maps import (
+    OUTCOMES,
+    heatmaps,
+    model_scale,
+    normalise_maps,
+    render_cams,
+    resolve_method,
+    safe_name,
+    scale_label,
+    scale_maps,
+    select_examples,
+)
+from covidxray.explain.regions import REGIONS
+from covidxray.outputs import data_provenance, provenance, staged_output
+
+
+def pick_images(
+    df: pd.DataFrame, limit: int | None, seed: int = 0, *, probs: object | None = None, threshold: float = 0.5
+) -> pd.DataFrame:
+    """At most ``limit`` rows chosen with a fixed seed (all rows when None), stratified so every kind shows.
+
+    With ``probs`` (p(covid) per row) the strata are the outcomes TP, TN, FP, FN, taken in turn, and within an
+    outcome the sources (column "source" when present), taken in turn; without, the classes (column "y").
+    Rows are drawn at random (``seed``) within a stratum; a stratum that runs out leaves its turn to the others.
+    """
+    if limit is None or len(df) <= limit:
+        return df.reset_index(drop=True)
+    df = df.reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    if probs is not None:
+        groups = select_examples(df, probs, threshold, per_cell=len(df))
+        outer = [groups[o] for o in OUTCOMES if groups[o]]
+    else:
+        outer = [list(g.index) for _, g in df.groupby("y", sort=True)]
+    sources = df["source"].astype(str) if "source" in df.columns else pd.Series([""] * len(df))
+    queues = []
+    for rows in outer:
+        by_source = [[i for i in rows if sources[i] == s] for s in sorted(set(sources[rows]))]
+        queues.append(_interleave([list(rng.permutation(r)) for r in by_source]))
+    chosen = _interleave(queues)[:limit]
+    return df.loc[sorted(chosen)].reset_index(drop=True)
+
+
+def _interleave(queues: list[list[int]]) -> list[int]:
+    """One from each queue in turn until all are empty."""
+    out, depth = [], max((len(q) for q in queues), default=0)
+    for k in range(depth):
+        out.extend(int(q[k]) for q in queues if k < len(q))
+    return out
+
+
+def render_model_cams(
+    model_path: str | Path,
+    data: str | Path = paths.DATASET_DIR,
+    *,
+    split: str | None = "test",
+    out_dir: str | Path | None = None,
+    method: str = "auto",
+    layer: str | None = None,
+    limit: int | None = None,
+    name: str | None = None,
+    seed: int = 0,
+    precision: str = "float32",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict[str, Any]:
+    """Write overlays, grid and checks for one model; return the checks, the files and the files skipped.
+    External images over ``max_pixels`` pixels are skipped.
+
+    ``precision`` is the compute precision of the model (see covidxray.training.compute_dtype; default float32).
+    ``out_dir``
+    defaults to :func:`heatmap_out` (``Class_Activation_Images/``, or a folder under ``runs/`` for synthetic data).
+    """
+    from covidxray.runs.load import load_run, predict_dataframe, predict_proba
+    from covidxray.training.pipeline import load_images
+
+    model, meta = load_run(model_path, precision=precision)
+    image_size = meta["image_size"]
+    config = meta.get("config", {})
+    name = name or config.get("model") or Path(model_path).stem
+    method, layer = resolve_method(model, method, layer)
+    labeled = read_labeled(data, split=split, max_pixels=max_pixels)
+    threshold = float(meta.get("threshold", 0.5))
+    prefix = f"{safe_name(name, 'model', 60)}__"
+    out_dir = heatmap_out(data, out_dir)
+    used = input_provenance(data)
+    prov = provenance(fingerprint=used["fingerprint"], synthetic=used["synthetic"], source=used["source"],
+                      model=data_provenance(meta["run_dir"], "run"))
+    with staged_output(out_dir, "cam", sources=[data], prefix=prefix, data=prov) as tmp, \
+            decodable(labeled) as usable:
+        frame = usable.frame
+        all_probs = predict_dataframe(model, frame, image_size)
+        df = pick_images(frame, limit, seed, probs=all_probs, threshold=threshold)
+        images = load_images(df["filepath"].tolist(), image_size)
+        probs = predict_proba(model, images)
+        raw = heatmaps(model, images, method=method, layer=layer, normalise=False)
+        scale = model_scale(raw)
+        files = render_cams(model, images, df, tmp, model_name=name, threshold=threshold, method=method,
+                            probs=probs, layer=layer, maps=scale_maps(raw, scale), label=scale_label(scale),
+                            synthetic=prov["synthetic"])
+        checks = write_checks(model, images, tmp, model_name=name, df=df, maps=normalise_maps(raw), method=method,
+                              layer=layer, seed=seed, probs=probs, split_labels=frame["label"].tolist(),
+                              split_probs=all_probs)
+        write_skipped(usable.skipped, tmp / skipped_filename(name))
+    return {"model": name, "method": method, "layer": layer, "images": len(df), "threshold": threshold,
+            "mean_probability": float(np.mean(probs)) if len(probs) else float("nan"), "map_scale": scale,
+            "files": len(files), "checks": checks, "skipped": [list(s) for s in usable.skipped],
+            "precision": meta["precision"], "synthetic": prov["synthetic"]}
+
+
+def heatmap_out(data: str | Path, out: str | Path | None = None) -> Path:
+    """Where heatmaps of ``data`` go when no folder is named: ``Class_Activation_Images/`` for real data, and
+    :data:`covidxray.paths.SYNTHETIC_CAM_DIR` for the embedded synthetic set, so that synthetic heatmaps never land
+    over the committed real-data ones; ``out`` when given."""
+    if out is not None:
+        return Path(out)
+    return paths.SYNTHETIC_CAM_DIR if input_provenance(data)["synthetic"] else paths.CAM_DIR
+
+
+def skipped_filename(model_name: str) -> str:
+    """File listing the images a model's heatmaps left out, e.g. ``scratch-gap__skipped.csv``."""
+    return f"{safe_name(model_name, 'model', 60)}__skipped.csv"
+
+
+def restore_aspect(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A square model-input heatmap resized (bilinear) back to the original image's (height, width)."""
+    from PIL import Image
+
+    h, w = size
+    img = Image.fromarray(np.asarray(heatmap, dtype=np.float32), mode="F")
+    return np.asarray(img.resize((int(w), int(h)), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+SIDE_BY_SIDE_LABEL = ("evidence for covid / the model's scale (99th pct. of its maps on these images, "
+                      "in each title), clipped at 1")
+
+
+def side_by_side(
+    runs: dict[str, str | Path],
+    data: str | Path = paths.DATASET_DIR,
+    *,
+    split: str | None = "test",
+    n: int = 4,
+    seed: int = 0,
+    path: str | Path | None = None,
+    max_side: int = 320,
+):
+    """One row per image (classes and sources in turn, seeded), one column per model: the same X-ray explained
+    by each model, with its probability. Images are shown in their original aspect (at most ``max_side`` px),
+    each model's square heatmap resized back to it; each model's maps share one scale (:func:`model_scale` over
+    these images, named in the column titles) and one colour bar says so. Returns the matplotlib Figure (saved
+    atomically when ``path`` is given)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    from covidxray.data.images import open_grayscale
+    from covidxray.evaluation.figures import save_figure
+    from covidxray.outputs import claim_output
+    from covidxray.runs.load import load_run, predict_proba
+    from covidxray.training.pipeline import load_images
+
+    with decodable(read_labeled(data, split=split)) as usable:
+        df = pick_images(usable.frame, n, seed)
+        originals = [np.asarray(open_grayscale(p, max_side=max_side), dtype=np.float32) for p in df["filepath"]]
+        fig = Figure(figsize=(3.2 * (len(runs) + 1) + 0.8, 3.4 * len(df)), dpi=90)
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(len(df), len(runs) + 1, squeeze=False)
+        for row, gray in enumerate(originals):
+            axes[row, 0].imshow(gray, cmap="gray")
+            axes[row, 0].set_title(f"truth: {df['label'][row]}\n{gray.shape[1]}x{gray.shape[0]} (shown)", fontsize=9)
+            axes[row, 0].set_axis_off()
+        for col, (name, run) in enumerate(runs.items(), start=1):
+            model, meta = load_run(run)
+            images = load_images(df["filepath"].tolist(), meta["image_size"])
+            probs = predict_proba(model, images)
+            method, layer = resolve_method(model, "auto", None)
+            raw = heatmaps(model, images, method=method, layer=layer, normalise=False)
+            scale = model_scale(raw)
+            maps = scale_maps(raw, scale)
+            for row, gray in enumerate(originals):
+                ax = axes[row, col]
+                ax.imshow(gray, cmap="gray")
+                ax.imshow(restore_aspect(maps[row], gray.shape), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+                ax.set_title(f"{name} ({method}, scale {scale:.3g})\np(covid) = {probs[row]:.2f}", fontsize=9)
+                ax.set_axis_off()
+    fig.tight_layout(rect=(0.0, 0.0, 0.93, 1.0))
+    cax = fig.add_axes((0.945, 0.25, 0.015, 0.5))
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap="jet"), cax=cax)
+    bar.set_label(SIDE_BY_SIDE_LABEL, fontsize=8)
+    if path is not None:
+        path = Path(path)
+        with claim_output(path.parent, "cam", sources=[data]) as out:
+            out.put(path.name, lambda tmp: save_figure(fig, tmp))
+    return fig
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def checks_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per model: randomisation correlation and where the heatmap mass is: the fixed border band (overall,
+    per class and source) and the off-anatomy regions (mass share and, in brackets, area share; all images and
+    per class), with the warning."""
+    rows = []
+    for name, result in results.items():
+        rnd, att = result["checks"]["randomization"], result["checks"]["attention"]
+        row: dict[str, Any] = {
+            "model": name,
+            "method": result["method"],
+            "randomisation spearman (mean)": rnd.get("spearman_mean"),
+            "randomisation check passed": rnd.get("passed"),
+            "center mass": att["overall"]["center_share"],
+            "border mass": att["overall"]["border_share"],
+            "corner mass": att["overall"]["corners_share"],
+            "border area": att["area_share"]["border"],
+        }
+        for key, prefix in (("per_class", "border mass, "), ("per_source", "border mass, ")):
+            for group, stats in (att.get(key) or {}).items():
+                row[prefix + group] = stats["border_share"]
+        off = result["checks"].get("off_anatomy") or {}
+        for group, stats in [("all", off.get("overall")), *(off.get("per_class") or {}).items()]:
+            for region in REGIONS:
+                if stats is not None:
+                    row[f"{region.replace('_', ' ')} mass (area), {group}"] = (
+                        f"{_fmt(stats[region]['mass_share'])} ({_fmt(stats[region]['area_share'])})")
+        row["warning"] = result["checks"].get("warning") or att.get("warning") or ""
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("model")

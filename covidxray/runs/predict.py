@@ -1,0 +1,227 @@
+"""``covidxray predict``: P(covid) for any chest X-ray files with a trained model, read as training read its images.
+
+Inputs are image files, folders (searched recursively) and CSV lists with a ``path`` column (relative paths are
+read from the CSV's folder; a built dataset's manifest.csv works). Every file is checked and decoded once as the
+dataset build does (:func:`covidxray.data.labeled_sets.decodable`): any file
+:func:`covidxray.data.images.check_image` can read
+is predicted, odd formats (16-bit, CMYK, EXIF-rotated, ...) through normalised 8-bit copies; a file that cannot
+be used is skipped with the reason, never fatal. The threshold and the input size come from the run's model card
+(``model.json``; see :func:`covidxray.runs.load.load_run`).
+
+The output folder gets ``predictions.csv`` (one row per file found, in input order: path, p_covid, pred,
+threshold, model, skipped, heatmap) and, with a heatmap method, one overlay PNG per image under ``heatmaps/``.
+It is staged and swapped in whole (:mod:`covidxray.outputs`), so a failed run leaves the previous output.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from covidxray import LABELS
+from covidxray.data.images import DEFAULT_MAX_PIXELS, skip_reason
+from covidxray.data.labeled_sets import LabeledSet, decodable
+from covidxray.data.sources.base import read_table
+from covidxray.errors import DataError
+from covidxray.outputs import SYNTHETIC, data_provenance, provenance, staged_output, write_text
+
+PREDICTIONS_FILE = "predictions.csv"
+HEATMAP_DIR = "heatmaps"
+COLUMNS: list[str] = ["path", "p_covid", "pred", "threshold", "model", "model_data", "skipped", "heatmap"]
+"""Columns of predictions.csv; p_covid, pred and heatmap are empty for a skipped file."""
+CHUNK = 256
+"""Images decoded into memory at once for heatmaps (predictions stream through the input pipeline)."""
+_INPUTS = "Give image files, folders of images, or a CSV with a 'path' column."
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def _csv_entries(csv_path: Path) -> list[tuple[str, str, str | None]]:
+    """(``list.csv, line N``, file, None) for each row of a CSV list naming an existing file, (item, item, reason)
+    for the others."""
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{csv_path}: cannot read the CSV as UTF-8 text ({exc}); save it as UTF-8.") from exc
+    fix = "The first line must be a header with a 'path' column (other columns are ignored); save it as UTF-8 CSV."
+    table = read_table(csv_path, ("path",), fix, text=text, lower=True, keep_blank_lines=True)
+    entries: list[tuple[str, str, str | None]] = []
+    for index, rel in enumerate(table["path"]):
+        item = f"{csv_path.name}, line {index + 2}"
+        if not rel:
+            if any(table.iloc[index]):
+                entries.append((item, item, "empty path"))
+            continue
+        file = Path(rel) if Path(rel).is_absolute() else csv_path.parent / rel
+        if file.is_file():
+            entries.append((item, str(file), None))
+        else:
+            loop = "; a broken symbolic link or symlink loop" if file.is_symlink() else ""
+            entries.append((item, item, f"image file not found ({rel}; relative paths are read from the CSV's "
+                                        f"folder{loop})"))
+    return entries
+
+
+def collect_inputs(inputs: Sequence[str | Path]) -> list[tuple[str, str | None]]:
+    """Every file the inputs name, in order: (path, None) for a file to predict, (file or CSV line, reason) for one
+    that is not used (litter or a non-image file in a folder, a CSV row without a file, a file listed again; a CSV
+    row is named ``list.csv, line N`` then).
+
+    A named file is always tried (its format is judged by decoding it); in folders, files are picked as the
+    dataset build picks them (:func:`covidxray.data.images.skip_reason`). A DataError when an input does not exist or
+    nothing at all is found.
+    """
+    if not inputs:
+        raise DataError(f"no input given. {_INPUTS}")
+    entries: list[tuple[str, str | None]] = []
+    first: dict[Path, str] = {}
+
+    def add(path: str, reason: str | None, item: str | None = None) -> None:
+        if reason is None:
+            key = Path(path).resolve()
+            if key in first:
+                path, reason = item or path, f"listed more than once (same file as {first[key]}, predicted once)"
+            else:
+                first[key] = path
+        entries.append((path, reason))
+
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            for file in sorted(path.rglob("*")):
+                if not file.is_dir():
+                    add(str(file), skip_reason(file, file.relative_to(path)))
+        elif path.is_file() and path.suffix.lower() == ".csv":
+            for item, file, reason in _csv_entries(path):
+                add(file, reason, item)
+        elif path.is_file():
+            add(str(path), None)
+        elif path.is_symlink():
+            add(str(path), "broken symbolic link or symlink loop")
+        else:
+            raise DataError(f"{path}: no such file or folder. {_INPUTS}")
+    if not entries:
+        raise DataError(f"no file found in {', '.join(map(str, inputs))} (empty folders or CSV). {_INPUTS}")
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------- heatmaps
+
+
+def _write_heatmaps(model: Any, frame: pd.DataFrame, probs: np.ndarray, folder: Path, *, name: str,
+                    method: str, layer: str, threshold: float, image_size: int, batch_size: int) -> list[str]:
+    """One overlay PNG per row of ``frame`` into ``folder``, decoded ``CHUNK`` images at a time; their names."""
+    from covidxray.explain.maps import cam_filename, heatmaps, overlay_figure, save_figure
+    from covidxray.training.pipeline import load_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names: list[str] = []
+    taken: set[str] = set()
+    for start in range(0, len(frame), CHUNK):
+        part = frame.iloc[start:start + CHUNK]
+        images = load_images(part["filepath"].tolist(), image_size, batch_size)
+        maps = heatmaps(model, images, method, layer, batch_size=batch_size)
+        for i, original in enumerate(part["path"]):
+            p = float(probs[start + i])
+            pred = LABELS[int(p >= threshold)]
+            filename, copy = cam_filename(name, original, "unknown", pred, p), 1
+            while filename in taken:
+                copy += 1
+                filename = cam_filename(name, f"{Path(original).stem}-{copy}", "unknown", pred, p)
+            taken.add(filename)
+            title = f"{name} ({method}): predicted {pred}, p(covid) = {p:.2f} (threshold {threshold:.2f})"
+            save_figure(overlay_figure(images[i], maps[i], title=title), folder / filename)
+            names.append(f"{HEATMAP_DIR}/{filename}")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------- predict
+
+
+def predict(
+    model_path: str | Path,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    cam: str | None = None,
+    batch_size: int = 32,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict[str, Any]:
+    """Predict every image the inputs name with a run folder or .keras file; write ``predictions.csv`` (and
+    heatmaps with ``cam``, one of :data:`covidxray.explain.maps.METHODS`) into ``out_dir``. Images over ``max_pixels``
+    pixels are skipped.
+
+    Returns the model id, threshold (and the file it came from), image size, heatmap method, counts of files
+    predicted and skipped, the seconds taken and ``predictions`` (the table written).
+    """
+    from covidxray.explain.maps import resolve_method
+    from covidxray.runs.load import load_run, predict_dataframe
+
+    started = time.perf_counter()
+    model, meta = load_run(model_path)
+    method = layer = None
+    if cam is not None:
+        method, layer = resolve_method(model, cam, None, fix=(
+            f"predict cannot draw its heatmaps: leave out --cam {cam} to get the predictions alone, or draw "
+            f"heatmaps with `covidxray cam --model {model_path} --layer NAME`"))
+    entries = collect_inputs(inputs)
+    threshold, size, model_name = float(meta["threshold"]), int(meta["image_size"]), meta["model_id"]
+    wanted = [path for path, reason in entries if reason is None]
+    if not wanted:
+        shown = "; ".join(f"{path}: {reason}" for path, reason in entries[:3])
+        raise DataError(f"none of the {len(entries)} file(s) found is an image to predict ({shown}). {_INPUTS}")
+    labeled = LabeledSet(pd.DataFrame({"filepath": wanted, "y": 0}), kind="files", max_pixels=max_pixels)
+    out_dir = Path(out_dir)
+    heat: dict[str, str] = {}
+    model_data = data_provenance(meta["run_dir"], "run")
+    data_word = "unknown" if model_data is None else SYNTHETIC if model_data.get("synthetic") else "real"
+    prov = provenance(fingerprint=None, synthetic=False, source="images", model=model_data)
+    with staged_output(out_dir, "predict", sources=[*inputs, meta["model_path"]], data=prov) as tmp, \
+            decodable(labeled, check=True, fix=f"Nothing was written. {_INPUTS}") as usable:
+        frame = usable.frame
+        probs = predict_dataframe(model, frame, size, batch_size)
+        if method is not None:
+            files = _write_heatmaps(model, frame, probs, tmp / HEATMAP_DIR, name=model_name.split("@")[0],
+                                    method=method, layer=layer, threshold=threshold, image_size=size,
+                                    batch_size=batch_size)
+            heat = dict(zip(frame["path"], files, strict=True))
+        p_of = dict(zip(frame["path"], probs, strict=True))
+        unusable = dict(usable.skipped)
+        rows = []
+        for path, reason in entries:
+            p = p_of.get(path) if reason is None else None
+            rows.append({"path": path, "p_covid": None if p is None else round(float(p), 6),
+                         "pred": "" if p is None else LABELS[int(p >= threshold)], "threshold": threshold,
+                         "model": model_name, "model_data": data_word, "skipped": reason or unusable.get(path, ""),
+                         "heatmap": heat.get(path, "") if reason is None else ""})
+        table = pd.DataFrame(rows, columns=COLUMNS)
+        write_text(table.to_csv(index=False, lineterminator="\n"), tmp / PREDICTIONS_FILE)
+    return {"model": model_name, "model_path": meta["model_path"], "threshold": threshold,
+            "threshold_source": meta["threshold_source"], "image_size": size, "cam": method, "out": str(out_dir),
+            "predicted": int(table["p_covid"].notna().sum()), "skipped": int(table["p_covid"].isna().sum()),
+            "seconds": time.perf_counter() - started, "predictions": table}
+
+
+def format_predictions(result: dict[str, Any], limit: int = 20) -> list[str]:
+    """A short table for the terminal: the model and threshold, up to ``limit`` rows, the counts and the files."""
+    table = result["predictions"]
+    lines = [f"model {result['model']}, threshold {result['threshold']:.4f} (from {result['threshold_source']}), "
+             f"{result['image_size']} px"]
+    width = min(60, max([len("path"), *(len(str(p)) for p in table["path"][:limit])]))
+    lines.append(f"{'path':<{width}}  p_covid  pred")
+    for row in table.head(limit).itertuples(index=False):
+        path = row.path if len(row.path) <= width else "..." + row.path[-(width - 3):]
+        result_text = f"{row.p_covid:7.4f}  {row.pred}" if row.skipped == "" else f"      -  skipped: {row.skipped}"
+        lines.append(f"{path:<{width}}  {result_text}")
+    if len(table) > limit:
+        lines.append(f"... {len(table) - limit} more rows in {PREDICTIONS_FILE}")
+    cams = f" and {result['predicted']} heatmaps ({result['cam']}) in {HEATMAP_DIR}/" if result["cam"] else ""
+    lines.append(f"{result['predicted']} predicted, {result['skipped']} skipped; {PREDICTIONS_FILE}{cams} written to "
+                 f"{result['out']}/")
+    return lines

@@ -1,0 +1,1 @@
+"""The results tables: reproductions and the README's generated sections."""

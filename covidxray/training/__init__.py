@@ -1,0 +1,1 @@
+"""Images -> tensors -> a model -> a trained run folder."""
