@@ -1,15 +1,16 @@
-"""TensorFlow's start-up noise, silenced at the source for the command line, the notebooks and library use.
+"""TensorFlow's start-up noise, silenced at the source for the command line, the notebooks and the benchmark.
 
 TensorFlow 2.21 writes C++ log lines while it is imported (absl's pre-init warning, the oneDNN notice, the CUDA
 stub and CPU feature notices) whatever ``TF_CPP_MIN_LOG_LEVEL`` says, an ERROR line for ``cuInit`` on machines
 without a GPU, and a graph attribute notice (``use_unbounded_threadpool``) on the first tf.data pass. None of
 them is about the run, and on the command line they drown its own messages.
 
-:func:`quiet_tensorflow` (called when the package is imported) sets ``TF_CPP_MIN_LOG_LEVEL`` to 2 unless the user
-set it, and arranges that when TensorFlow is first imported, file descriptor 2 goes through a small filter
-process that drops exactly the lines :data:`NOISE` matches and passes every other byte on at once: real errors,
-tracebacks and progress bars still print, also when the process crashes (the filter drains the pipe after its
-writer died). ``oneDNN`` stays on: ``TF_ENABLE_ONEDNN_OPTS`` changes numerics and is left alone, and so is
+:func:`quiet_tensorflow` (called by the command line, the notebooks' first cell and the benchmark, never by ``import
+covidxray``: a library leaves its host process as it found it) sets ``TF_CPP_MIN_LOG_LEVEL`` to 2 unless the user
+set it, and arranges that when TensorFlow is first imported, file descriptor 2 goes through a small filter process
+that drops exactly the lines :data:`NOISE` matches and passes every other byte on at once: real errors, tracebacks
+and progress bars still print, also when the process crashes (the filter drains the pipe after its writer died).
+``oneDNN`` stays on: ``TF_ENABLE_ONEDNN_OPTS`` changes numerics and is left alone, and so is
 ``CUDA_VISIBLE_DEVICES``. ``quiet_tensorflow(verbose=True)`` before TensorFlow's import keeps all of it.
 """
 
