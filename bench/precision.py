@@ -3,7 +3,7 @@
 Measured, interleaved (float32 and bfloat16 runs alternate, ABBA, so neither always meets a cooler or busier
 machine), on the bench's dataset (see bench/run.py's ``prepare_data``):
 
-- the scratch CNN's epoch time through ``covidxray.training.train.train`` in each precision, against the original-style
+- the scratch CNN's epoch time through ``covidxray.runs.train.train`` in each precision, against the original-style
   pipeline (bench/original.py, run before and after, or the committed bench/results.json value with
   ``--original-epochs 0``);
 - the frozen VGG16 part's feature-extraction throughput (224 px by default, batch 32) in each precision, and the
@@ -37,9 +37,10 @@ from bench.destination import results_folder
 from bench.measure import load_average, steady_epoch
 from bench.run import REPO, SHARED_DATA, Options, _clean, _fresh, _log, partial_run, prepare_data, run_original
 from covidxray.data.manifest import read_manifest, split_frame
-from covidxray.evaluation.metrics import bootstrap_distribution, summarize
+from covidxray.metrics import bootstrap_distribution, summarize
 from covidxray.outputs import write_json
 from covidxray.runs.load import load_run, predict_dataframe, versions
+from covidxray.runs.train import TrainConfig, train
 from covidxray.training.compute_dtype import (
     BF16_FLAGS,
     choose_precision,
@@ -50,7 +51,6 @@ from covidxray.training.compute_dtype import (
 )
 from covidxray.training.feature_cache import conv_flops, extractor, frozen_part
 from covidxray.training.models import build_model
-from covidxray.training.train import TrainConfig, train
 
 TARGETS = {
     "scratch_epoch_vs_original": ("<=", 0.4),
@@ -132,7 +132,7 @@ def _test_auc(run_dir: Path, precision: str, data: dict, opts: PrecisionOptions)
 
 
 def train_ours(kind: str, precision: str, opts: PrecisionOptions, data: dict, work: Path, tag: str) -> dict:
-    """One ``covidxray.training.train.train`` run of ``kind`` in ``precision``: epoch times, feature extraction, test
+    """One ``covidxray.runs.train.train`` run of ``kind`` in ``precision``: epoch times, feature extraction, test
     AUC."""
     _fresh()
     cfg = TrainConfig(model=kind, weights=opts.weights if kind == "vgg16" else "none", image_size=opts.image_size,

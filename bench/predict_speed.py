@@ -5,7 +5,7 @@
 
 Writes ``--n`` synthetic 8-bit grayscale PNGs into a temporary folder, saves each model (built with
 ``covidxray.training.models.build_model``, ``weights="none"``: the speed does not depend on the weights) as a ``.keras``
-file, and times :func:`covidxray.runs.predict.predict` on the folder: model loading, the check of every file
+file, and times :func:`covidxray.app.predict.predict` on the folder: model loading, the check of every file
 (``covidxray.data.labeled_sets.decodable``), decoding, resizing, inference and writing predictions.csv. Each model runs
 ``--repeats`` times; the first run includes tracing the model. Nothing is written into the repository.
 """
@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from covidxray.runs.predict import predict
+from covidxray.app.predict import predict
 from covidxray.training.models import build_model
 
 

@@ -32,14 +32,14 @@ from bench.measure import (
 )
 from covidxray.data.build import build_dataset
 from covidxray.data.manifest import read_manifest, split_frame
-from covidxray.evaluation.metrics import binary_metrics
+from covidxray.metrics import binary_metrics
 from covidxray.outputs import write_json
 from covidxray.runs.load import load_run, predict_dataframe, predict_proba, versions
+from covidxray.runs.train import TrainConfig, train
 from covidxray.training.feature_cache import conv_flops, extract_features, extractor, frozen_part, tail_part
 from covidxray.training.loop import CustomLoop
 from covidxray.training.models import build_model, compile_model
 from covidxray.training.pipeline import load_images, make_dataset
-from covidxray.training.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -211,7 +211,7 @@ def _ours_config(kind: str, opts: Options, views: int | None = None) -> TrainCon
 
 
 def run_ours(kind: str, opts: Options, data: dict, work: Path, views: int | None = None) -> dict:
-    """Train with covidxray.training.train.train (everything it writes included in the time)."""
+    """Train with covidxray.runs.train.train (everything it writes included in the time)."""
     _fresh()
     cfg = _ours_config(kind, opts, views)
     out = work / f"ours-{kind}-v{cfg.feature_views}"

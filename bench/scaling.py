@@ -1,7 +1,7 @@
 """How cost grows with the data: build and train on 10 %, 30 %, 100 % of a synthetic set, one subprocess each.
 
 Each size runs in its own process, so its peak resident memory is its own. The synthetic sources are generated
-first, in the parent (not measured); then the dataset build and each model's ``covidxray.training.train.train`` are
+first, in the parent (not measured); then the dataset build and each model's ``covidxray.runs.train.train`` are
 measured separately in the child. The memory caches are reported next to the peaks (decoded images: uint8
 grayscale; frozen-backbone activations: float16), because those grow with the data by design and everything else
 should not.
@@ -54,7 +54,7 @@ def child(spec: dict) -> dict:
     (default float32) goes to ``TrainConfig.precision``."""
     from covidxray.data.build import build_dataset
     from covidxray.data.manifest import read_manifest
-    from covidxray.training.train import TrainConfig, train
+    from covidxray.runs.train import TrainConfig, train
 
     work = Path(spec["workdir"])
     precision = spec.get("precision", "float32")

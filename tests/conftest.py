@@ -131,7 +131,7 @@ def tiny_dataset(tmp_path_factory, synthetic_sources) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_dataset) -> Path:
     """A scratch-gap model trained for two epochs on 32 px images: fast, real, and enough for the plumbing."""
-    from covidxray.training.train import TrainConfig, train
+    from covidxray.runs.train import TrainConfig, train
 
     run = tmp_path_factory.mktemp("runs") / "scratch-gap"
     train(TrainConfig(model="scratch-gap", weights="none", epochs=2, image_size=32, batch_size=16, lr=1e-3),

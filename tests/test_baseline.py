@@ -10,15 +10,15 @@ import pytest
 from PIL import Image
 
 import covidxray.evaluation.baseline as baseline_module
+from covidxray import metrics
 from covidxray.errors import DataError, ImageError
-from covidxray.evaluation import metrics
 from covidxray.evaluation.baseline import (
     baseline_probabilities,
     fit_baseline_with_threshold,
     fit_thumbnail_baseline,
     thumbnails,
 )
-from covidxray.evaluation.metrics import binary_metrics
+from covidxray.metrics import binary_metrics
 
 
 def _image_set(folder: Path, n_per_class: int, seed: int) -> pd.DataFrame:

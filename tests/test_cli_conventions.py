@@ -77,7 +77,7 @@ def test_train_prints_only_its_json_on_stdout(tiny_dataset, tmp_path, capsys):
                  *TINY_TRAIN]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["epochs_run"] == 1
-    assert "[covidxray.training.train] stage 1" in captured.err and "ms/step" in captured.err
+    assert "[covidxray.runs.train] stage 1" in captured.err and "ms/step" in captured.err
     assert "ms/step" not in captured.out and "[covidxray" not in captured.out
 
 
@@ -86,7 +86,7 @@ def test_quiet_train_prints_no_progress(tiny_dataset, tmp_path, capsys):
                  str(tmp_path / "run"), *TINY_TRAIN]) == 0
     captured = capsys.readouterr()
     json.loads(captured.out)
-    assert "ms/step" not in captured.err and "[covidxray.training.train]" not in captured.err
+    assert "ms/step" not in captured.err and "[covidxray.runs.train]" not in captured.err
 
 
 def test_data_evaluate_and_probe_print_their_results_on_stdout(synthetic_sources, tiny_run, tmp_path, capsys):
@@ -151,7 +151,7 @@ def test_cli_train_stderr_has_no_tensorflow_noise(tiny_dataset, tmp_path):
     assert [line for line in proc.stderr.splitlines() if noise.match(line)] == []
     assert not re.search(r"cuInit|oneDNN|absl::InitializeLog|use_unbounded_threadpool|cpu_feature_guard",
                          proc.stderr)
-    assert "[covidxray.training.train] stage 1" in proc.stderr
+    assert "[covidxray.runs.train] stage 1" in proc.stderr
 
 
 def test_real_errors_still_print_after_tensorflow_starts(tmp_path):

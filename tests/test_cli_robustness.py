@@ -249,8 +249,8 @@ def test_build_config_validate(changes, fragment, tmp_path):
 
 
 def test_default_configs_are_valid():
+    from covidxray.runs.train import TrainConfig
     from covidxray.studies.reproduce import ReproduceConfig
-    from covidxray.training.train import TrainConfig
 
     BuildConfig().validate()
     TrainConfig().validate()
@@ -270,7 +270,7 @@ def test_default_configs_are_valid():
     ({"zoom": -0.1}, "zoom is -0.1"),
 ])
 def test_train_config_validate(changes, fragment, tmp_path):
-    from covidxray.training.train import TrainConfig, train
+    from covidxray.runs.train import TrainConfig, train
 
     config = TrainConfig(model="scratch", **changes)
     with pytest.raises(ModelError) as info:

@@ -399,7 +399,7 @@ def test_mutated_dicom_gives_image_error_only(kind, data):
 
 
 def test_predict_reads_dicom_as_every_reader_does(tmp_path, model_run):
-    from covidxray.runs.predict import predict
+    from covidxray.app.predict import predict
 
     folder = tmp_path / "scans"
     for i, (bits, photometric) in enumerate([(16, "MONOCHROME2"), (12, "MONOCHROME1"), (8, "MONOCHROME2")]):

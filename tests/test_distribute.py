@@ -23,6 +23,7 @@ from PIL import Image
 
 from covidxray.app.cli import main
 from covidxray.errors import ClusterError, ModelError
+from covidxray.runs.train import TrainConfig
 from covidxray.training.distribute import (
     TF_CONFIG_VAR,
     choose_distribution,
@@ -30,7 +31,6 @@ from covidxray.training.distribute import (
     parse_cluster,
     wait_for_peers,
 )
-from covidxray.training.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--model", "scratch", "--image-size", "32", "--batch-size", "8", "--lr", "1e-3", "--patience", "0",
@@ -166,7 +166,7 @@ def test_one_device_trains_the_vgg16_tail_on_cached_features_and_resumes(data, t
     and a resumed run rebuilds the frozen part, restores the tail and its optimizer, and trains on."""
     import keras
 
-    from covidxray.training.train import train
+    from covidxray.runs.train import train
 
     monkeypatch.delenv(TF_CONFIG_VAR, raising=False)
     cfg = TrainConfig(model="vgg16", weights="none", image_size=32, batch_size=8, epochs=1, lr=1e-3, patience=0,
@@ -189,7 +189,7 @@ def test_one_device_trains_the_vgg16_tail_on_cached_features_and_resumes(data, t
 def test_one_device_resumes_from_the_checkpoint(data, tmp_path, monkeypatch):
     """A resumed run restores the checkpoint's weights and optimizer state and writes the run folder's files
     (the path a multi-worker resume takes, with no other worker)."""
-    from covidxray.training.train import train
+    from covidxray.runs.train import train
 
     monkeypatch.delenv(TF_CONFIG_VAR, raising=False)
     cfg = TrainConfig(model="scratch", image_size=32, batch_size=8, epochs=1, lr=1e-3, patience=0, distribute="one")

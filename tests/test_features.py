@@ -15,6 +15,7 @@ from PIL import Image
 from covidxray.data.manifest import read_manifest, split_frame
 from covidxray.errors import ModelError
 from covidxray.runs.load import load_run, predict_proba
+from covidxray.runs.train import TrainConfig, train
 from covidxray.training.feature_cache import (
     FeatureBatches,
     FeatureStore,
@@ -27,7 +28,6 @@ from covidxray.training.feature_cache import (
 )
 from covidxray.training.models import build_model, set_trainable_from
 from covidxray.training.pipeline import AugmentConfig, load_images
-from covidxray.training.train import TrainConfig, train
 
 SIZE = 32
 

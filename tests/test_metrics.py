@@ -14,7 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from sklearn import metrics as skm
 
-from covidxray.evaluation.metrics import (
+from covidxray.metrics import (
     METRIC_NAMES,
     _metric_arrays,
     binary_metrics,
@@ -243,5 +243,5 @@ def test_one_threshold_rule_in_the_source() -> None:
     found = [(path.relative_to(root).as_posix(), m.group(1))
              for folder in ("covidxray", "bench") for path in sorted((root / folder).rglob("*.py"))
              for m in pattern.finditer(path.read_text(encoding="utf8"))]
-    assert found == [("covidxray/evaluation/metrics.py", "youden_cut_points"),
-                     ("covidxray/evaluation/metrics.py", "choose_threshold")]
+    assert found == [("covidxray/metrics.py", "youden_cut_points"),
+                     ("covidxray/metrics.py", "choose_threshold")]

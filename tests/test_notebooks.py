@@ -229,7 +229,7 @@ def test_committed_notebooks_run_as_they_are_in_a_fresh_clone(tmp_path, monkeypa
     assert "### original design" in texts["Create_Data.ipynb"]
     for name in ("Train_Scratch_CNN.ipynb", "Train_VGG16.ipynb"):
         assert "**SYNTHETIC** data: training 5 epochs at 64 px" in texts[name]
-    assert "[covidxray.training.train] epoch 5/5 - " in texts["Train_Scratch_CNN.ipynb"]  # one progress line per epoch
+    assert "[covidxray.runs.train] epoch 5/5 - " in texts["Train_Scratch_CNN.ipynb"]  # one progress line per epoch
     assert (clone / "runs" / "scratch" / "model.keras").is_file()
     assert (clone / "runs" / "scratch-gap" / "model.keras").is_file()
     if not (clone / "runs" / "vgg16" / "model.keras").is_file():  # offline: no ImageNet weights

@@ -53,9 +53,9 @@ def test_no_module_writes_an_output_file_behind_the_ownership_record() -> None:
 
 def test_the_threshold_is_chosen_by_one_function_everywhere() -> None:
     import covidxray.evaluation.baseline as baseline
-    import covidxray.evaluation.metrics as metrics
     import covidxray.evaluation.shortcut_probes as probes
-    import covidxray.training.train as train
+    import covidxray.metrics as metrics
+    import covidxray.runs.train as train
 
     for module in (baseline, probes, train):
         assert getattr(module, "choose_threshold", metrics.choose_threshold) is metrics.choose_threshold

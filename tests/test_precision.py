@@ -15,6 +15,7 @@ from covidxray.data.manifest import read_manifest, split_frame
 from covidxray.errors import ModelError
 from covidxray.explain.maps import heatmaps
 from covidxray.runs.load import load_run, predict_dataframe, predict_proba
+from covidxray.runs.train import TrainConfig, train
 from covidxray.training.compute_dtype import (
     FLOAT32_LAYERS,
     choose_precision,
@@ -29,7 +30,6 @@ from covidxray.training.compute_dtype import (
 from covidxray.training.feature_cache import extract_features, frozen_part
 from covidxray.training.models import build_model
 from covidxray.training.pipeline import load_images
-from covidxray.training.train import TrainConfig, train
 
 SIZE = 32
 EPYC = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\n"

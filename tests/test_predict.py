@@ -11,11 +11,11 @@ import pytest
 from conftest import tree_digest, write_image
 
 from covidxray.app.cli import main
+from covidxray.app.predict import predict
 from covidxray.errors import DataError, ModelError
 from covidxray.evaluation.evaluate import evaluate_model
 from covidxray.outputs import RECORD_NAME, file_sha256, foreign_entries
 from covidxray.runs.load import load_run
-from covidxray.runs.predict import predict
 
 
 @pytest.fixture

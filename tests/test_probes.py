@@ -13,9 +13,9 @@ from conftest import tree_digest
 from PIL import Image
 
 import covidxray.evaluation.shortcut_probes as probes_module
+from covidxray import metrics
 from covidxray.data.manifest import MANIFEST_COLUMNS, read_manifest
 from covidxray.errors import DataError
-from covidxray.evaluation import metrics
 from covidxray.evaluation.shortcut_probes import (
     PROBES_JSON,
     PROBES_MD,

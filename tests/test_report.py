@@ -24,7 +24,7 @@ from covidxray.evaluation.figures import (
     plot_sample_grid,
     results_table,
 )
-from covidxray.evaluation.metrics import seed_summary, summarize
+from covidxray.metrics import seed_summary, summarize
 from covidxray.outputs import write_json, write_text
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

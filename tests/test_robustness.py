@@ -329,7 +329,7 @@ def test_one_class_train_split_is_refused_by_training(tmp_path):
     """A manifest edited (or built elsewhere) so that train holds one class: training refuses it by name."""
     import pandas as pd
 
-    from covidxray.training.train import TrainConfig, train
+    from covidxray.runs.train import TrainConfig, train
 
     source = presplit_source(tmp_path / "src")
     _build(source, tmp_path / "dataset")
@@ -568,7 +568,7 @@ def test_output_folder_on_a_read_only_path(tmp_path, model_run, read_only_dir, s
 
 
 def test_file_damaged_after_the_build_is_named_by_training_and_evaluation(tmp_path, model_run):
-    from covidxray.training.train import TrainConfig, train
+    from covidxray.runs.train import TrainConfig, train
 
     source = presplit_source(tmp_path / "src")
     _build(source, tmp_path / "dataset")
@@ -589,7 +589,7 @@ def test_file_damaged_after_the_build_is_named_by_training_and_evaluation(tmp_pa
 
 
 def test_external_csv_reports_sources_and_the_change_against_the_internal_test(tmp_path, model_run):
-    from covidxray.evaluation.metrics import METRIC_NAMES
+    from covidxray.metrics import METRIC_NAMES
 
     dataset = tmp_path / "dataset"
     _build(presplit_source(tmp_path / "src"), dataset)

@@ -13,19 +13,19 @@ import pytest
 from PIL import Image
 
 import covidxray.runs.load as model_io_module
-import covidxray.training.train as train_module
+import covidxray.runs.train as train_module
+from covidxray import metrics
 from covidxray.data.manifest import read_manifest, split_frame
 from covidxray.errors import DataError, ImageError, ModelError
-from covidxray.evaluation import metrics
-from covidxray.evaluation.metrics import METRIC_NAMES
+from covidxray.metrics import METRIC_NAMES
 from covidxray.outputs import RECORD_NAME
 from covidxray.runs.load import load_run, predict_dataframe, predict_proba
-from covidxray.training.pipeline import load_images
-from covidxray.training.train import (
+from covidxray.runs.train import (
     VAL_SUMMARY,
     TrainConfig,
     train,
 )
+from covidxray.training.pipeline import load_images
 
 SIZE = 32
 RUN_FILES = ("model.keras", "config.json", "versions.json", "history.csv", "history.json", "threshold.json",
@@ -193,7 +193,7 @@ def test_unreadable_training_image_is_named(tmp_path: Path) -> None:
 
 def test_train_chooses_the_threshold_by_the_one_rule(run: tuple[Path, dict, set[str]]) -> None:
     """Training calls metrics.choose_threshold itself: the same value as every other caller, and the run's files
-    use the metric names of covidxray.evaluation.metrics (recall, roc_auc, n_pos), never sensitivity/auc/n_covid."""
+    use the metric names of covidxray.metrics (recall, roc_auc, n_pos), never sensitivity/auc/n_covid."""
     assert train_module.choose_threshold is metrics.choose_threshold
     assert train_module.choose_threshold([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])["threshold"] == pytest.approx(0.6)
     out, summary, _ = run

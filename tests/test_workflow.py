@@ -20,8 +20,8 @@ from covidxray.app.notebook_helpers import (
 )
 from covidxray.errors import ModelError
 from covidxray.evaluation.figures import age_unknown_note, plot_distributions
+from covidxray.runs.train import TrainConfig
 from covidxray.training.backbones import resolve_vgg16_weights
-from covidxray.training.train import TrainConfig
 
 
 def test_auto_sources_say_synthetic_in_so_many_words(tmp_path):

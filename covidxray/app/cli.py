@@ -294,7 +294,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one model into a run folder."""
-    from covidxray.training.train import TrainConfig, train
+    from covidxray.runs.train import TrainConfig, train
 
     config = TrainConfig(model=args.model, weights=args.weights, image_size=args.image_size,
                          batch_size=args.batch_size, epochs=args.epochs, seed=args.seed, patience=args.patience,
@@ -406,7 +406,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predict images and print a short table."""
-    from covidxray.runs.predict import format_predictions, predict
+    from covidxray.app.predict import format_predictions, predict
 
     result = predict(args.model, args.inputs, args.out, cam=args.cam, batch_size=args.batch_size,
                      max_pixels=args.max_pixels)

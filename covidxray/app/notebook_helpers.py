@@ -116,7 +116,7 @@ def evaluate_runs(
     from covidxray.evaluation.baseline import baseline_probabilities, fit_baseline_with_threshold
     from covidxray.evaluation.evaluate import evaluate_predictions
     from covidxray.runs.load import load_run, predict_dataframe
-    from covidxray.training.train import check_trained_on
+    from covidxray.runs.train import check_trained_on
 
     df = read_manifest(data)
     train_df, val_df, test_df = (split_frame(df, s) for s in SPLITS)
@@ -151,7 +151,7 @@ def ensure_demo_run(
 ) -> Path:
     """A trained run at ``run_dir``: the existing one, or a small one trained now (building a synthetic
     dataset at ``data`` first when there is none), so the explanation notebook always runs top to bottom."""
-    from covidxray.training.train import TrainConfig, check_trained_on, train
+    from covidxray.runs.train import TrainConfig, check_trained_on, train
 
     run_dir, data = Path(run_dir), Path(data)
     if (run_dir / "model.keras").is_file():
@@ -327,8 +327,8 @@ def train_in_notebook(config: Any, data: str | Path, run_dir: str | Path) -> dic
     carries results), which a notebook paints as red warning boxes. A problem the user can fix (a CovidXrayError)
     is shown as Markdown worded for the notebook, with the notebook-side fix, and None is returned, so the
     following cells carry on without this model."""
+    from covidxray.runs.train import train
     from covidxray.training.backbones import resolve_vgg16_weights
-    from covidxray.training.train import train
 
     try:
         if config.model == "vgg16":

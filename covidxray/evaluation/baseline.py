@@ -20,7 +20,7 @@ from sklearn.preprocessing import StandardScaler
 from covidxray.data.images import open_grayscale
 from covidxray.data.manifest import check_frame
 from covidxray.errors import DataError
-from covidxray.evaluation.metrics import choose_threshold
+from covidxray.metrics import choose_threshold
 
 
 def thumbnails(paths: Iterable[str | Path], size: int = 32) -> np.ndarray:
@@ -73,7 +73,7 @@ def fit_baseline_with_threshold(
     train_df: pd.DataFrame, val_df: pd.DataFrame, size: int = 32, seed: int = 0
 ) -> tuple[Pipeline, float]:
     """The baseline fitted on train and its decision threshold chosen on validation by the rule the CNNs use
-    (:func:`covidxray.evaluation.metrics.choose_threshold`); a one-class validation split falls back to 0.5 with a
+    (:func:`covidxray.metrics.choose_threshold`); a one-class validation split falls back to 0.5 with a
     warning."""
     check_frame(val_df, ("filepath", "y"), what="the validation table")
     model = fit_thumbnail_baseline(train_df, size=size, seed=seed)

@@ -9,7 +9,6 @@ staged inside the claimed output folder and swapped in only when complete (see :
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -22,18 +21,16 @@ from covidxray import LABELS
 from covidxray.data.images import DEFAULT_MAX_PIXELS
 from covidxray.data.labeled_sets import decodable, read_labeled
 from covidxray.data.manifest import input_provenance
-from covidxray.errors import DataError
 from covidxray.evaluation.figures import (
     plot_confusion,
     plot_reliability,
     plot_roc_pr,
     results_table,
 )
-from covidxray.evaluation.metrics import METRIC_NAMES, format_metric, summarize
+from covidxray.metrics import METRIC_NAMES, format_metric, summarize
 from covidxray.outputs import data_provenance, provenance, staged_output, synthetic_note, write_json, write_text
+from covidxray.runs.card import REFERENCE_DIR, read_reference
 
-REFERENCE_DIR = "eval-test"
-"""A run's own test evaluation (``RUN/eval-test/metrics.json``): the reference of an external evaluation."""
 SKIPPED_FILE = "skipped.csv"
 
 
@@ -91,26 +88,6 @@ def write_evaluation(out_dir: str | Path, df: pd.DataFrame, probs: np.ndarray, r
                    path=out_dir / "confusion.png")
     plot_roc_pr(y, {name: probs}, path=out_dir / "roc_pr.png")
     plot_reliability(y, {name: probs}, path=out_dir / "reliability.png")
-
-
-def read_reference(path: str | Path) -> dict[str, Any]:
-    """A metrics.json written by an evaluation (or the folder holding one); DataError when unusable."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: no reference evaluation there. Evaluate the run on its test split first "
-                        "(`covidxray evaluate --model RUN`) or pass another metrics.json.") from exc
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable reference evaluation ({exc}); rerun `covidxray evaluate --model RUN` "
-                        "to rewrite it.") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
-        raise DataError(f"{path}: not a metrics.json written by `covidxray evaluate` (no 'metrics' entry); "
-                        "pass the run's eval-test/metrics.json.")
-    data["path"] = str(path)
-    return data
 
 
 def change_vs(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, float | None]:
@@ -194,7 +171,7 @@ def evaluate_model(
     ``precision`` says what was used and why.
     """
     from covidxray.runs.load import load_run, predict_dataframe
-    from covidxray.training.train import run_dataset
+    from covidxray.runs.train import run_dataset
 
     model, meta = load_run(model_path, precision=precision)
     trained_on = run_dataset(meta["run_dir"])

@@ -25,7 +25,7 @@ from covidxray.data.designs import PEDIATRIC_SOURCES
 from covidxray.data.images import open_grayscale
 from covidxray.data.manifest import check_frame
 from covidxray.errors import DataError
-from covidxray.evaluation.metrics import calibration_bins, expected_calibration_error, format_metric, mean_std
+from covidxray.metrics import calibration_bins, expected_calibration_error, format_metric, mean_std
 from covidxray.outputs import atomic_write
 
 CLASS_COLORS: dict[str, str] = {"normal": "tab:blue", "covid": "tab:red"}

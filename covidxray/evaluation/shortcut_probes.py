@@ -8,9 +8,9 @@
   ratio, mean and standard deviation of the intensity, file format and Pillow mode), trained on the train split.
 
 Both are scored on the test split, at a decision threshold chosen on the validation split by
-:func:`covidxray.evaluation.metrics.choose_threshold`, with the accuracy and ROC-AUC and their patient-level
+:func:`covidxray.metrics.choose_threshold`, with the accuracy and ROC-AUC and their patient-level
 bootstrap intervals
-(:func:`covidxray.evaluation.metrics.summarize`), next to the chance level (the majority-class rate of the test split).
+(:func:`covidxray.metrics.summarize`), next to the chance level (the majority-class rate of the test split).
 Accuracy far above chance is a warning: a classifier of this dataset can score well without any COVID-19
 finding. The probes say nothing about the lungs themselves.
 """
@@ -36,7 +36,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from covidxray.data.images import open_grayscale
 from covidxray.data.manifest import MANIFEST_NAME, dataset_provenance, read_manifest, split_frame
 from covidxray.errors import DataError, ImageError
-from covidxray.evaluation.metrics import choose_threshold, format_metric, summarize
+from covidxray.metrics import choose_threshold, format_metric, summarize
 from covidxray.outputs import staged_output, synthetic_note, write_json, write_text
 from covidxray.progress import progress_bar
 
@@ -169,7 +169,7 @@ def source_probe(
     threshold is the run's own, chosen on the (masked) validation split.
     """
     from covidxray.runs.load import load_run, predict_dataframe
-    from covidxray.training.train import TrainConfig, train
+    from covidxray.runs.train import TrainConfig, train
 
     data_dir = Path(data_dir)
     _split_frames(data_dir)
@@ -248,7 +248,7 @@ def _number(value: Any, default: float) -> float:
 
 def stats_probe(data_dir: str | Path, *, seed: int = 0, n_boot: int = 2000, progress: bool = False) -> dict[str, Any]:
     """Logistic regression on trivial image statistics, fitted on train and scored on test at the threshold
-    chosen on val (:func:`covidxray.evaluation.metrics.choose_threshold`, the rule every model of the package uses)."""
+    chosen on val (:func:`covidxray.metrics.choose_threshold`, the rule every model of the package uses)."""
     data_dir = Path(data_dir)
     train, test = _split_frames(data_dir)
     val = split_frame(read_manifest(data_dir), "val")

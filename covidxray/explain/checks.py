@@ -48,10 +48,10 @@ from scipy.stats import pearsonr, spearmanr
 
 from covidxray import LABELS
 from covidxray.errors import ModelError
-from covidxray.evaluation.metrics import binary_metrics
 from covidxray.explain import regions as image_regions
 from covidxray.explain.maps import as_image_batch, heatmaps, resolve_method, safe_name
 from covidxray.explain.regions import REGIONS, mass_shares, measured_regions
+from covidxray.metrics import binary_metrics
 from covidxray.outputs import json_text, to_jsonable, write_text
 
 LOW_CORRELATION = 0.5

@@ -13,6 +13,7 @@ versions.json, eval-test/metrics.json) and the training dataset's summary.json, 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from covidxray import LABELS, __version__
 from covidxray.data.designs import PEDIATRIC_SOURCES
 from covidxray.data.manifest import MANIFEST_NAME, dataset_summary
 from covidxray.errors import DataError
-from covidxray.evaluation.metrics import COUNT_NAMES, METRIC_NAMES, format_metric
+from covidxray.metrics import COUNT_NAMES, METRIC_NAMES, format_metric
 from covidxray.outputs import (
     OutputDir,
     amend_output,
@@ -48,6 +49,9 @@ _METHOD_NAMES = {"youden": "Youden's J (recall + specificity - 1, maximised)", "
 _DECODE = ("each file is decoded once as the dataset build does (covidxray.data.images.check_image): EXIF orientation "
            "applied, 16-bit and float images rescaled by their range to 8 bits, transparency composited over black, "
            "colour converted to 8-bit grayscale")
+
+REFERENCE_DIR = "eval-test"
+"""The run's own test evaluation, inside the run folder (a run holds its evaluations)."""
 
 
 # ---------------------------------------------------------------------------------------------- reading the run
@@ -111,8 +115,6 @@ def _training_data(dataset: dict | None, previous: dict | None) -> dict[str, Any
 def _test_metrics(run_dir: Path, sha256: str, threshold: float, dataset: dict | None) -> dict[str, Any] | None:
     """The run's own test evaluation (``eval-test/metrics.json``) with its intervals; None without one, or when
     it evaluated another model file (one a resumed run has since replaced)."""
-    from covidxray.evaluation.evaluate import REFERENCE_DIR, read_reference
-
     path = run_dir / REFERENCE_DIR / "metrics.json"
     if not path.is_file():
         return None
@@ -142,6 +144,26 @@ def _test_metrics(run_dir: Path, sha256: str, threshold: float, dataset: dict | 
         "bootstrap": result.get("bootstrap"),
         "skipped": (result.get("skipped") or {}).get("count", 0),
     }
+
+
+def read_reference(path: str | Path) -> dict[str, Any]:
+    """A metrics.json written by an evaluation (or the folder holding one); DataError when unusable."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: no reference evaluation there. Evaluate the run on its test split first "
+                        "(`covidxray evaluate --model RUN`) or pass another metrics.json.") from exc
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable reference evaluation ({exc}); rerun `covidxray evaluate --model RUN` "
+                        "to rewrite it.") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+        raise DataError(f"{path}: not a metrics.json written by `covidxray evaluate` (no 'metrics' entry); "
+                        "pass the run's eval-test/metrics.json.")
+    data["path"] = str(path)
+    return data
 
 
 def model_card(run_dir: str | Path, *, previous: dict | None = None) -> dict[str, Any]:
@@ -198,7 +220,7 @@ def model_card(run_dir: str | Path, *, previous: dict | None = None) -> dict[str
             "split": threshold.get("split"),
             "youden_j": threshold.get("youden_j"),
             "note": threshold.get("note"),
-            "chosen_by": "covidxray.evaluation.metrics.choose_threshold on the validation split (threshold.json); "
+            "chosen_by": "covidxray.metrics.choose_threshold on the validation split (threshold.json); "
                          "the test "
                          "split is never used in training or selection",
         },

@@ -27,7 +27,7 @@ from typing import Any
 from covidxray import limits, paths
 from covidxray.errors import DataError
 from covidxray.evaluation.figures import TABLE_METRICS
-from covidxray.evaluation.metrics import format_metric, mean_std, seed_summary
+from covidxray.metrics import format_metric, mean_std, seed_summary
 from covidxray.outputs import write_text
 
 RESULTS_DIR = Path("results")

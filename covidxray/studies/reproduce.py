@@ -32,7 +32,7 @@ from covidxray.errors import DataError, ModelError
 from covidxray.evaluation.baseline import baseline_probabilities, fit_baseline_with_threshold
 from covidxray.evaluation.evaluate import evaluate_model, evaluate_predictions
 from covidxray.evaluation.figures import plot_reliability, plot_roc_pr, results_table
-from covidxray.evaluation.metrics import seed_summary
+from covidxray.metrics import seed_summary
 from covidxray.outputs import OutputDir, claim_output, synthetic_note
 from covidxray.training.compute_dtype import PRECISIONS
 
@@ -122,7 +122,7 @@ def design_notes(summary: Mapping[str, Any]) -> str:
 
 def train_config(model: str, config: ReproduceConfig, seed: int):
     """The TrainConfig of one row of the table."""
-    from covidxray.training.train import TrainConfig
+    from covidxray.runs.train import TrainConfig
 
     return TrainConfig(model=model, weights=config.weights if model == "vgg16" else "none",
                        image_size=config.image_size, batch_size=config.batch_size, epochs=config.epochs,
@@ -168,7 +168,7 @@ def _reproduce(config: ReproduceConfig, out: OutputDir, *, presplit, metadata, c
                data, progress: bool) -> dict[str, Any]:
     """The table proper, written into the claimed ``out``."""
     from covidxray.runs.load import load_run, predict_dataframe, versions
-    from covidxray.training.train import dataset_record, train
+    from covidxray.runs.train import dataset_record, train
 
     t0 = time.perf_counter()
     out_root = out.path

@@ -27,7 +27,7 @@ swallows the signal); :func:`make_strategy` puts back the handlers the process h
 
 MultiWorkerMirroredStrategy configures TensorFlow's collective ops, which must happen before TensorFlow runs
 anything in the process: ``covidxray train`` creates it before reading any data; calling
-:func:`covidxray.training.train.train` with ``multi-worker`` after other TensorFlow work in the same process is refused
+:func:`covidxray.runs.train.train` with ``multi-worker`` after other TensorFlow work in the same process is refused
 with a ModelError.
 """
 
@@ -443,7 +443,7 @@ def _start_multi_worker() -> tf.distribute.Strategy:
         _NATIVE_START.clear()
         raise ModelError(f"multi-worker training must set up TensorFlow's collective ops before TensorFlow "
                          f"runs anything else in the process ({exc}); start it as `covidxray train "
-                         "--distribute multi-worker` (or call covidxray.training.train.train first thing in a fresh "
+                         "--distribute multi-worker` (or call covidxray.runs.train.train first thing in a fresh "
                          "process).") from exc
     except tf.errors.OpError as exc:
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

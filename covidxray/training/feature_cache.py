@@ -5,7 +5,7 @@ a training step are the frozen forward pass, whose result never changes. Trainin
 every image in every epoch. Here it runs once per distinct input: once per validation image and, with
 augmentation on, once per cached augmented *view* of each training image (view 0 is the image itself, views
 1.. are random ImageDataGenerator-style transforms; each epoch draws one view per image). Training activations
-are stored as float16 (14x14x512 at 224 px: 196 KiB per view; covidxray.training.train keeps the few validation ones in
+are stored as float16 (14x14x512 at 224 px: 196 KiB per view; covidxray.runs.train keeps the few validation ones in
 float32), in memory or, past ``memory_limit`` bytes or on request, in a file read back batch by batch, so
 memory does not grow with the data set beyond that cache.
 

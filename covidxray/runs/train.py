@@ -9,7 +9,7 @@ A run folder holds everything needed to judge and reproduce a model:
 - ``model.keras``: the best model on val (by ``config.monitor``), preprocessing included;
 - ``config.json``: the exact (resolved) TrainConfig; ``versions.json``: software and devices;
 - ``history.csv`` / ``history.json``: one row per epoch; ``timing.json``: seconds per epoch and in total;
-- ``threshold.json``: the decision threshold chosen on val (:func:`covidxray.evaluation.metrics.choose_threshold`) and
+- ``threshold.json``: the decision threshold chosen on val (:func:`covidxray.metrics.choose_threshold`) and
   the val metrics at it;
 - ``val_predictions.csv``: the best model's val probabilities; ``summary.json``: what ``train`` returns;
 - ``model.json`` / ``model_card.md``: the model card (covidxray.runs.card): input contract, threshold, data
@@ -53,7 +53,7 @@ import tensorflow as tf
 from covidxray import LABELS
 from covidxray.data.manifest import MANIFEST_NAME, dataset_provenance, dataset_summary, read_manifest, split_frame
 from covidxray.errors import CovidXrayError, DataError, ModelError
-from covidxray.evaluation.metrics import THRESHOLD_METHODS, choose_threshold
+from covidxray.metrics import THRESHOLD_METHODS, choose_threshold
 from covidxray.outputs import OutputDir, claim_output, command_line, fingerprint
 from covidxray.runs.card import drop_model_card, write_model_card
 from covidxray.runs.load import CHECKPOINT_DIR, MODEL_FILE, load_run, predict_dataframe, read_run_json, versions
@@ -264,7 +264,7 @@ def _check_same_dataset(out_dir: Path, recorded: dict | None, current: dict) -> 
 
 def _say(progress: bool, message: str) -> None:
     if progress:
-        print(f"[covidxray.training.train] {message}", file=sys.stderr, flush=True)
+        print(f"[covidxray.runs.train] {message}", file=sys.stderr, flush=True)
 
 
 
