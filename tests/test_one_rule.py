@@ -18,22 +18,25 @@ SOURCES = {p.relative_to(PACKAGE).as_posix(): p.read_text(encoding="utf-8") for 
 
 RULES = [
     # (meaning, regex a copy needs, modules allowed to hold it)
-    ("atomic rename into place", r"\bos\.replace\(", {"outputs.py", "download.py"}),
-    # notebooks.py writes a Python string literal in papermill's style with json.dumps, not a JSON file
-    ("JSON encoding", r"\bjson\.dumps?\(", {"outputs.py", "notebooks.py"}),
-    ("JSON conversion of numpy types", r"def \w*json\w*\(", {"outputs.py", "model_io.py"}),
-    ("grayscale conversion", r"\.convert\(\s*[\"']L[\"']", {"images.py"}),
-    ("the set of image suffixes", r"[\"']\.jpe?g[\"']\s*,\s*[\"']\.(png|jpe?g)[\"']", {"images.py"}),
+    ("atomic rename into place", r"\bos\.replace\(", {"outputs.py", "data/download.py"}),
+    # app/render_notebooks.py writes a Python string literal in papermill's style with json.dumps, not a JSON file
+    ("JSON encoding", r"\bjson\.dumps?\(", {"outputs.py", "app/render_notebooks.py"}),
+    ("JSON conversion of numpy types", r"def \w*json\w*\(", {"outputs.py", "runs/load.py"}),
+    ("grayscale conversion", r"\.convert\(\s*[\"']L[\"']", {"data/images.py"}),
+    ("the set of image suffixes", r"[\"']\.jpe?g[\"']\s*,\s*[\"']\.(png|jpe?g)[\"']", {"data/images.py"}),
     ("the decision-threshold rule", r"def \w*(youden|choose_threshold)\w*\(", {"metrics.py"}),
-    ("the age parser", r"def _?(\w+_)?ages?\(|def parse_age", {"sources/base.py"}),
-    ("the dataset summary reader", r"SUMMARY_NAME\)?\.read_text|summary\.json\"?\)?\.read_text", {"manifest.py"}),
-    ("ownership of output folders", r"\bshutil\.rmtree\(", {"outputs.py", "download.py", "features.py"}),
+    ("the age parser", r"def _?(\w+_)?ages?\(|def parse_age", {"data/sources/base.py"}),
+    ("the dataset summary reader", r"SUMMARY_NAME\)?\.read_text|summary\.json\"?\)?\.read_text", {"data/manifest.py"}),
+    ("ownership of output folders", r"\bshutil\.rmtree\(",
+     {"outputs.py", "data/download.py", "training/feature_cache.py"}),
     ("the OS-error message", r"errno\.errorcode", {"errors.py"}),
+    ("TensorFlow's log filter", r"cpu_feature_guard|absl::InitializeLog", {"tfenv.py"}),
 ]
 
 
 @pytest.mark.parametrize(("meaning", "pattern", "allowed"), RULES, ids=[r[0] for r in RULES])
 def test_one_implementation(meaning: str, pattern: str, allowed: set[str]) -> None:
+    assert allowed <= set(SOURCES), f"{meaning}: {sorted(allowed - set(SOURCES))} no longer exist; name their new homes"
     holders = sorted(name for name, text in SOURCES.items() if re.search(pattern, text))
     strays = [name for name in holders if name not in allowed]
     assert not strays, f"{meaning} is written again in {strays}; use the one in {sorted(allowed)}"
@@ -46,7 +49,8 @@ def test_no_module_writes_an_output_file_behind_the_ownership_record() -> None:
         tree = ast.parse(text)
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
-                    node.func.attr in ("mkdtemp", "mkstemp") and name not in ("features.py", "download.py"):
+                    node.func.attr in ("mkdtemp", "mkstemp") and \
+                    name not in ("training/feature_cache.py", "data/download.py"):
                 offenders.append(f"{name}:{node.lineno}")
     assert not offenders, f"temporary folders outside covidxray.outputs: {offenders}"
 
@@ -59,4 +63,4 @@ def test_the_threshold_is_chosen_by_one_function_everywhere() -> None:
 
     for module in (baseline, probes, train):
         assert getattr(module, "choose_threshold", metrics.choose_threshold) is metrics.choose_threshold
-    assert "choose_threshold" in SOURCES["train.py"] and "choose_threshold" in SOURCES["baseline.py"]
+    assert "choose_threshold" in SOURCES["runs/train.py"] and "choose_threshold" in SOURCES["evaluation/baseline.py"]

@@ -29,6 +29,7 @@ from typing import Any
 
 from covidxray.errors import CovidXrayError, DataError
 from covidxray.outputs import KEPT_NAMES, atomic_write, claim_output, foreign_entries, refusal
+from covidxray.tfenv import noise_pattern
 
 NOTEBOOKS: tuple[str, ...] = (
     "Create_Data.ipynb",
@@ -67,21 +68,18 @@ SHARED_NOTES: dict[str, str] = {
 """What each path parameter of the rendered run stands for (the note names these, never the machine's path)."""
 
 
-_TF_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} \d\d:\d\d:\d\d|"
-                       r"To enable the following instructions|WARNING:tensorflow:.*retracing)")
-
-
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 """The output type of a live Jupyter widget (a tqdm bar): a rendered file can only show it frozen, so never kept."""
 
 
 def strip_render_noise(path: str | Path) -> None:
-    """Drop what a rendered notebook cannot show truthfully: TensorFlow's C++ start-up log lines (oneDNN, CUDA
-    probing, graph attribute notices; TensorFlow 2.21 writes them whatever TF_CPP_MIN_LOG_LEVEL says) from the
-    stderr outputs, and saved widget state and widget outputs (progress bars a reader would see frozen at 0 %).
-    Every other output is kept as it is."""
+    """Drop what a rendered notebook cannot show truthfully: the lines of TensorFlow's start-up noise from the
+    stderr outputs (the command line's own filter, :func:`covidxray.tfenv.noise_pattern`: real errors such as an
+    out-of-memory line or a retracing warning stay), and saved widget state and widget outputs (progress bars a
+    reader would see frozen at 0 %). Every other output is kept as it is."""
     import nbformat
 
+    noise = re.compile(noise_pattern())
     nb = nbformat.read(str(path), as_version=4)
     nb.metadata.pop("widgets", None)
     for cell in nb.cells:
@@ -92,7 +90,7 @@ def strip_render_noise(path: str | Path) -> None:
             if WIDGET_VIEW in out.get("data", {}):
                 continue
             if out.get("output_type") == "stream" and out.get("name") == "stderr":
-                lines = [ln for ln in out["text"].splitlines(keepends=True) if not _TF_NOISE.match(ln)]
+                lines = [ln for ln in out["text"].splitlines(keepends=True) if not noise.match(ln.rstrip("\n"))]
                 if not "".join(lines).strip():
                     continue
                 out["text"] = "".join(lines)
