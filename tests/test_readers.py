@@ -117,6 +117,19 @@ def test_split_column_selects_for_evaluate_and_is_recorded_for_the_build(mixed_c
         read_labeled(mixed_csv, split="val")
 
 
+def test_a_split_is_named_in_any_case_by_every_reader(mixed_csv, tiny_dataset, tmp_path):
+    """One rule for split names (covidxray.data.manifest.split_name): a dataset, a CSV's split column, a split
+    folder and the --split flag all read "TEST", "Test " and "test" alike."""
+    for spelling in ("TEST", "Test ", "test"):
+        assert read_labeled(tiny_dataset, split=spelling).frame.equals(read_labeled(tiny_dataset, split="test").frame)
+        assert len(read_labeled(mixed_csv, split=spelling).frame) == 4
+    folder = tmp_path / "site"
+    for split, cls in (("Train", "covid"), ("TEST", "normal"), ("test", "covid")):
+        write_image(folder / split / cls / f"{split}-{cls}.png", seed=len(split) + len(cls))
+    assert {i.split for i in read_generic(folder).images} == {"train", "test"}
+    assert len(read_labeled(folder, split="Test").frame) == 2
+
+
 def test_a_file_listed_five_times_counts_once(tmp_path):
     root = tmp_path / "ext"
     for i in range(3):

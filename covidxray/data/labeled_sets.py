@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from covidxray.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, IMAGE_EXTENSIONS, check_image
-from covidxray.data.manifest import MANIFEST_NAME, read_manifest, split_frame
+from covidxray.data.manifest import MANIFEST_NAME, read_manifest, split_frame, split_name
 from covidxray.data.sources.base import SourceImage
 from covidxray.data.sources.generic import read_generic
 from covidxray.errors import DataError, ImageError
@@ -71,7 +71,7 @@ def select_split(images: list[SourceImage], split: str | None, data: Path) -> li
     named = sorted({i.split for i in images if i.split})
     if split is None or not named:
         return images
-    chosen = [i for i in images if i.split == split.lower()]
+    chosen = [i for i in images if split_name(i.split or "") == split_name(split)]
     if not chosen:
         raise DataError(f"{data}: no image of split {split!r} (the set names {named}). Pass one of those as the "
                         "split (--split), or no split for every image.")

@@ -124,8 +124,16 @@ def check_inside(paths: Sequence[object] | pd.Series, dataset_dir: Path, manifes
                             "your own list of images as a CSV to evaluate/predict instead.")
 
 
+def split_name(split: str) -> str:
+    """The canonical spelling of a split name: ``"TEST "`` and ``"Test"`` are ``"test"`` (a manifest, a CSV's
+    ``split`` column, a folder name and the ``--split`` flag all go through here)."""
+    return str(split).strip().lower()
+
+
 def split_frame(df: pd.DataFrame, split: str) -> pd.DataFrame:
-    """Rows of one split, in manifest order; a clear error when the split is empty."""
+    """Rows of one split (any case, see :func:`split_name`), in manifest order; a clear error when the split is
+    unknown or empty."""
+    split = split_name(split)
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {list(SPLITS)}.")
     part = df[df["split"] == split].reset_index(drop=True)

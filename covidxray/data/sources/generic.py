@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from covidxray.data.images import IMAGE_EXTENSIONS, dicom_tags, is_junk, skip_reason
-from covidxray.data.manifest import SPLITS
+from covidxray.data.manifest import SPLITS, split_name
 from covidxray.data.sources.base import (
     SourceImage,
     SourceScan,
@@ -133,7 +133,7 @@ def _read_folder(folder: Path, source: str, confine: bool) -> SourceScan:
                 scan.skipped.append((d.relative_to(folder).as_posix(), "unknown class folder (not normal/covid)"))
     listings: list[_Listing] = []
     for class_dir, label in class_dirs:
-        split = class_dir.parent.name.lower() if class_dir.parent != folder else None
+        split = split_name(class_dir.parent.name) if class_dir.parent != folder else None
         for file in sorted(class_dir.rglob("*")):
             rel = file.relative_to(folder)
             if file.is_dir():
@@ -193,7 +193,7 @@ def _csv_row(values: dict[str, str], base: Path, default: str, confine: bool) ->
     label = parse_label(raw_label)
     if label is None:
         return f"unknown label {raw_label!r} (use normal or covid; also Normal, COVID-19, No Finding, 0/1)"
-    split = values.get("split", "").lower() or None
+    split = split_name(values.get("split", "")) or None
     if split is not None and split not in SPLITS:
         return f"unknown split {values['split']!r} (use {', '.join(SPLITS)}, or leave it blank)"
     try:

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from covidxray.data.images import skip_reason
+from covidxray.data.manifest import split_name
 from covidxray.data.sources.base import SourceImage, SourceScan, outside_reason, parse_age, parse_label, parse_sex
 from covidxray.data.sources.ieee8023 import metadata_by_filename
 from covidxray.data.sources.kermany import kermany_patient_id
@@ -28,7 +29,7 @@ def read_presplit(folder: str | Path, *, metadata: str | Path | None = None) -> 
     meta = metadata_by_filename(metadata) if metadata is not None else {}
     scan = SourceScan()
     found_split = False
-    for split_dir in sorted(p for p in folder.iterdir() if p.is_dir() and p.name.lower() in _SPLITS):
+    for split_dir in sorted(p for p in folder.iterdir() if p.is_dir() and split_name(p.name) in _SPLITS):
         found_split = True
         for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
             label = parse_label(class_dir.name)
@@ -45,7 +46,7 @@ def read_presplit(folder: str | Path, *, metadata: str | Path | None = None) -> 
                 if reason is not None:
                     scan.skipped.append((rel.as_posix(), reason))
                     continue
-                scan.images.append(_presplit_image(path, rel.as_posix(), label, split_dir.name.lower(), meta))
+                scan.images.append(_presplit_image(path, rel.as_posix(), label, split_name(split_dir.name), meta))
     if not found_split:
         raise DataError(
             f"{folder}: no train/ or test/ folder. A pre-split dataset is laid out as train|test/Covid|Normal."
