@@ -341,7 +341,8 @@ def summarize(
 
 
 def _is_missing(x: Any) -> bool:
-    return x is None or (isinstance(x, float) and math.isnan(x))
+    """None or NaN, of any float type (a Python float, a numpy float32 or float64)."""
+    return x is None or (isinstance(x, (float, np.floating)) and math.isnan(x))
 
 
 def _metric_scale(percent: bool) -> tuple[float, int, str]:
@@ -356,6 +357,11 @@ def mean_std(mean: Any, std: Any, percent: bool) -> str:
     scale, digits, unit = _metric_scale(percent)
     spread = "n/a" if std is None or math.isnan(std) else f"{std * scale:.{digits}f}"
     return f"{mean * scale:.{digits}f} ± {spread}{unit}"
+
+
+def format_share(value: float | None) -> str:
+    """A share of a whole on 0-1 with two decimals ("0.12"), "n/a" when missing: heatmap mass and area shares."""
+    return "n/a" if _is_missing(value) else f"{value:.2f}"
 
 
 def format_metric(value: float | None, ci: Sequence[float] | None = None, *, percent: bool = True) -> str:

@@ -245,3 +245,15 @@ def test_one_threshold_rule_in_the_source() -> None:
              for m in pattern.finditer(path.read_text(encoding="utf8"))]
     assert found == [("covidxray/metrics.py", "youden_cut_points"),
                      ("covidxray/metrics.py", "choose_threshold")]
+
+
+def test_a_missing_number_reads_n_a_in_any_float_type():
+    """NaN as a Python float, a numpy float32 or float64, or None: "n/a", never "nan %" (one format for all)."""
+    from covidxray.explain.regions import format_mass_area
+    from covidxray.metrics import format_share
+
+    for missing in (None, float("nan"), np.float32("nan"), np.float64("nan")):
+        assert format_metric(missing) == "n/a" and format_metric(missing, percent=False) == "n/a"
+        assert format_share(missing) == "n/a"
+    assert format_metric(np.float32(0.5)) == "50.0 %" and format_share(np.float32(0.125)) == "0.12"
+    assert format_mass_area({"mass_share": 0.734, "area_share": np.float32("nan")}) == "0.73 (n/a)"

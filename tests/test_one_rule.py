@@ -30,6 +30,8 @@ RULES = [
     ("ownership of output folders", r"\bshutil\.rmtree\(",
      {"outputs.py", "data/download.py", "training/feature_cache.py"}),
     ("the OS-error message", r"errno\.errorcode", {"errors.py"}),
+    ("the metric number format (percent)", r"\.1f\} ?%", {"metrics.py"}),
+    ("the share format (heatmap mass and area)", r"\.2f\} \(\{|\.2f\} / \{|mass_share'\]:\.2f", {"metrics.py"}),
     ("TensorFlow's log filter", r"cpu_feature_guard|absl::InitializeLog", {"tfenv.py"}),
 ]
 

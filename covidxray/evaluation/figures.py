@@ -142,7 +142,7 @@ def plot_confusion(
     ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     for i in range(k):
         for j in range(k):
-            pct = f"{share[i, j] * 100:.1f} %" if row_sums[i, 0] else "n/a"
+            pct = format_metric(share[i, j]) if row_sums[i, 0] else "n/a"
             ax.text(j, i, f"{matrix[i, j]}\n({pct})", ha="center", va="center",
                     color="white" if share[i, j] > 0.5 else "black")
     ax.set_xticks(range(k), labels)

@@ -51,6 +51,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from covidxray.metrics import format_share
+
 REGIONS: tuple[str, ...] = ("padding", "markers", "outside_body", "outside_lungs")
 """The off-anatomy regions measured for each image, in report order."""
 FLAT_STD = 0.01
@@ -293,3 +295,7 @@ def mass_shares(heatmap: object, masks: dict[str, np.ndarray]) -> dict[str, floa
         out[f"{region}_share"] = float(heat[mask].sum() / total) if total > 0.0 else float("nan")
         out[f"{region}_area"] = float(mask.mean())
     return out
+
+def format_mass_area(stats: dict) -> str:
+    """One region's heatmap mass share beside its area share, as every table prints them: "0.73 (0.69)"."""
+    return f"{format_share(stats.get('mass_share'))} ({format_share(stats.get('area_share'))})"

@@ -36,7 +36,7 @@ from covidxray.explain.maps import (
     scale_maps,
     select_examples,
 )
-from covidxray.explain.regions import REGIONS
+from covidxray.explain.regions import REGIONS, format_mass_area
 from covidxray.outputs import data_provenance, provenance, staged_output
 
 
@@ -221,10 +221,6 @@ def side_by_side(
     return fig
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
 def checks_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """One row per model: randomisation correlation and where the heatmap mass is: the fixed border band (overall,
     per class and source) and the off-anatomy regions (mass share and, in brackets, area share; all images and
@@ -250,7 +246,7 @@ def checks_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
             for region in REGIONS:
                 if stats is not None:
                     row[f"{region.replace('_', ' ')} mass (area), {group}"] = (
-                        f"{_fmt(stats[region]['mass_share'])} ({_fmt(stats[region]['area_share'])})")
+                        format_mass_area(stats[region]))
         row["warning"] = result["checks"].get("warning") or att.get("warning") or ""
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")

@@ -27,6 +27,7 @@ from typing import Any
 from covidxray import limits, paths
 from covidxray.errors import DataError
 from covidxray.evaluation.figures import TABLE_METRICS
+from covidxray.explain.regions import format_mass_area
 from covidxray.metrics import format_metric, mean_std, seed_summary
 from covidxray.outputs import write_text
 
@@ -425,7 +426,7 @@ def heatmap_table(checks: Mapping[str, Mapping[str, Any]]) -> str:
     """Per model and group (all images, each class, each source): the share of heatmap mass in each off-anatomy
     region against the region's share of the image area, the regions over the warning rule's limits, and whether
     the randomisation check passed and the shortcut warning fired."""
-    header = (["model (method)", "group", "images"] + [f"{name}: mass / area" for _, name in HEATMAP_REGIONS]
+    header = (["model (method)", "group", "images"] + [f"{name}: mass (area)" for _, name in HEATMAP_REGIONS]
               + ["over the limit"])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     verdicts = []
@@ -437,8 +438,7 @@ def heatmap_table(checks: Mapping[str, Mapping[str, Any]]) -> str:
         for group, stats in groups:
             cells = [f"{model} ({check['method']})", group, str(stats["n_images"])]
             for key, _ in HEATMAP_REGIONS:
-                r = stats[key]
-                cells.append("n/a" if r["mass_share"] is None else f"{r['mass_share']:.2f} / {r['area_share']:.2f}")
+                cells.append(format_mass_area(stats[key]))
             cells.append(", ".join(region.replace("_", " ") for region in stats["over"]) or "none")
             lines.append("| " + " | ".join(cells) + " |")
         rand = check["randomization"]

@@ -32,7 +32,7 @@ from covidxray.errors import DataError, ModelError
 from covidxray.evaluation.baseline import baseline_probabilities, fit_baseline_with_threshold
 from covidxray.evaluation.evaluate import evaluate_model, evaluate_predictions
 from covidxray.evaluation.figures import plot_reliability, plot_roc_pr, results_table
-from covidxray.metrics import seed_summary
+from covidxray.metrics import format_metric, seed_summary
 from covidxray.outputs import OutputDir, claim_output, synthetic_note
 from covidxray.training.compute_dtype import PRECISIONS
 
@@ -351,10 +351,6 @@ def _cross(trained: Mapping[str, tuple[str | Path, Mapping[str, str | Path]]], d
     return result
 
 
-def _pct(x: Any) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f} %"
-
-
 def _cross_notes(matrix: Mapping[str, Any], left_out: Mapping[str, Mapping[str, int]]) -> list[str]:
     """One sentence per model and pair of designs: its score at home and away, and how many normals it calls COVID."""
     notes = []
@@ -366,11 +362,12 @@ def _cross_notes(matrix: Mapping[str, Any], left_out: Mapping[str, Mapping[str, 
                     continue
                 normals = (cell["tn"] or 0) + (cell["fp"] or 0)
                 called = f"{cell['fp']} of {normals}" if normals else "no normals"
+                at_home, away = format_metric(home["accuracy"]), format_metric(cell["accuracy"])
+                false_covid = format_metric(1 - cell["specificity"]) if normals else "n/a"
                 notes.append(
-                    f"{name} trained on {train_design}: accuracy {_pct(home['accuracy'])} on its own test split, "
-                    f"{_pct(cell['accuracy'])} on the {test_design} test split; it calls "
-                    f"{_pct(1 - cell['specificity']) if normals else 'n/a'} of the {test_design} normals COVID "
-                    f"({called}; {_pct(1 - home['specificity'])} of its own)"
+                    f"{name} trained on {train_design}: accuracy {at_home} on its own test split, "
+                    f"{away} on the {test_design} test split; it calls {false_covid} of the {test_design} normals "
+                    f"COVID ({called}; {format_metric(1 - home['specificity'])} of its own)"
                     + (f"; {left_out[train_design][test_design]} images it had seen left out" if
                        left_out[train_design][test_design] else ""))
     return notes
