@@ -22,9 +22,11 @@ claim; a killed swap leaves a pending record, so the next claim knows both the o
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime as _dt
 import fnmatch
 import hashlib
+import io
 import json
 import math
 import os
@@ -108,6 +110,27 @@ def json_text(obj: Any, *, sort_keys: bool = True) -> str:
     """``obj`` as the package writes JSON: converted by :func:`to_jsonable`, indent 2, newline, keys sorted
     unless ``sort_keys`` is False (records whose field order is meaningful, e.g. a training history)."""
     return json.dumps(to_jsonable(obj), indent=2, sort_keys=sort_keys, allow_nan=False) + "\n"
+
+
+def csv_text(table: pd.DataFrame | Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """``table`` as the package writes CSV: a header, one row per line, "\\n" line endings on every platform, no
+    index. ``table`` is a DataFrame, or rows (mappings) written in ``columns`` order exactly as their values
+    print (the manifest's contract)."""
+    if isinstance(table, pd.DataFrame):
+        return table.to_csv(index=False, lineterminator="\n")
+    if columns is None:
+        raise ValueError("csv_text of rows needs the columns")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(table)
+    return buf.getvalue()
+
+
+def write_csv(table: pd.DataFrame | Sequence[Mapping[str, Any]], path: str | Path,
+              columns: Sequence[str] | None = None) -> Path:
+    """Write ``table`` as CSV atomically (see :func:`csv_text`); returns the path."""
+    return write_text(csv_text(table, columns), path)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -662,6 +685,10 @@ class OutputDir:
     def write_json(self, rel: str, obj: Any, *, sort_keys: bool = True) -> Path:
         """Write and record one JSON file (see :func:`json_text`)."""
         return self.write_text(rel, json_text(obj, sort_keys=sort_keys))
+
+    def write_csv(self, rel: str, table: pd.DataFrame) -> Path:
+        """Write and record one CSV file (see :func:`csv_text`)."""
+        return self.write_text(rel, csv_text(table))
 
     def adopt(self, rel: str) -> None:
         """Record a file that a library call wrote inside the scratch folder and the caller renamed into place."""

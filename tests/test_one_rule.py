@@ -32,6 +32,9 @@ RULES = [
     ("the OS-error message", r"errno\.errorcode", {"errors.py"}),
     ("the metric number format (percent)", r"\.1f\} ?%", {"metrics.py"}),
     ("the share format (heatmap mass and area)", r"\.2f\} \(\{|\.2f\} / \{|mass_share'\]:\.2f", {"metrics.py"}),
+    # data/synthetic.py writes the synthetic sources in the real sources' own CSV layouts
+    ("writing a CSV", r"\.to_csv\(|csv\.(Dict)?[wW]riter\(", {"outputs.py", "data/synthetic.py"}),
+    ("saving a figure", r"\.savefig\(", {"evaluation/figures.py"}),
     ("TensorFlow's log filter", r"cpu_feature_guard|absl::InitializeLog", {"tfenv.py"}),
 ]
 

@@ -155,3 +155,18 @@ def test_command_line_names_a_jupyter_kernel_without_its_connection_file(monkeyp
     assert command_line() == [JUPYTER_KERNEL_COMMAND]
     monkeypatch.setattr(sys, "argv", ["/venv/bin/covidxray", "cam", "--out", "x"])
     assert command_line() == ["covidxray", "cam", "--out", "x"]
+
+
+def test_one_csv_writer_for_frames_and_rows():
+    """A DataFrame and the same rows as mappings give the same bytes, with "\\n" line endings on every platform."""
+    import pandas as pd
+
+    from covidxray.outputs import csv_text
+
+    rows = [{"path": "train/covid/a.png", "label": "covid", "age": 41}, {"path": "b,c.png", "label": "normal",
+                                                                          "age": ""}]
+    text = csv_text(rows, ["path", "label", "age"])
+    assert text == 'path,label,age\ntrain/covid/a.png,covid,41\n"b,c.png",normal,\n'
+    assert csv_text(pd.DataFrame(rows)) == text and "\r" not in text
+    with pytest.raises(ValueError, match="columns"):
+        csv_text(rows)

@@ -28,7 +28,7 @@ from covidxray.data.images import DEFAULT_MAX_PIXELS, skip_reason
 from covidxray.data.labeled_sets import LabeledSet, decodable
 from covidxray.data.sources.base import read_table
 from covidxray.errors import DataError
-from covidxray.outputs import SYNTHETIC, data_provenance, provenance, staged_output, write_text
+from covidxray.outputs import SYNTHETIC, data_provenance, provenance, staged_output, write_csv
 
 PREDICTIONS_FILE = "predictions.csv"
 HEATMAP_DIR = "heatmaps"
@@ -117,7 +117,8 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[tuple[str, str | None]]
 def _write_heatmaps(model: Any, frame: pd.DataFrame, probs: np.ndarray, folder: Path, *, name: str,
                     method: str, layer: str, threshold: float, image_size: int, batch_size: int) -> list[str]:
     """One overlay PNG per row of ``frame`` into ``folder``, decoded ``CHUNK`` images at a time; their names."""
-    from covidxray.explain.maps import cam_filename, heatmaps, overlay_figure, save_figure
+    from covidxray.evaluation.figures import save_figure
+    from covidxray.explain.maps import HEATMAP_DPI, cam_filename, heatmaps, overlay_figure
     from covidxray.training.pipeline import load_images
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -136,7 +137,7 @@ def _write_heatmaps(model: Any, frame: pd.DataFrame, probs: np.ndarray, folder: 
                 filename = cam_filename(name, f"{Path(original).stem}-{copy}", "unknown", pred, p)
             taken.add(filename)
             title = f"{name} ({method}): predicted {pred}, p(covid) = {p:.2f} (threshold {threshold:.2f})"
-            save_figure(overlay_figure(images[i], maps[i], title=title), folder / filename)
+            save_figure(overlay_figure(images[i], maps[i], title=title), folder / filename, dpi=HEATMAP_DPI)
             names.append(f"{HEATMAP_DIR}/{filename}")
     return names
 
@@ -201,7 +202,7 @@ def predict(
                          "model": model_name, "model_data": data_word, "skipped": reason or unusable.get(path, ""),
                          "heatmap": heat.get(path, "") if reason is None else ""})
         table = pd.DataFrame(rows, columns=COLUMNS)
-        write_text(table.to_csv(index=False, lineterminator="\n"), tmp / PREDICTIONS_FILE)
+        write_csv(table, tmp / PREDICTIONS_FILE)
     return {"model": model_name, "model_path": meta["model_path"], "threshold": threshold,
             "threshold_source": meta["threshold_source"], "image_size": size, "cam": method, "out": str(out_dir),
             "predicted": int(table["p_covid"].notna().sum()), "skipped": int(table["p_covid"].isna().sum()),

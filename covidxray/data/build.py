@@ -10,9 +10,7 @@ intact, and the same inputs always give a byte-identical manifest.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import math
 import os
 import re
@@ -52,7 +50,7 @@ from covidxray.data.sources.generic import default_source
 from covidxray.data.split import assign_splits, cap_groups, group_ids, near_duplicate_pairs
 from covidxray.data.synthetic import is_synthetic
 from covidxray.errors import DataError, ImageError
-from covidxray.outputs import OutputDir, claim_output, json_text
+from covidxray.outputs import OutputDir, claim_output, json_text, write_csv
 
 
 @dataclass
@@ -408,16 +406,10 @@ def _write_output(out: OutputDir, cands, rows, rejected, summary) -> None:
         else:
             shutil.copyfile(c.image.path, dest)
     order = sorted(range(len(rows)), key=lambda i: rows[i]["path"])
-    _write_csv(stage / MANIFEST_NAME, MANIFEST_COLUMNS, [rows[i] for i in order])
-    _write_csv(stage / REJECTED_NAME, ["source", "item", "reason"],
-               [dict(zip(("source", "item", "reason"), r, strict=True)) for r in sorted(rejected)])
+    write_csv([rows[i] for i in order], stage / MANIFEST_NAME, MANIFEST_COLUMNS)
+    write_csv([dict(zip(("source", "item", "reason"), r, strict=True)) for r in sorted(rejected)],
+              stage / REJECTED_NAME, ["source", "item", "reason"])
     (stage / SUMMARY_NAME).write_text(json_text(summary), encoding="utf-8")
     out.commit_stage()
 
 
-def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    path.write_text(buf.getvalue(), encoding="utf-8")

@@ -28,7 +28,15 @@ from covidxray.evaluation.figures import (
     results_table,
 )
 from covidxray.metrics import METRIC_NAMES, format_metric, summarize
-from covidxray.outputs import data_provenance, provenance, staged_output, synthetic_note, write_json, write_text
+from covidxray.outputs import (
+    data_provenance,
+    provenance,
+    staged_output,
+    synthetic_note,
+    write_csv,
+    write_json,
+    write_text,
+)
 from covidxray.runs.card import REFERENCE_DIR, read_reference
 
 SKIPPED_FILE = "skipped.csv"
@@ -79,7 +87,7 @@ def write_evaluation(out_dir: str | Path, df: pd.DataFrame, probs: np.ndarray, r
         "p_covid": np.round(probs, 6),
         "pred": np.where(probs >= result["threshold"], LABELS[1], LABELS[0]),
     })
-    write_text(preds.to_csv(index=False, lineterminator="\n"), out_dir / "predictions.csv")
+    write_csv(preds, out_dir / "predictions.csv")
     write_json({k: v for k, v in result.items() if k != "markdown"}, out_dir / "metrics.json")
     write_text(result.get("markdown") or results_table([result]), out_dir / "results.md")
     y = df["y"].to_numpy()
@@ -216,4 +224,4 @@ def evaluate_model(
 def write_skipped(skipped: list[tuple[str, str]], path: str | Path) -> Path:
     """The files left out, one line each with the reason (a header alone when none was)."""
     table = pd.DataFrame(skipped, columns=["file", "reason"])
-    return write_text(table.to_csv(index=False, lineterminator="\n"), path)
+    return write_csv(table, path)

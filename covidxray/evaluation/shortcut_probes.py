@@ -37,7 +37,7 @@ from covidxray.data.images import open_grayscale
 from covidxray.data.manifest import MANIFEST_NAME, dataset_provenance, read_manifest, split_frame
 from covidxray.errors import DataError, ImageError
 from covidxray.metrics import choose_threshold, format_metric, summarize
-from covidxray.outputs import staged_output, synthetic_note, write_json, write_text
+from covidxray.outputs import staged_output, synthetic_note, write_csv, write_json, write_text
 from covidxray.progress import progress_bar
 
 DEFAULT_BORDER = 0.15
@@ -147,7 +147,7 @@ def masked_dataset(data_dir: str | Path, out_dir: str | Path, *, border: float =
     if "sha256" in manifest.columns:
         manifest["sha256"] = shas
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest.to_csv(out_dir / MANIFEST_NAME, index=False, lineterminator="\n")
+    write_csv(manifest, out_dir / MANIFEST_NAME)
     return out_dir
 
 

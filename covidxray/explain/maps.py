@@ -39,6 +39,7 @@ from covidxray import LABELS
 from covidxray.data.images import IMAGE_EXTENSIONS
 from covidxray.data.manifest import check_frame
 from covidxray.errors import ModelError
+from covidxray.evaluation.figures import save_figure
 from covidxray.outputs import SYNTHETIC
 from covidxray.progress import progress_bar
 
@@ -396,11 +397,8 @@ def cam_filename(model_name: str, image_name: str, truth: str, pred: str, prob: 
     return "__".join(parts) + ".png"
 
 
-def save_figure(fig: Figure, path: str | Path, *, dpi: int = 100) -> Path:
-    """Save ``fig`` as PNG atomically with the Agg renderer."""
-    from covidxray.evaluation.figures import save_figure as save
-
-    return save(fig, path, dpi=dpi)
+HEATMAP_DPI = 100
+"""Resolution of the heatmap overlays and grids (the other figures use :data:`covidxray.evaluation.figures.DPI`)."""
 
 
 # ------------------------------------------------------------ figures
@@ -522,7 +520,7 @@ def summary_grid(
         ScalarMappable(Normalize(0.0, 1.0), cmap=_CMAP), ax=axes.ravel().tolist(), fraction=0.03
     )
     bar.set_label(label, fontsize=7)
-    return save_figure(fig, out_path)
+    return save_figure(fig, out_path, dpi=HEATMAP_DPI)
 
 
 def render_cams(
@@ -587,7 +585,7 @@ def render_cams(
             filename = cam_filename(model_name, f"{_image_stem(names[i])}-{copy}", truths[i], pred, p[i])
         taken.add(filename)
         title = f"{shown} ({used}): true {truths[i]}, predicted {pred}, p(covid) = {p[i]:.2f}"
-        save_figure(overlay_figure(x[i], maps[i], title=title, label=label), out_dir / filename)
+        save_figure(overlay_figure(x[i], maps[i], title=title, label=label), out_dir / filename, dpi=HEATMAP_DPI)
         rows.append(
             {
                 "model": model_name,

@@ -357,7 +357,7 @@ class _Run:
 
     def write_history(self) -> None:
         self.out.write_json("history.json", self.state.history, sort_keys=False)
-        self.out.put("history.csv", lambda tmp: pd.DataFrame(self.state.history).to_csv(tmp, index=False))
+        self.out.write_csv("history.csv", pd.DataFrame(self.state.history))
 
 
 def _cache_for(cfg: TrainConfig, df: pd.DataFrame, split: str) -> str | None:
@@ -809,7 +809,7 @@ def _finish(run: _Run, train_df: pd.DataFrame, val_df: pd.DataFrame, precision: 
         "prob": prob,
         "pred": (prob >= threshold["threshold"]).astype(int),
     })
-    run.out.put("val_predictions.csv", lambda tmp: preds.to_csv(tmp, index=False))
+    run.out.write_csv("val_predictions.csv", preds)
     run.out.write_json("threshold.json", threshold)
     run.write_history()
     epoch_seconds = [float(r["seconds"]) for r in state.history]

@@ -270,7 +270,7 @@ def _write_labeled_csv(df: pd.DataFrame, out: OutputDir, name: str) -> Path:
     reads it)."""
     rel = [Path(os.path.relpath(f, out.path)).as_posix() for f in df["filepath"]]
     table = pd.DataFrame({"path": rel, "label": df["label"], "patient_id": df["patient_id"], "source": df["source"]})
-    return out.write_text(name, table.to_csv(index=False, lineterminator="\n"))
+    return out.write_csv(name, table)
 
 
 def _cell(result: Mapping[str, Any]) -> dict[str, Any]:
