@@ -165,6 +165,21 @@ def write_json(obj: Any, path: str | Path) -> Path:
     return write_text(json_text(obj), path)
 
 
+def read_json(path: str | Path, fix: str, *, what: str = "the JSON file", error: type[Exception] = DataError,
+              expect: type | None = dict) -> Any:
+    """One JSON file the package reads (a summary, a record, a run file, a results file): its content, or one
+    ``error`` (DataError, or ModelError for run files) naming the file, what is wrong and ``fix``. ``expect`` is the
+    type the content must have (None: any)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise error(f"{path}: cannot read {what} ({exc}); {fix}") from exc
+    if expect is not None and not isinstance(data, expect):
+        raise error(f"{path}: {what} is not a JSON {'object' if expect is dict else expect.__name__}; {fix}")
+    return data
+
+
 def file_sha256(path: str | Path) -> str:
     """SHA-256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()

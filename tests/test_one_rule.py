@@ -34,6 +34,8 @@ RULES = [
     ("the share format (heatmap mass and area)", r"\.2f\} \(\{|\.2f\} / \{|mass_share'\]:\.2f", {"metrics.py"}),
     # data/synthetic.py writes the synthetic sources in the real sources' own CSV layouts
     ("writing a CSV", r"\.to_csv\(|csv\.(Dict)?[wW]riter\(", {"outputs.py", "data/synthetic.py"}),
+    # outputs.py holds the one reader (read_json) and the record readers, which treat another tool's JSON as no record
+    ("reading a JSON file", r"json\.loads?\([^)]*(read_text|open)\(", {"outputs.py"}),
     ("saving a figure", r"\.savefig\(", {"evaluation/figures.py"}),
     ("TensorFlow's log filter", r"cpu_feature_guard|absl::InitializeLog", {"tfenv.py"}),
 ]

@@ -165,7 +165,7 @@ def _drop_config(data: dict) -> None:
 
 
 DAMAGES = {
-    "corrupt JSON": ("table1", '{"rows": [', r"table1-2020-split\.json: not a readable JSON file \(Expecting"),
+    "corrupt JSON": ("table1", '{"rows": [', r"table1-2020-split\.json: cannot read the results file \(Expecting"),
     "accuracy 1.5": ("table2", lambda d: d["rows"][0]["metrics"].update(accuracy=1.5),
                      r"table2-patient-split\.json: rows\[0\]\.metrics\.accuracy is 1\.5; it must be a number in "
                      r"\[0, 1\]"),

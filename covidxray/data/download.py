@@ -14,7 +14,6 @@ import errno
 import hashlib
 import http.client
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 
 from covidxray import __version__
 from covidxray.errors import DataError
-from covidxray.outputs import RESERVED_NAMES, file_sha256, record_files, refusal, replaceable, write_json
+from covidxray.outputs import RESERVED_NAMES, file_sha256, read_json, record_files, refusal, replaceable, write_json
 from covidxray.paths import CHEST_XRAY_DIR, COVID_XRAY_DIR
 
 IEEE8023_REPOSITORY = "ieee8023/covid-chestxray-dataset"
@@ -530,14 +529,8 @@ def read_download_record(folder: str | Path) -> dict[str, Any] | None:
     path = Path(folder) / DOWNLOAD_RECORD_NAME
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read the download record ({exc}); delete it, or rerun `covidxray download` "
-                        "to write it again.") from exc
-    if not isinstance(record, dict):
-        raise DataError(f"{path}: the download record is not a JSON object; delete it, or rerun `covidxray download` "
-                        "to write it again.")
+    record = read_json(path, "delete it, or rerun `covidxray download` to write it again.",
+                       what="the download record")
     return record
 
 

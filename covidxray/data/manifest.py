@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -10,7 +9,7 @@ import pandas as pd
 
 from covidxray import LABELS
 from covidxray.errors import DataError
-from covidxray.outputs import fingerprint, provenance
+from covidxray.outputs import fingerprint, provenance, read_json
 
 MANIFEST_NAME = "manifest.csv"
 SUMMARY_NAME = "summary.json"
@@ -147,10 +146,7 @@ def dataset_summary(dataset: str | Path) -> dict:
     path = Path(dataset) / SUMMARY_NAME
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable ({exc}); rebuild the dataset with `covidxray data`.") from exc
+    return read_json(path, "rebuild the dataset with `covidxray data`.", what="the dataset summary")
 
 
 def dataset_provenance(dataset: str | Path) -> dict:

@@ -13,7 +13,6 @@ versions.json, eval-test/metrics.json) and the training dataset's summary.json, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from covidxray.outputs import (
     file_sha256,
     fingerprint,
     is_synthetic_artifact,
+    read_json,
     synthetic_note,
 )
 from covidxray.runs.load import CARD_FILE, CARD_TEXT, MODEL_FILE, model_id, read_run_json
@@ -151,15 +151,11 @@ def read_reference(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
+    if not path.is_file():
         raise DataError(f"{path}: no reference evaluation there. Evaluate the run on its test split first "
-                        "(`covidxray evaluate --model RUN`) or pass another metrics.json.") from exc
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable reference evaluation ({exc}); rerun `covidxray evaluate --model RUN` "
-                        "to rewrite it.") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+                        "(`covidxray evaluate --model RUN`) or pass another metrics.json.")
+    data = read_json(path, "rerun `covidxray evaluate --model RUN` to rewrite it.", what="the reference evaluation")
+    if not isinstance(data.get("metrics"), dict):
         raise DataError(f"{path}: not a metrics.json written by `covidxray evaluate` (no 'metrics' entry); "
                         "pass the run's eval-test/metrics.json.")
     data["path"] = str(path)

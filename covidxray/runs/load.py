@@ -24,7 +24,7 @@ import tensorflow as tf
 import covidxray
 from covidxray import LABELS, limits
 from covidxray.errors import ModelError
-from covidxray.outputs import file_sha256
+from covidxray.outputs import file_sha256, read_json
 from covidxray.tfenv import traced
 from covidxray.training.compute_dtype import choose_precision, with_precision
 from covidxray.training.pipeline import make_dataset, raise_unreadable
@@ -72,10 +72,8 @@ def versions() -> dict:
 
 def read_run_json(path: Path) -> dict:
     """One JSON file of a run folder; a ModelError naming it when it cannot be read or parsed."""
-    try:
-        return json.loads(path.read_text(encoding="utf8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: unreadable ({exc}); the run folder is damaged: retrain or re-download it.") from exc
+    return read_json(path, "the run folder is damaged: retrain or re-download it.", what="this run file",
+                     error=ModelError, expect=None)
 
 
 # ---------------------------------------------------------------------------------------------- the contract

@@ -16,7 +16,6 @@ heatmap notebook writes (``Class_Activation_Images/*__checks.json``). The notebo
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -29,7 +28,7 @@ from covidxray.errors import DataError
 from covidxray.evaluation.figures import TABLE_METRICS
 from covidxray.explain.regions import format_mass_area
 from covidxray.metrics import format_metric, mean_std, seed_summary
-from covidxray.outputs import write_text
+from covidxray.outputs import read_json, write_text
 
 RESULTS_DIR = Path("results")
 README = Path("README.md")
@@ -83,14 +82,7 @@ def read_results_file(path: str | Path, fix: str = _RESULTS_FIX) -> dict[str, An
     """One results file as a JSON object; a DataError naming it and ``fix`` (FILE: the path) when it cannot be
     read, is not JSON or not an object."""
     path = Path(path)
-    fix = fix.replace("FILE", str(path))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable JSON file ({exc}); {fix}.") from exc
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: a JSON object is expected, not {type(data).__name__}; {fix}.")
-    return data
+    return read_json(path, fix.replace("FILE", str(path)) + ".", what="the results file")
 
 
 def _check_rate(path: Path, field: str, value: object) -> None:
