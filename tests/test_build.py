@@ -125,7 +125,7 @@ def test_failed_build_keeps_the_previous_dataset(tmp_path, synthetic_sources, mo
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(build_module, "_write_csv", boom)
+    monkeypatch.setattr(build_module, "write_csv", boom)
     with pytest.raises(OSError, match="disk full"):
         build_dataset(out, chest_xray=synthetic_sources.chest_xray, covid_xray=synthetic_sources.covid_xray,
                       config=BuildConfig(seed=3), progress=False)
@@ -299,3 +299,23 @@ def test_seed_dataset_import_keeps_its_split(tmp_path, shared_data):
              for p in summary["leakage"]["near_duplicate_pairs"]}
     assert frozenset(("AR-1.jpg", "AR-2.jpg")) in pairs
     assert frozenset(("4-x-day1.jpg", "extubation-1.jpg")) in pairs
+
+
+def test_group_ids_match_connected_components_named_by_their_smallest_image():
+    """Against an independent reference (scipy.sparse.csgraph): images of one patient or linked as duplicates
+    share a group, and a group is named by its smallest image index, whatever the order of the links."""
+    import numpy as np
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rng = np.random.default_rng(7)
+    n = 300
+    pids = [f"p{rng.integers(0, 120)}" for _ in range(n)]
+    links = [tuple(int(v) for v in rng.integers(0, n, 2)) for _ in range(60)]
+    edges = links + [(i, j) for i in range(n) for j in range(i) if pids[i] == pids[j]]
+    rows, cols = zip(*edges, strict=True)
+    _, component = connected_components(coo_matrix((np.ones(len(edges)), (rows, cols)), shape=(n, n)),
+                                         directed=False)
+    smallest = {c: min(i for i in range(n) if component[i] == c) for c in set(component)}
+    assert group_ids(pids, links) == [smallest[c] for c in component]
+    assert group_ids(pids, links[::-1]) == group_ids(pids, links)

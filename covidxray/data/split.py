@@ -11,28 +11,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.cluster.hierarchy import DisjointSet
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
-class UnionFind:
-    """Disjoint sets over integer ids 0..n-1."""
-
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        """Root of ``i`` (with path halving)."""
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, a: int, b: int) -> None:
-        """Merge the sets of ``a`` and ``b``; the smaller root wins so results do not depend on call order."""
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
 
 
 def near_duplicate_pairs(hashes: Sequence[bytes], max_distance: int) -> list[tuple[int, int, int]]:
@@ -54,17 +35,20 @@ def near_duplicate_pairs(hashes: Sequence[bytes], max_distance: int) -> list[tup
 
 
 def group_ids(patient_ids: Sequence[str], links: Sequence[tuple[int, int]]) -> list[int]:
-    """Group index per image: same patient or linked (duplicate) images share a group."""
-    uf = UnionFind(len(patient_ids))
+    """Group index per image: same patient or linked (duplicate) images share a group, named by its smallest
+    image index (so the ids do not depend on the order of the links). Disjoint sets are scipy's."""
+    sets = DisjointSet(range(len(patient_ids)))
     first: dict[str, int] = {}
     for i, pid in enumerate(patient_ids):
-        if pid in first:
-            uf.union(first[pid], i)
-        else:
-            first[pid] = i
+        sets.merge(first.setdefault(pid, i), i)
     for a, b in links:
-        uf.union(a, b)
-    return [uf.find(i) for i in range(len(patient_ids))]
+        sets.merge(a, b)
+    group = [0] * len(patient_ids)
+    for members in sets.subsets():
+        root = min(members)
+        for i in members:
+            group[i] = root
+    return group
 
 
 def _shuffled_groups(members: dict[int, list[int]], keys: Sequence[str], rng: np.random.Generator) -> list[int]:
