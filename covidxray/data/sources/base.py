@@ -100,6 +100,14 @@ def parse_label(text: str) -> str | None:
     return LABEL_ALIASES.get(key)
 
 
+def listed_file_problem(path: Path | None, folder: Path, listing: str) -> str | None:
+    """Why a file that a source's list (``listing``: metadata.csv, Data_Entry_2017.csv) names cannot be used: it
+    is not on disk (``path`` None) or it resolves outside the source's ``folder``; None when it can."""
+    if path is None:
+        return f"listed in {listing} but not on disk"
+    return outside_reason(path, folder)
+
+
 def outside_reason(path: Path, root: Path) -> str | None:
     """Why a file a source lists may not be read: it resolves (through ``..``, an absolute path or a symbolic
     link) outside the source's folder ``root``; None when it stays inside.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from covidxray.data.sources.base import SourceImage, SourceScan, outside_reason, parse_age, parse_sex, read_table
+from covidxray.data.sources.base import SourceImage, SourceScan, listed_file_problem, parse_age, parse_sex, read_table
 from covidxray.errors import DataError
 
 SOURCE = "ieee8023"
@@ -95,13 +95,10 @@ def read_ieee8023(
             continue
         counts["selected_rows"] += 1
         path = _locate(folder, rec.get("folder", ""), filename)
-        if path is None:
-            counts["missing_files"] += 1
-            scan.skipped.append((f"metadata.csv: {filename}", "listed in metadata.csv but not on disk"))
-            continue
-        reason = outside_reason(path, folder)
-        if reason is not None:
-            scan.skipped.append((f"metadata.csv: {filename}", reason))
+        problem = listed_file_problem(path, folder, "metadata.csv")
+        if problem is not None:
+            counts["missing_files"] += path is None
+            scan.skipped.append((f"metadata.csv: {filename}", problem))
             continue
         scan.images.append(
             SourceImage(

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from covidxray.data.images import is_junk
-from covidxray.data.sources.base import SourceImage, SourceScan, outside_reason, parse_age, parse_sex, read_table
+from covidxray.data.sources.base import SourceImage, SourceScan, listed_file_problem, parse_age, parse_sex, read_table
 from covidxray.errors import DataError
 
 SOURCE = "nih"
@@ -114,13 +114,10 @@ def read_nih(
             continue
         counts["nih_selected"] += 1
         path = files.get(name)
-        if path is None:
-            counts["nih_missing_files"] += 1
-            scan.skipped.append((f"{csv_path.name}: {name}", f"listed in {csv_path.name} but not on disk"))
-            continue
-        reason = outside_reason(path, folder)
-        if reason is not None:
-            scan.skipped.append((f"{csv_path.name}: {name}", reason))
+        problem = listed_file_problem(path, folder, csv_path.name)
+        if problem is not None:
+            counts["nih_missing_files"] += path is None
+            scan.skipped.append((f"{csv_path.name}: {name}", problem))
             continue
         scan.images.append(
             SourceImage(
