@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,21 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_temp_folder(tmp_path_factory) -> Iterator[Path]:
+    """The whole session's temporary files (``tempfile``, and ``TMPDIR`` for subprocesses) go to a folder of this
+    session's own: no test reads or depends on the machine's shared temporary folder, which other processes use."""
+    folder = tmp_path_factory.mktemp("tempdir")
+    saved, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir, os.environ["TMPDIR"] = str(folder), str(folder)
+    yield folder
+    tempfile.tempdir = saved
+    if saved_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved_env
 
 
 def run_quick_bench(mode: str | None, out: Path) -> None:
