@@ -38,6 +38,29 @@ def _private_temp_folder(tmp_path_factory) -> Iterator[Path]:
         os.environ["TMPDIR"] = saved_env
 
 
+def verb_parsers() -> dict:
+    """The command line's verbs and their parsers, as the parser itself lists them (never a hard-coded list)."""
+    import argparse
+
+    from covidxray.app.cli import build_parser
+
+    return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+VERBS: list[str] = sorted(verb_parsers())
+"""Every verb of the command line."""
+
+
+def run_main(argv: list[str]) -> int:
+    """``covidxray ARGV`` in-process: the exit status, whether ``main`` returns it or argparse exits."""
+    from covidxray.app.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
 def run_quick_bench(mode: str | None, out: Path) -> None:
     """``python -m bench [--MODE] --quick --out OUT`` in a subprocess from the repository root; fails the test,
     showing the end of its stderr, when it exits non-zero."""

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import VERBS, run_main, verb_parsers
 
-from covidxray.app.cli import build_parser, main
+from covidxray.app.cli import main
 from covidxray.outputs import RECORD_NAME
 from covidxray.progress import progress_bar, set_progress
 from covidxray.tfenv import NO_GPU_NOISE, NOISE
@@ -27,16 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_TRAIN = ["--epochs", "1", "--image-size", "32", "--batch-size", "16"]
 
 
-def verb_parsers() -> dict[str, argparse.ArgumentParser]:
-    parser = build_parser()
-    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-
-
-def run_main(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
 
 
 # --- help ----------------------------------------------------------------------------------------------------------
@@ -57,7 +48,7 @@ def test_every_option_has_help_and_every_verb_examples_quiet_and_verbose():
     assert no_switches == [], f"verbs without --quiet/--verbose: {no_switches}"
 
 
-@pytest.mark.parametrize("verb", sorted(verb_parsers()))
+@pytest.mark.parametrize("verb", VERBS)
 def test_help_shows_defaults_and_examples(verb, capsys):
     assert run_main([verb, "--help"]) == 0
     out = capsys.readouterr().out

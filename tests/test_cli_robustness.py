@@ -17,22 +17,13 @@ import tokenize
 from pathlib import Path
 
 import pytest
-from conftest import tmpfs, write_image
+from conftest import VERBS, run_main, tmpfs, write_image
 
 from covidxray.app.cli import build_parser, failure_line, main, os_error_line
 from covidxray.data.build import BuildConfig, build_dataset
 from covidxray.errors import DataError, ModelError
 
 REPO = Path(__file__).resolve().parents[1]
-VERBS = ["data", "train", "evaluate", "cam", "predict", "probe", "reproduce", "demo", "download"]
-
-
-def run_main(argv: list[str]) -> int:
-    """``main(argv)``'s exit status, whether it returns it or argparse exits."""
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
 
 
 # --- help --------------------------------------------------------------------------------------------------------
