@@ -145,6 +145,50 @@ def _write_heatmaps(model: Any, frame: pd.DataFrame, probs: np.ndarray, folder: 
 # ---------------------------------------------------------------------------------------------- predict
 
 
+def model_data_word(meta: dict[str, Any]) -> str:
+    """What a run's model was trained on, for ``predictions.csv``: SYNTHETIC, real, or unknown (no record)."""
+    data = data_provenance(meta["run_dir"], "run")
+    return "unknown" if data is None else SYNTHETIC if data.get("synthetic") else "real"
+
+
+def predict_entries(model: Any, meta: dict[str, Any], entries: Sequence[tuple[str, str | None]], *,
+                    batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS, fix: str = _INPUTS,
+                    heatmap_folder: Path | None = None, method: str | None = None,
+                    layer: str | None = None) -> pd.DataFrame:
+    """The predictions table (:data:`COLUMNS`, one row per entry of :func:`collect_inputs`, in order), in memory:
+    every file checked and decoded once as the build does, predicted at the run's threshold; with
+    ``heatmap_folder`` and ``method``, one overlay PNG per predicted image is written there. ``fix`` ends the
+    error when no file is usable."""
+    from covidxray.runs.load import predict_dataframe
+
+    threshold, size, model_name = float(meta["threshold"]), int(meta["image_size"]), meta["model_id"]
+    wanted = [path for path, reason in entries if reason is None]
+    if not wanted:
+        shown = "; ".join(f"{path}: {reason}" for path, reason in entries[:3])
+        raise DataError(f"none of the {len(entries)} file(s) found is an image to predict ({shown}). {fix}")
+    labeled = LabeledSet(pd.DataFrame({"filepath": wanted, "y": 0}), kind="files", max_pixels=max_pixels)
+    heat: dict[str, str] = {}
+    with decodable(labeled, check=True, fix=fix) as usable:
+        frame = usable.frame
+        probs = predict_dataframe(model, frame, size, batch_size)
+        if heatmap_folder is not None and method is not None:
+            files = _write_heatmaps(model, frame, probs, heatmap_folder, name=model_name.split("@")[0],
+                                    method=method, layer=layer, threshold=threshold, image_size=size,
+                                    batch_size=batch_size)
+            heat = dict(zip(frame["path"], files, strict=True))
+    p_of = dict(zip(frame["path"], probs, strict=True))
+    unusable = dict(usable.skipped)
+    data_word = model_data_word(meta)
+    rows = []
+    for path, reason in entries:
+        p = p_of.get(path) if reason is None else None
+        rows.append({"path": path, "p_covid": None if p is None else round(float(p), 6),
+                     "pred": "" if p is None else LABELS[int(p >= threshold)], "threshold": threshold,
+                     "model": model_name, "model_data": data_word, "skipped": reason or unusable.get(path, ""),
+                     "heatmap": heat.get(path, "") if reason is None else ""})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
 def predict(
     model_path: str | Path,
     inputs: Sequence[str | Path],
@@ -156,13 +200,13 @@ def predict(
 ) -> dict[str, Any]:
     """Predict every image the inputs name with a run folder or .keras file; write ``predictions.csv`` (and
     heatmaps with ``cam``, one of :data:`covidxray.explain.maps.METHODS`) into ``out_dir``. Images over ``max_pixels``
-    pixels are skipped.
+    pixels are skipped. (In memory, without writing: :meth:`covidxray.app.api.Run.predict`.)
 
     Returns the model id, threshold (and the file it came from), image size, heatmap method, counts of files
     predicted and skipped, the seconds taken and ``predictions`` (the table written).
     """
     from covidxray.explain.maps import resolve_method
-    from covidxray.runs.load import load_run, predict_dataframe
+    from covidxray.runs.load import load_run
 
     started = time.perf_counter()
     model, meta = load_run(model_path)
@@ -172,41 +216,19 @@ def predict(
             f"predict cannot draw its heatmaps: leave out --cam {cam} to get the predictions alone, or draw "
             f"heatmaps with `covidxray cam --model {model_path} --layer NAME`"))
     entries = collect_inputs(inputs)
-    threshold, size, model_name = float(meta["threshold"]), int(meta["image_size"]), meta["model_id"]
-    wanted = [path for path, reason in entries if reason is None]
-    if not wanted:
-        shown = "; ".join(f"{path}: {reason}" for path, reason in entries[:3])
-        raise DataError(f"none of the {len(entries)} file(s) found is an image to predict ({shown}). {_INPUTS}")
-    labeled = LabeledSet(pd.DataFrame({"filepath": wanted, "y": 0}), kind="files", max_pixels=max_pixels)
     out_dir = Path(out_dir)
-    heat: dict[str, str] = {}
-    model_data = data_provenance(meta["run_dir"], "run")
-    data_word = "unknown" if model_data is None else SYNTHETIC if model_data.get("synthetic") else "real"
-    prov = provenance(fingerprint=None, synthetic=False, source="images", model=model_data)
-    with staged_output(out_dir, "predict", sources=[*inputs, meta["model_path"]], data=prov) as tmp, \
-            decodable(labeled, check=True, fix=f"Nothing was written. {_INPUTS}") as usable:
-        frame = usable.frame
-        probs = predict_dataframe(model, frame, size, batch_size)
-        if method is not None:
-            files = _write_heatmaps(model, frame, probs, tmp / HEATMAP_DIR, name=model_name.split("@")[0],
-                                    method=method, layer=layer, threshold=threshold, image_size=size,
-                                    batch_size=batch_size)
-            heat = dict(zip(frame["path"], files, strict=True))
-        p_of = dict(zip(frame["path"], probs, strict=True))
-        unusable = dict(usable.skipped)
-        rows = []
-        for path, reason in entries:
-            p = p_of.get(path) if reason is None else None
-            rows.append({"path": path, "p_covid": None if p is None else round(float(p), 6),
-                         "pred": "" if p is None else LABELS[int(p >= threshold)], "threshold": threshold,
-                         "model": model_name, "model_data": data_word, "skipped": reason or unusable.get(path, ""),
-                         "heatmap": heat.get(path, "") if reason is None else ""})
-        table = pd.DataFrame(rows, columns=COLUMNS)
+    prov = provenance(fingerprint=None, synthetic=False, source="images",
+                      model=data_provenance(meta["run_dir"], "run"))
+    with staged_output(out_dir, "predict", sources=[*inputs, meta["model_path"]], data=prov) as tmp:
+        table = predict_entries(model, meta, entries, batch_size=batch_size, max_pixels=max_pixels,
+                                fix=f"Nothing was written. {_INPUTS}", heatmap_folder=tmp / HEATMAP_DIR,
+                                method=method, layer=layer)
         write_csv(table, tmp / PREDICTIONS_FILE)
-    return {"model": model_name, "model_path": meta["model_path"], "threshold": threshold,
-            "threshold_source": meta["threshold_source"], "image_size": size, "cam": method, "out": str(out_dir),
-            "predicted": int(table["p_covid"].notna().sum()), "skipped": int(table["p_covid"].isna().sum()),
-            "seconds": time.perf_counter() - started, "predictions": table}
+    return {"model": meta["model_id"], "model_path": meta["model_path"], "threshold": float(meta["threshold"]),
+            "threshold_source": meta["threshold_source"], "image_size": int(meta["image_size"]), "cam": method,
+            "out": str(out_dir), "predicted": int(table["p_covid"].notna().sum()),
+            "skipped": int(table["p_covid"].isna().sum()), "seconds": time.perf_counter() - started,
+            "predictions": table}
 
 
 def format_predictions(result: dict[str, Any], limit: int = 20) -> list[str]:

@@ -124,12 +124,38 @@ class AugmentConfig:
         return apply
 
 
+def resize_gray(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """An (h, w, 1) grayscale image in [0, 255] -> (s, s, 1) uint8, resized with antialiasing and rounded: the
+    input contract's resize, for decoded files and for arrays alike."""
+    image = tf.image.resize(image, [image_size, image_size], method=RESIZE_METHOD, antialias=RESIZE_ANTIALIAS)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
 def decode_gray(path: tf.Tensor, image_size: int) -> tf.Tensor:
     """Read one file -> (s, s, 1) uint8 grayscale, resized with antialiasing (the cached, compact form)."""
     data = tf.io.read_file(path)
     image = tf.io.decode_image(data, channels=1, expand_animations=False, dtype=tf.uint8)
-    image = tf.image.resize(image, [image_size, image_size], method=RESIZE_METHOD, antialias=RESIZE_ANTIALIAS)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    return resize_gray(image, image_size)
+
+
+def arrays_to_model_input(arrays: Sequence[np.ndarray] | np.ndarray, image_size: int) -> np.ndarray:
+    """Pixel arrays -> the model's (n, s, s, 3) float32 input, by the same resize as files. Each array is one
+    grayscale image, (h, w) or (h, w, 1), with values in [0, 255] (8-bit pixel values; a float array in that
+    range works too); (h, w, 3) RGB is converted to gray first (``tf.image.rgb_to_grayscale``)."""
+    out = []
+    for index, array in enumerate(list(arrays)):
+        image = np.asarray(array)
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.ndim != 3 or image.shape[-1] not in (1, 3) or min(image.shape[:2]) < 1:
+            raise ValueError(f"image {index}: shape {image.shape}; give (h, w), (h, w, 1) or (h, w, 3) pixels")
+        if not np.isfinite(image).all() or image.min() < 0 or image.max() > 255:
+            raise ValueError(f"image {index}: values outside [0, 255]; give raw 8-bit pixel values")
+        tensor = tf.constant(image, dtype=tf.float32)
+        if image.shape[-1] == 3:
+            tensor = tf.image.rgb_to_grayscale(tensor)
+        out.append(gray_to_model_input(resize_gray(tensor, image_size)).numpy())
+    return np.stack(out) if out else np.zeros((0, image_size, image_size, 3), np.float32)
 
 
 def gray_to_model_input(image: tf.Tensor) -> tf.Tensor:
