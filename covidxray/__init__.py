@@ -6,6 +6,9 @@ predicting), ``evaluation`` (metrics with uncertainty, baseline, shortcut probes
 their checks), ``studies`` (the results tables), ``app`` (command line, notebooks). Shared by all: ``errors``,
 ``outputs`` (artifacts: kinds, records, atomic writes), ``paths``, ``limits``, ``progress``, ``tfenv``.
 
+The Python API (:mod:`covidxray.app.api`) is here at the top: ``covidxray.open(path)`` gives a run, a dataset or
+another output as an object of its kind; ``covidxray.load_run`` and ``covidxray.load_dataset`` say what they expect.
+
 Importing the package changes nothing in the host process: TensorFlow's log filtering
 (:func:`covidxray.tfenv.quiet_tensorflow`) is switched on by the command line, the notebooks and the benchmark.
 """
@@ -14,3 +17,18 @@ __version__ = "0.1.0"
 
 LABELS: tuple[str, str] = ("normal", "covid")
 """Class names in index order: 0 = normal, 1 = covid (the positive class)."""
+
+_API = ("open", "load_run", "load_dataset", "Run", "Dataset", "Artifact", "Heatmaps")
+"""Names of the Python API, loaded from :mod:`covidxray.app.api` on first use (so ``import covidxray`` stays light)."""
+
+
+def __getattr__(name: str) -> object:
+    if name in _API:
+        from covidxray.app import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'covidxray' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+from covidxray.tfenv import quiet_tensorflow  # noqa: E402
+
+quiet_tensorflow()  # the test session is a program, like the command line: TensorFlow's start-up noise filtered
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
