@@ -165,19 +165,40 @@ def _drop_exact_duplicates(cands: list[_Candidate], rejected: list) -> tuple[lis
     return kept, removed
 
 
+@dataclass(frozen=True)
+class SourceFolders:
+    """The sources a build reads, in one record (threaded as one argument, never as six)."""
+
+    chest_xray: str | Path | None = None
+    """Kermany et al. (pediatric normals), as unzipped from Kaggle."""
+    covid_xray: str | Path | None = None
+    """ieee8023 covid-chestxray-dataset (metadata.csv + images/)."""
+    presplit: str | Path | None = None
+    """A pre-split folder (train|test/Covid|Normal), kept with its split; excludes the others."""
+    metadata: str | Path | None = None
+    """An ieee8023 metadata.csv for --covid-xray or --presplit (patient ids)."""
+    nih: str | Path | None = None
+    """NIH ChestX-ray14 (adult normals)."""
+    extra: tuple[str | Path, ...] = ()
+    """Generic sources: CSV lists or class folders."""
+
+    def paths(self) -> list[str | Path | None]:
+        """Every folder or file given (None for those not), for the check that an output lies outside them."""
+        return [self.chest_xray, self.covid_xray, self.presplit, self.metadata, self.nih, *self.extra]
+
+    def synthetic(self) -> bool:
+        """True when any image folder given is the embedded synthetic set."""
+        return any(is_synthetic(s) for s in (self.chest_xray, self.covid_xray, self.presplit, self.nih)
+                   if s is not None)
+
+
 def collect_sources(
-    *,
-    chest_xray: str | Path | None = None,
-    covid_xray: str | Path | None = None,
-    presplit: str | Path | None = None,
-    metadata: str | Path | None = None,
-    nih: str | Path | None = None,
-    extra: Sequence[str | Path] = (),
-    config: BuildConfig | None = None,
+    sources: SourceFolders, config: BuildConfig | None = None,
 ) -> tuple[list[SourceImage], list[tuple[str, str, str]], dict[str, int]]:
     """Read the given sources; return candidate images, skipped entries (source, item, reason) and counts."""
     config = config or BuildConfig()
-    extra = [Path(e) for e in extra]
+    chest_xray, covid_xray, presplit = sources.chest_xray, sources.covid_xray, sources.presplit
+    metadata, nih, extra = sources.metadata, sources.nih, [Path(e) for e in sources.extra]
     scans: list[tuple[str, SourceScan]] = []
     if presplit is not None:
         if chest_xray is not None or covid_xray is not None or nih is not None or extra:
@@ -237,19 +258,16 @@ def build_dataset(
     config.validate()
     out_dir = Path(out_dir)
     get_design(design)
-    sources = [chest_xray, covid_xray, presplit, metadata, nih, *extra]
-    with claim_output(out_dir, "data", sources=sources) as out:
-        summary = _build(out, chest_xray=chest_xray, covid_xray=covid_xray, presplit=presplit, metadata=metadata,
-                         nih=nih, extra=extra, design=design, config=config, progress=progress)
+    sources = SourceFolders(chest_xray, covid_xray, presplit, metadata, nih, tuple(extra))
+    with claim_output(out_dir, "data", sources=sources.paths()) as out:
+        summary = _build(out, sources, design=design, config=config, progress=progress)
     return summary
 
 
-def _build(out: OutputDir, *, chest_xray, covid_xray, presplit, metadata, nih, extra, design: str,
-           config: BuildConfig, progress: bool) -> dict:
+def _build(out: OutputDir, sources: SourceFolders, *, design: str, config: BuildConfig, progress: bool) -> dict:
     """The build proper, writing into the claimed output ``out``."""
-    download = read_download_record(covid_xray) if covid_xray is not None else None
-    images, rejected, stats = collect_sources(chest_xray=chest_xray, covid_xray=covid_xray, presplit=presplit,
-                                              metadata=metadata, nih=nih, extra=extra, config=config)
+    download = read_download_record(sources.covid_xray) if sources.covid_xray is not None else None
+    images, rejected, stats = collect_sources(sources, config)
     if not images:
         raise DataError("no images found in the given sources; check the folders (see their README.md).")
     images, design_report = apply_design(design, images)
@@ -270,7 +288,7 @@ def _build(out: OutputDir, *, chest_xray, covid_xray, presplit, metadata, nih, e
         cands, pairs = _keep(cands, pairs, cap_groups(labels, groups, keys, config.caps, config.seed))
         keys, labels, groups = _grouping(cands, pairs)
 
-    if presplit is not None:
+    if sources.presplit is not None:
         fixed = [c.image.split if c.image.split in ("test", "val") else None for c in cands]
         has_val = any(f == "val" for f in fixed)
         fractions = {} if has_val else {"val": config.val_fraction}
@@ -280,12 +298,12 @@ def _build(out: OutputDir, *, chest_xray, covid_xray, presplit, metadata, nih, e
         val = config.val_fraction * (1.0 - test)
         splits = assign_splits(labels, groups, keys, fractions={"test": test, "val": val}, seed=config.seed)
 
-    _check_training_classes(labels, splits, presplit, rejected)
+    _check_training_classes(labels, splits, sources.presplit, rejected)
     rows = _manifest_rows(cands, splits, groups)
-    summary = _summary(rows, rejected, stats, n_exact, pairs, cands, config, presplit is not None)
+    summary = _summary(rows, rejected, stats, n_exact, pairs, cands, config, sources.presplit is not None)
     summary["design"] = design_report
     summary["confounders"] = confounders(rows)
-    summary["synthetic"] = any(is_synthetic(s) for s in (chest_xray, covid_xray, presplit, nih) if s is not None)
+    summary["synthetic"] = sources.synthetic()
     if download is not None:
         summary["sources"] = {"ieee8023": {"download": download}}
     _write_output(out, cands, rows, rejected, summary)

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from covidxray import LABELS, limits
-from covidxray.data.build import BuildConfig, build_dataset
+from covidxray.data.build import BuildConfig, SourceFolders, build_dataset
 from covidxray.data.designs import get_design
 from covidxray.data.manifest import dataset_provenance, dataset_summary, read_manifest, split_frame
 from covidxray.errors import DataError, ModelError
@@ -90,16 +90,15 @@ class ReproduceConfig:
             raise ModelError("bad reproduce settings: " + "; ".join(problems) + ".")
 
 
-def _build(config: ReproduceConfig, out_root: Path, *, presplit, metadata, chest_xray, covid_xray, nih, extra,
-           data, progress: bool) -> Path:
+def _build(config: ReproduceConfig, out_root: Path, sources: SourceFolders, data: str | Path | None,
+           progress: bool) -> Path:
     if data is not None:
         return Path(data)
     bcfg = BuildConfig(caps=dict(config.caps))
     if config.views:
         bcfg.views = tuple(config.views)
     dataset = out_root / "dataset"
-    build_dataset(dataset, chest_xray=chest_xray, covid_xray=covid_xray, presplit=presplit, metadata=metadata,
-                  nih=nih, extra=extra, design=config.design, config=bcfg, progress=progress)
+    build_dataset(dataset, **asdict(sources), design=config.design, config=bcfg, progress=progress)
     return dataset
 
 
@@ -155,25 +154,23 @@ def reproduce(
     if design is not None:
         config = dataclasses.replace(config, design=get_design(design).name)
     out_root = Path(out_root)
-    sources = [presplit, metadata, chest_xray, covid_xray, nih, *extra, data]
-    with claim_output(out_root, "reproduce", sources=sources) as out:
+    sources = SourceFolders(chest_xray, covid_xray, presplit, metadata, nih, tuple(extra))
+    with claim_output(out_root, "reproduce", sources=[*sources.paths(), data]) as out:
         for folder in ("runs", "eval"):
             with claim_output(out_root / folder, "reproduce"):
                 pass
-        return _reproduce(config, out, presplit=presplit, metadata=metadata, chest_xray=chest_xray,
-                          covid_xray=covid_xray, nih=nih, extra=extra, data=data, progress=progress)
+        return _reproduce(config, out, sources, data=data, progress=progress)
 
 
-def _reproduce(config: ReproduceConfig, out: OutputDir, *, presplit, metadata, chest_xray, covid_xray, nih, extra,
-               data, progress: bool) -> dict[str, Any]:
+def _reproduce(config: ReproduceConfig, out: OutputDir, sources: SourceFolders, *, data: str | Path | None,
+               progress: bool) -> dict[str, Any]:
     """The table proper, written into the claimed ``out``."""
     from covidxray.runs.load import load_run, predict_dataframe, versions
     from covidxray.runs.train import dataset_record, train
 
     t0 = time.perf_counter()
     out_root = out.path
-    dataset = _build(config, out_root, presplit=presplit, metadata=metadata, chest_xray=chest_xray,
-                     covid_xray=covid_xray, nih=nih, extra=extra, data=data, progress=progress)
+    dataset = _build(config, out_root, sources, data, progress)
     df = read_manifest(dataset)
     train_df, val_df, test_df = (split_frame(df, s) for s in ("train", "val", "test"))
 
@@ -235,7 +232,7 @@ def _reproduce(config: ReproduceConfig, out: OutputDir, *, presplit, metadata, c
               for s in ("train", "val", "test")}
     result = {
         "config": {**asdict(config), "models": list(config.models)},
-        "dataset": {**record, "counts": counts, "presplit": presplit is not None,
+        "dataset": {**record, "counts": counts, "presplit": sources.presplit is not None,
                     "design": (summary.get("design") or {}).get("name", config.design if data is None else None),
                     "confounder_warnings": [w["message"] for w in
                                             (summary.get("confounders") or {}).get("warnings", [])]},
