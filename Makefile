@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install bench scaling reproduce-seed results notebooks clean
+.PHONY: demo test test-fast lint install bench scaling reproduce-seed results notebooks clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ demo: install
 test: install
 	$(BIN)/ruff check covidxray tests bench
 	$(BIN)/python -m pytest
+
+# The quick gate while working (under 3 minutes on 2 cores): lint, and every test but the slow ones (the notebooks,
+# the benchmarks, multi-worker clusters, the big robustness matrices); it still trains a tiny model end to end.
+test-fast: install
+	$(BIN)/ruff check covidxray tests bench
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: install
 	$(BIN)/ruff check covidxray tests bench

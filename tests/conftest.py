@@ -26,6 +26,29 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+FULL_SUITE_ONLY: dict[str, str] = {
+    "test_notebooks.py": "executes the four notebooks",
+    "test_committed_outputs.py": "renders and benchmarks in copies of the repository",
+    "test_bench.py": "runs the quick benchmarks",
+    "test_scaling.py": "runs the scaling benchmark",
+    "test_distribute.py": "starts real multi-worker clusters",
+    "test_robustness.py": "the bad-input matrix, every row through every stage",
+    "test_careless_user.py": "the careless-user matrix",
+    "test_cli_conventions.py": "every verb's output conventions through real runs",
+    "test_features.py": "the frozen-backbone cache against full VGG16 passes",
+    "test_designs.py": "builds every design",
+}
+"""Test modules only the full suite runs (``make test``); ``make test-fast`` (``pytest -m "not slow"``) leaves them
+out and still builds a dataset and trains a tiny model end to end (the ``tiny_run`` fixture)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test of a :data:`FULL_SUITE_ONLY` module ``slow``."""
+    for item in items:
+        if item.path.name in FULL_SUITE_ONLY:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_temp_folder(tmp_path_factory) -> Iterator[Path]:
     """The whole session's temporary files (``tempfile``, and ``TMPDIR`` for subprocesses) go to a folder of this

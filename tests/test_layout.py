@@ -86,3 +86,10 @@ def test_importing_the_package_changes_nothing_in_the_process_and_loads_no_tenso
     proc = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == repr({"tensorflow": False, "env": [], "meta_path": False, "stderr": False})
+
+
+def test_the_test_folders_mirror_the_stage_folders():
+    """tests/<stage>/ holds the tests of covidxray/<stage>/; cross-stage tests stay at the top of tests/."""
+    folders = {p.name for p in (REPO / "tests").iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
+    assert folders <= set(STAGES), sorted(folders - set(STAGES))
+    assert len(folders) >= 6

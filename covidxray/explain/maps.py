@@ -348,7 +348,7 @@ def heatmaps(
 
     ``precision`` (float32, bfloat16, float16, auto; None: the model's own policy) is the precision of the
     forward and backward passes; activations and gradients are combined in float64 whatever it is (bfloat16
-    maps correlate > 0.99 with float32 ones, see tests/test_precision.py).
+    maps correlate > 0.99 with float32 ones, see tests/training/test_precision.py).
     """
     from covidxray.training.compute_dtype import with_precision
 

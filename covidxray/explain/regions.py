@@ -33,7 +33,7 @@ rescaled images alike. ``s = min(H, W)`` is the short side.
   filled (vessels and opacities inside a lung stay lung). The mediastinum, heart, diaphragm, abdomen, neck and
   shoulders are outside it; so is a lung so white (dense consolidation) that it is brighter than the soft tissue.
 
-Checked on numpy-built images with planted padding, markers and body (tests/test_image_regions.py: IoU > 0.8)
+Checked on numpy-built images with planted padding, markers and body (tests/explain/test_image_regions.py: IoU > 0.8)
 and by eye on real test-split X-rays at 64 and 224 px, where it also flags some rib and clavicle crossings as
 markers (a few pixels each) and misses markers that overlap bright anatomy.
 

@@ -108,7 +108,8 @@ class CustomLoop:
     what ``fit`` would use. It also reads the data as Keras 3's ``fit`` does: at the end of each epoch ``fit``
     opens an iterator it never reads, then a fresh one for the next epoch; opening one draws the next reshuffle
     seed of a ``shuffle(..., seed=..., reshuffle_each_iteration=True)``. Doing the same, this loop sees the
-    batches ``fit`` sees, so under the default strategy it trains to the same weights (tests/test_distribute.py).
+    batches ``fit`` sees, so under the default strategy it trains to the same weights
+    (tests/training/test_distribute.py).
     ``jit_compile``: XLA for the training and validation steps (only where one replica trains).
     """
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO
 from PIL import Image
 
 from covidxray.app.cli import main
@@ -32,7 +33,6 @@ from covidxray.training.distribute import (
     wait_for_peers,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--model", "scratch", "--image-size", "32", "--batch-size", "8", "--lr", "1e-3", "--patience", "0",
          "--quiet"]
 """A scratch CNN on 32 px images in global batches of 8 (4 per worker)."""

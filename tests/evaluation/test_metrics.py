@@ -6,10 +6,10 @@ import math
 import re
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from sklearn import metrics as skm
@@ -237,7 +237,7 @@ def test_summarize_format_and_seed_summary() -> None:
 def test_one_threshold_rule_in_the_source() -> None:
     """The decision threshold has one definition: a second copy (there were two, giving 0.60 and 0.80 on the example
     above) must not come back under any name."""
-    root = Path(__file__).resolve().parents[1]
+    root = REPO
     names = r"\w*youden\w*|\w*choose_threshold\w*|\w*(?:best|optimal|pick)_threshold\w*"
     pattern = re.compile(rf"^\s*def\s+({names})\s*\(", re.MULTILINE)
     found = [(path.relative_to(root).as_posix(), m.group(1))

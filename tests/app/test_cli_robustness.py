@@ -17,14 +17,11 @@ import tokenize
 from pathlib import Path
 
 import pytest
-from conftest import VERBS, run_main, tmpfs, write_image
+from conftest import REPO, VERBS, run_main, tmpfs, write_image
 
 from covidxray.app.cli import build_parser, failure_line, main, os_error_line
 from covidxray.data.build import BuildConfig, build_dataset
 from covidxray.errors import DataError, ModelError
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 # --- help --------------------------------------------------------------------------------------------------------
 

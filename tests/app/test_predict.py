@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import tree_digest, write_image
+from conftest import REPO, tree_digest, write_image
 
 from covidxray.app.cli import main
 from covidxray.app.predict import predict
@@ -185,7 +185,7 @@ def test_the_test_evaluation_updates_the_model_card(run_copy: Path, tiny_dataset
 
 def test_the_readmes_six_lines_of_plain_keras_give_covidxrays_p_covid(tiny_run: Path, tmp_path: Path) -> None:
     """The README's code block, run as printed (paths swapped for the test's), agrees with `covidxray predict`."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## Using a trained model"):]
     block = section[section.index("```python\n") + len("```python\n"):]
     block = block[:block.index("```")]
