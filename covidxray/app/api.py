@@ -40,7 +40,7 @@ ImageInput = str | Path | Sequence[str | Path] | pd.DataFrame | np.ndarray | Seq
 DICOM, 16-bit, CMYK and EXIF-rotated files included."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Artifact:
     """An output folder covidxray wrote: its kind, who wrote it and from which data (its record)."""
 
@@ -76,7 +76,7 @@ class Artifact:
         return f"{self.path}: {describe(self.record)}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Dataset(Artifact):
     """A built dataset: the manifest, its splits, its fingerprint and the confounder checks of its build.
 
@@ -148,7 +148,7 @@ class Heatmaps:
                               title=f"{self.names[index]} ({self.method}): p(covid) = {self.probabilities[index]:.2f}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Run(Artifact):
     """A trained run (or a bare ``.keras`` file): the model, its threshold, its input contract and card.
 
