@@ -705,9 +705,23 @@ def _exit_now_if_needed(code: int) -> None:
         os._exit(code)
 
 
-def check_verb_output(args: argparse.Namespace) -> None:
-    """Refuse, before any work (a model load, a build), an ``--out`` the verb may not write: another kind of
-    output, a folder nested in an artifact that does not hold this kind, entries covidxray did not write."""
+INPUT_FLAGS: dict[str, str] = {"model": "--model", "data": "--data", "inputs": "INPUT", "presplit": "--presplit",
+                               "metadata": "--metadata", "chest_xray": "--chest-xray", "covid_xray": "--covid-xray",
+                               "nih": "--nih", "extra": "--extra", "reference": "--reference"}
+"""The flags that name what a verb reads (``download`` writes into its --chest-xray/--covid-xray instead)."""
+
+
+def check_before_work(args: argparse.Namespace) -> None:
+    """Refuse, before any work (a model load takes seconds, a build minutes), a path the verb reads that does not
+    exist, and an ``--out`` the verb may not write: another kind of output, a folder nested in an artifact that
+    does not hold this kind, entries covidxray did not write."""
+    if args.verb != "download":
+        for dest, flag in INPUT_FLAGS.items():
+            given = getattr(args, dest, None)
+            for path in given if isinstance(given, list) else [given]:
+                if isinstance(path, Path) and not path.exists():  # a Path-typed flag (train's --model is a name)
+                    broken = " (a broken symbolic link)" if path.is_symlink() else ""
+                    raise DataError(f"{flag} {path}: no such file or folder{broken}; nothing was done.")
     out = getattr(args, "out", None)
     # train claims its folder itself, right after the workers of a multi-worker run have met: a chief that
     # refused here, before meeting them, would leave the others waiting for it
@@ -725,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_tensorflow(verbose=args.verbose)
     set_progress(not args.quiet)
     try:
-        check_verb_output(args)
+        check_before_work(args)
         with stop_on_signals(args.verb):
             return int(args.func(args) or 0)
     except CovidXrayError as exc:

@@ -51,6 +51,9 @@ def test_bad_cap_and_bad_presplit_are_clear_errors(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "argument --cap: 'dogs=3'" in capsys.readouterr().err
     assert main(["data", "--presplit", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "--presplit" in (err := capsys.readouterr().err) and "no such file or folder" in err
+    (tmp_path / "a-file").write_text("not a folder")
+    assert main(["data", "--presplit", str(tmp_path / "a-file"), "--out", str(tmp_path / "o")]) == 2
     assert "not a folder" in capsys.readouterr().err
 
 
@@ -85,3 +88,22 @@ def test_data_with_nih_and_the_adult_normals_design(tmp_path, synthetic_sources,
     df = read_manifest(out)
     assert set(df.loc[df["label"] == "normal", "source"]) == {"nih"}
     assert "kermany" not in set(df["source"])
+
+
+@pytest.mark.parametrize("argv", [
+    ["predict", "--model", "{tmp}/no-run", "{tmp}", "--out", "{tmp}/out"],
+    ["predict", "--model", "{run}", "{tmp}/no-scans", "--out", "{tmp}/out"],
+    ["evaluate", "--model", "{tmp}/no-run", "--data", "{tmp}"],
+    ["cam", "--model", "{run}", "--data", "{tmp}/no-data", "--out", "{tmp}/out"],
+    ["data", "--presplit", "{tmp}/no-folder", "--out", "{tmp}/out"],
+])
+def test_a_missing_input_is_named_before_any_work(argv, tmp_path, tiny_run):
+    """Checked before TensorFlow loads (a model load takes seconds): one line naming the flag and the path."""
+    argv = [a.format(tmp=tmp_path, run=tiny_run) for a in argv]
+    code = ("import sys\nfrom covidxray.app.cli import main\ncode = main(sys.argv[1:])\n"
+            "print('tensorflow' in sys.modules, file=sys.stderr)\nsys.exit(code)\n")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1] == "False", proc.stderr
+    assert "no such file or folder; nothing was done" in lines[-2] and "no-" in lines[-2], lines
+    assert not (tmp_path / "out").exists()

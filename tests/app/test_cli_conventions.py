@@ -156,7 +156,7 @@ def test_real_errors_still_print_after_tensorflow_starts(tmp_path):
     assert proc.returncode == 1
     assert "a real C++ error" in proc.stderr and "RuntimeError: a real Python error" in proc.stderr
     assert "oneDNN" not in proc.stderr
-    cli = subprocess.run([sys.executable, "-m", "covidxray", "train", "--data", str(tmp_path / "nothing")],
+    cli = subprocess.run([sys.executable, "-m", "covidxray", "train", "--data", str(tmp_path)],
                          capture_output=True, text=True, env=_clean_env(), timeout=300)
     assert cli.returncode == 2 and "covidxray train: error:" in cli.stderr and "manifest.csv" in cli.stderr
 
