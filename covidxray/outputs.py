@@ -549,6 +549,14 @@ class _Lock:
                             f"Wait for it to finish, or choose another {self.flag}.") from None
         self.fd = fd
         try:
+            same = os.path.samestat(os.fstat(fd), os.stat(self.folder))
+        except OSError:
+            same = False
+        if not same:  # removed or replaced between our open and our lock: another process's folder now
+            self.release()
+            raise DataError(f"{self.flag} {self.folder}: another process removed or replaced this folder while "
+                            f"covidxray opened it; nothing was changed. Run again, or choose another {self.flag}.")
+        try:
             with contextlib.suppress(OSError):  # a read-only folder fails later with its own message
                 (self.folder / LOCK_NOTE).write_text(
                     json_text({"tool": "covidxray", "pid": os.getpid(), "command": command_line()}), encoding="utf-8")
@@ -556,12 +564,16 @@ class _Lock:
             self.release()
             raise
 
-    def release(self) -> None:
+    def release(self, remove: Sequence[Path] = ()) -> None:
+        """Unlock; first remove the folders in ``remove`` (those a failed claim created) while still holding the
+        lock, so that no other process can have taken the folder in between."""
         if self.fd is None:
+            _remove_created(remove)
             return
         note = self.folder / LOCK_NOTE
         if (_read_lock_note(note) or {}).get("pid") == os.getpid():
             note.unlink(missing_ok=True)
+        _remove_created(remove)
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = None
@@ -922,13 +934,13 @@ def claim_output(
     lock = _Lock(path, flag)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
     except OSError as exc:
         _remove_created(created)
         raise DataError(os_error_line(exc, flag)) from exc
-    except BaseException:
-        _remove_created(created)
-        raise
+    try:
+        lock.acquire()  # refused: the folder is another process's now, so nothing of it is removed here
+    except OSError as exc:
+        raise DataError(os_error_line(exc, flag)) from exc
     try:
         check_output(path, verb, flag=flag, children=children)  # again, under the lock
         _clean_leftovers(path)
@@ -941,8 +953,7 @@ def claim_output(
             out._save()
         _register_in_parent(path)
     except BaseException as exc:
-        lock.release()
-        _remove_created(created)
+        lock.release(remove=created)
         if isinstance(exc, OSError):
             raise DataError(os_error_line(exc, flag)) from exc
         raise
@@ -952,8 +963,7 @@ def claim_output(
     except BaseException:
         out._abandon()
         _HELD.pop(path.resolve(), None)
-        lock.release()
-        _remove_created(created)
+        lock.release(remove=created)
         raise
     out._drop_scratch()
     _HELD.pop(path.resolve(), None)

@@ -233,7 +233,12 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path, capsys, presplit)
     assert (folder / "manifest.csv").read_text().startswith("path,")
 
 
-def test_two_builds_at_once_leave_one_whole_dataset(tmp_path, presplit):
+@pytest.mark.parametrize("round_", range(4))
+def test_two_builds_at_once_leave_one_whole_dataset(tmp_path, presplit, round_):
+    """Two builds race for one new folder: one builds it whole, the other is refused (or runs after it), and the
+    loser never removes the folder the winner is writing (it did once: both then failed)."""
+    from covidxray.outputs import foreign_entries
+
     folder = tmp_path / "dataset"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "covidxray", "data", "--presplit", str(presplit), "--out", str(folder), "--quiet"]
@@ -243,10 +248,9 @@ def test_two_builds_at_once_leave_one_whole_dataset(tmp_path, presplit):
     assert codes[0] == 0, results
     if codes[1] != 0:
         assert "is writing this folder now" in "".join(err for _, err in results), results
-    from covidxray.outputs import foreign_entries
-
     assert foreign_entries(folder) == [] and artifact(folder)["kind"] == "dataset"
-    CASES.append(("data: two builds into one folder at once", False))
+    assert (folder / "manifest.csv").is_file()
+    CASES.append((f"data: two builds into one new folder at once ({round_ + 1})", False))
 
 
 # ---------------------------------------------------------------------------------------------- provenance

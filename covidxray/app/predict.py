@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import pandas as pd
 from covidxray import LABELS
 from covidxray.data.images import DEFAULT_MAX_PIXELS, skip_reason
 from covidxray.data.labeled_sets import LabeledSet, decodable
-from covidxray.data.sources.base import read_table
+from covidxray.data.sources.base import parse_label, read_table
 from covidxray.errors import DataError
 from covidxray.outputs import SYNTHETIC, data_provenance, provenance, staged_output, write_csv
 
@@ -42,36 +43,55 @@ _INPUTS = "Give image files, folders of images, or a CSV with a 'path' column."
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def _csv_entries(csv_path: Path) -> list[tuple[str, str, str | None]]:
-    """(``list.csv, line N``, file, None) for each row of a CSV list naming an existing file, (item, item, reason)
-    for the others."""
+@dataclass(frozen=True)
+class Entry:
+    """One file the inputs name: what the output calls it, the file to read, why it is not used, and the row's
+    other columns when it came from a CSV list (kept beside the predictions)."""
+
+    shown: str
+    """The path as the user gave it (a CSV's own string, relative or not; a file found in a folder)."""
+    file: str
+    """The file to read (a CSV's relative path joined to the CSV's folder)."""
+    reason: str | None = None
+    """Why it is not predicted (None: it is)."""
+    columns: tuple[tuple[str, str], ...] = ()
+    """The CSV row's other columns, in the CSV's order and names."""
+
+
+def _csv_entries(csv_path: Path) -> list[Entry]:
+    """One entry per row of a CSV list (a ``path`` column in any case; blank lines skipped), with its other
+    columns; a row without an existing file carries the reason."""
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{csv_path}: cannot read the CSV as UTF-8 text ({exc}); save it as UTF-8.") from exc
-    fix = "The first line must be a header with a 'path' column (other columns are ignored); save it as UTF-8 CSV."
-    table = read_table(csv_path, ("path",), fix, text=text, lower=True, keep_blank_lines=True)
-    entries: list[tuple[str, str, str | None]] = []
-    for index, rel in enumerate(table["path"]):
-        item = f"{csv_path.name}, line {index + 2}"
+    fix = "The first line must be a header with a 'path' column (other columns are kept); save it as UTF-8 CSV."
+    table = read_table(csv_path, (), fix, text=text, keep_blank_lines=True)
+    column = next((c for c in table.columns if c.lower() == "path"), None)
+    if column is None:
+        raise DataError(f"{csv_path}: missing required column(s) ['path'] (has {list(table.columns)[:8]}...). {fix}")
+    others = [c for c in table.columns if c != column]
+    entries: list[Entry] = []
+    for index, rel in enumerate(table[column]):
+        columns = tuple((c, table[c].iloc[index]) for c in others)
         if not rel:
             if any(table.iloc[index]):
-                entries.append((item, item, "empty path"))
+                item = f"{csv_path.name}, line {index + 2}"
+                entries.append(Entry(item, item, "empty path", columns))
             continue
         file = Path(rel) if Path(rel).is_absolute() else csv_path.parent / rel
         if file.is_file():
-            entries.append((item, str(file), None))
+            entries.append(Entry(rel, str(file), None, columns))
         else:
             loop = "; a broken symbolic link or symlink loop" if file.is_symlink() else ""
-            entries.append((item, item, f"image file not found ({rel}; relative paths are read from the CSV's "
-                                        f"folder{loop})"))
+            entries.append(Entry(rel, str(file), f"image file not found ({csv_path.name}, line {index + 2}; "
+                                                 f"relative paths are read from the CSV's folder{loop})", columns))
     return entries
 
 
-def collect_inputs(inputs: Sequence[str | Path]) -> list[tuple[str, str | None]]:
-    """Every file the inputs name, in order: (path, None) for a file to predict, (file or CSV line, reason) for one
-    that is not used (litter or a non-image file in a folder, a CSV row without a file, a file listed again; a CSV
-    row is named ``list.csv, line N`` then).
+def collect_inputs(inputs: Sequence[str | Path]) -> list[Entry]:
+    """Every file the inputs name, in order, as :class:`Entry`: a reason for one that is not used (litter or a
+    non-image file in a folder, a CSV row without a file, a file listed again).
 
     A named file is always tried (its format is judged by decoding it); in folders, files are picked as the
     dataset build picks them (:func:`covidxray.data.images.skip_reason`). A DataError when an input does not exist or
@@ -79,31 +99,32 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[tuple[str, str | None]]
     """
     if not inputs:
         raise DataError(f"no input given. {_INPUTS}")
-    entries: list[tuple[str, str | None]] = []
+    entries: list[Entry] = []
     first: dict[Path, str] = {}
 
-    def add(path: str, reason: str | None, item: str | None = None) -> None:
-        if reason is None:
-            key = Path(path).resolve()
+    def add(entry: Entry) -> None:
+        if entry.reason is None:
+            key = Path(entry.file).resolve()
             if key in first:
-                path, reason = item or path, f"listed more than once (same file as {first[key]}, predicted once)"
+                entry = Entry(entry.shown, entry.file, f"listed more than once (same file as {first[key]}, "
+                                                       "predicted once)", entry.columns)
             else:
-                first[key] = path
-        entries.append((path, reason))
+                first[key] = entry.shown
+        entries.append(entry)
 
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
             for file in sorted(path.rglob("*")):
                 if not file.is_dir():
-                    add(str(file), skip_reason(file, file.relative_to(path)))
+                    add(Entry(str(file), str(file), skip_reason(file, file.relative_to(path))))
         elif path.is_file() and path.suffix.lower() == ".csv":
-            for item, file, reason in _csv_entries(path):
-                add(file, reason, item)
+            for entry in _csv_entries(path):
+                add(entry)
         elif path.is_file():
-            add(str(path), None)
+            add(Entry(str(path), str(path)))
         elif path.is_symlink():
-            add(str(path), "broken symbolic link or symlink loop")
+            add(Entry(str(path), str(path), "broken symbolic link or symlink loop"))
         else:
             raise DataError(f"{path}: no such file or folder. {_INPUTS}")
     if not entries:
@@ -115,8 +136,10 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[tuple[str, str | None]]
 
 
 def _write_heatmaps(model: Any, frame: pd.DataFrame, probs: np.ndarray, folder: Path, *, name: str,
-                    method: str, layer: str, threshold: float, image_size: int, batch_size: int) -> list[str]:
-    """One overlay PNG per row of ``frame`` into ``folder``, decoded ``CHUNK`` images at a time; their names."""
+                    method: str, layer: str, threshold: float, image_size: int, batch_size: int,
+                    truths: dict[str, str] | None = None) -> list[str]:
+    """One overlay PNG per row of ``frame`` into ``folder``, decoded ``CHUNK`` images at a time; their names.
+    ``truths`` (file -> label) names a file's overlay by its true label, else ``true-unknown``."""
     from covidxray.evaluation.figures import save_figure
     from covidxray.explain.maps import HEATMAP_DPI, cam_filename, heatmaps, overlay_figure
     from covidxray.training.pipeline import load_images
@@ -131,10 +154,11 @@ def _write_heatmaps(model: Any, frame: pd.DataFrame, probs: np.ndarray, folder: 
         for i, original in enumerate(part["path"]):
             p = float(probs[start + i])
             pred = LABELS[int(p >= threshold)]
-            filename, copy = cam_filename(name, original, "unknown", pred, p), 1
+            truth = (truths or {}).get(original, "unknown")
+            filename, copy = cam_filename(name, original, truth, pred, p), 1
             while filename in taken:
                 copy += 1
-                filename = cam_filename(name, f"{Path(original).stem}-{copy}", "unknown", pred, p)
+                filename = cam_filename(name, f"{Path(original).stem}-{copy}", truth, pred, p)
             taken.add(filename)
             title = f"{name} ({method}): predicted {pred}, p(covid) = {p:.2f} (threshold {threshold:.2f})"
             save_figure(overlay_figure(images[i], maps[i], title=title), folder / filename, dpi=HEATMAP_DPI)
@@ -151,20 +175,21 @@ def model_data_word(meta: dict[str, Any]) -> str:
     return "unknown" if data is None else SYNTHETIC if data.get("synthetic") else "real"
 
 
-def predict_entries(model: Any, meta: dict[str, Any], entries: Sequence[tuple[str, str | None]], *,
+def predict_entries(model: Any, meta: dict[str, Any], entries: Sequence[Entry], *,
                     batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS, fix: str = _INPUTS,
                     heatmap_folder: Path | None = None, method: str | None = None,
                     layer: str | None = None) -> pd.DataFrame:
-    """The predictions table (:data:`COLUMNS`, one row per entry of :func:`collect_inputs`, in order), in memory:
-    every file checked and decoded once as the build does, predicted at the run's threshold; with
-    ``heatmap_folder`` and ``method``, one overlay PNG per predicted image is written there. ``fix`` ends the
-    error when no file is usable."""
+    """The predictions table, in memory: :data:`COLUMNS` and then the input CSV's own columns (renamed
+    ``input_<name>`` where a name is one of ours), one row per entry of :func:`collect_inputs`, in order, ``path``
+    as the user wrote it. Every file is checked and decoded once as the build does and predicted at the run's
+    threshold; with ``heatmap_folder`` and ``method``, one overlay PNG per predicted image is written there, named
+    by its true label where the CSV has a ``label`` column. ``fix`` ends the error when no file is usable."""
     from covidxray.runs.load import predict_dataframe
 
     threshold, size, model_name = float(meta["threshold"]), int(meta["image_size"]), meta["model_id"]
-    wanted = [path for path, reason in entries if reason is None]
+    wanted = [e.file for e in entries if e.reason is None]
     if not wanted:
-        shown = "; ".join(f"{path}: {reason}" for path, reason in entries[:3])
+        shown = "; ".join(f"{e.shown}: {e.reason}" for e in entries[:3])
         raise DataError(f"none of the {len(entries)} file(s) found is an image to predict ({shown}). {fix}")
     labeled = LabeledSet(pd.DataFrame({"filepath": wanted, "y": 0}), kind="files", max_pixels=max_pixels)
     heat: dict[str, str] = {}
@@ -174,19 +199,39 @@ def predict_entries(model: Any, meta: dict[str, Any], entries: Sequence[tuple[st
         if heatmap_folder is not None and method is not None:
             files = _write_heatmaps(model, frame, probs, heatmap_folder, name=model_name.split("@")[0],
                                     method=method, layer=layer, threshold=threshold, image_size=size,
-                                    batch_size=batch_size)
+                                    batch_size=batch_size, truths=_labels(entries))
             heat = dict(zip(frame["path"], files, strict=True))
     p_of = dict(zip(frame["path"], probs, strict=True))
     unusable = dict(usable.skipped)
     data_word = model_data_word(meta)
+    extra = list(dict.fromkeys(name for e in entries for name, _ in e.columns))
+    rename = {name: f"input_{name}" if name in COLUMNS else name for name in extra}
     rows = []
-    for path, reason in entries:
-        p = p_of.get(path) if reason is None else None
-        rows.append({"path": path, "p_covid": None if p is None else round(float(p), 6),
+    for e in entries:
+        p = p_of.get(e.file) if e.reason is None else None
+        rows.append({"path": e.shown, "p_covid": None if p is None else round(float(p), 6),
                      "pred": "" if p is None else LABELS[int(p >= threshold)], "threshold": threshold,
-                     "model": model_name, "model_data": data_word, "skipped": reason or unusable.get(path, ""),
-                     "heatmap": heat.get(path, "") if reason is None else ""})
-    return pd.DataFrame(rows, columns=COLUMNS)
+                     "model": model_name, "model_data": data_word,
+                     "skipped": e.reason or unusable.get(e.file, ""),
+                     "heatmap": heat.get(e.file, "") if e.reason is None else "",
+                     **{rename[name]: value for name, value in e.columns}})
+    return pd.DataFrame(rows, columns=[*COLUMNS, *rename.values()])
+
+
+def _labels(entries: Sequence[Entry]) -> dict[str, str]:
+    """The true label of each file whose CSV row has a ``label`` column that reads as one (normal, covid)."""
+    out = {}
+    for e in entries:
+        given = next((value for name, value in e.columns if name.lower() == "label"), None)
+        label = parse_label(given) if given else None
+        if label is not None:
+            out[e.file] = label
+    return out
+
+
+def has_labels(table: pd.DataFrame) -> bool:
+    """True when the predictions carry a ``label`` column of the input list (then `evaluate` gives metrics)."""
+    return any(str(c).lower() in ("label", "input_label") for c in table.columns[len(COLUMNS):])
 
 
 def predict(
@@ -228,7 +273,7 @@ def predict(
             "threshold_source": meta["threshold_source"], "image_size": int(meta["image_size"]), "cam": method,
             "out": str(out_dir), "predicted": int(table["p_covid"].notna().sum()),
             "skipped": int(table["p_covid"].isna().sum()), "seconds": time.perf_counter() - started,
-            "predictions": table}
+            "labels": has_labels(table), "predictions": table}
 
 
 def format_predictions(result: dict[str, Any], limit: int = 20) -> list[str]:
@@ -247,4 +292,7 @@ def format_predictions(result: dict[str, Any], limit: int = 20) -> list[str]:
     cams = f" and {result['predicted']} heatmaps ({result['cam']}) in {HEATMAP_DIR}/" if result["cam"] else ""
     lines.append(f"{result['predicted']} predicted, {result['skipped']} skipped; {PREDICTIONS_FILE}{cams} written to "
                  f"{result['out']}/")
+    if result.get("labels"):
+        lines.append(f"the list has a label column: `covidxray evaluate --model {result['model_path']} --data "
+                     "LIST.csv` gives the metrics with their intervals")
     return lines

@@ -108,10 +108,15 @@ def test_predict_files_folders_and_a_csv(tiny_run: Path, tmp_path: Path) -> None
     result = predict(tiny_run, [src / "folder", src / "d.png", src / "list.csv"], tmp_path / "out")
 
     table = pd.read_csv(tmp_path / "out" / "predictions.csv", keep_default_na=False)
-    assert list(table.columns) == ["path", "p_covid", "pred", "threshold", "model", "model_data", "skipped", "heatmap"]
+    # our columns, then the list's own (label), whose rows keep the path string as the list wrote it
+    assert list(table.columns) == ["path", "p_covid", "pred", "threshold", "model", "model_data", "skipped", "heatmap",
+                                   "label"]
     assert set(table["model_data"]) == {"SYNTHETIC"}  # tiny_run is trained on the embedded synthetic set
-    rows = {Path(p).name if "line" not in p else p: r for p, r in zip(table["path"], table.to_dict("records"),
-                                                                        strict=True)}
+    listed = {r["path"]: r for r in table.to_dict("records")[-3:]}
+    assert list(listed) == ["d.png", "listed/e.png", "missing.png"]
+    assert [r["label"] for r in listed.values()] == ["normal", "", "covid"]
+    rows = {Path(p).name: r for p, r in zip(table["path"][:-3], table.to_dict("records")[:-3], strict=True)}
+    rows["e.png"] = listed["listed/e.png"]
     for name in ("a.png", "b.jpg", "c16.png", "d.png", "e.png"):
         row = rows[name]
         assert row["skipped"] == "" and 0.0 <= float(row["p_covid"]) <= 1.0, name
@@ -119,8 +124,9 @@ def test_predict_files_folders_and_a_csv(tiny_run: Path, tmp_path: Path) -> None
     assert "truncated or corrupt" in rows["corrupt.png"]["skipped"] and rows["corrupt.png"]["p_covid"] == ""
     assert rows["notes.txt"]["skipped"].startswith("not an image file extension")
     assert rows[".DS_Store"]["skipped"].startswith("OS or archive litter")
-    assert rows["list.csv, line 2"]["skipped"].startswith("listed more than once")
-    assert rows["list.csv, line 4"]["skipped"].startswith("image file not found (missing.png")
+    assert listed["d.png"]["skipped"].startswith("listed more than once")
+    assert listed["missing.png"]["skipped"].startswith("image file not found (list.csv, line 4")
+    assert result["labels"] is True
     assert len(table) == 10 and (result["predicted"], result["skipped"]) == (5, 5)
     sha = file_sha256(tiny_run / "model.keras")
     assert set(table["model"]) == {f"{tiny_run.name}@{sha[:12]}"}
