@@ -263,8 +263,8 @@ def prepare_clean_slate(names: Sequence[str], root: str | Path = ".", *, fresh: 
     if not fresh:
         listed = ", ".join(f"{p.relative_to(root).as_posix()}/" for p in found)
         raise DataError(f"earlier results in {listed}: a render must start from empty folders (a finished run "
-                        "would be reused, not retrained). Pass --fresh to move them aside into "
-                        "runs/before-render-<time>/ (nothing is deleted), or move them yourself.")
+                        "would be reused, not retrained). Pass --fresh (make notebooks FRESH=1) to move them aside "
+                        "into runs/before-render-<time>/ (nothing is deleted), or move them yourself.")
     return move_aside(found, root)
 
 
