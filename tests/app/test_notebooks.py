@@ -152,7 +152,8 @@ def _earlier_render(root: Path) -> None:
 def test_render_refuses_earlier_results_and_fresh_moves_them_aside(tmp_path):
     _earlier_render(tmp_path)
     before = tree_digest(tmp_path)
-    with pytest.raises(DataError, match=r"dataset/, runs/scratch/, runs/scratch-gap/.*--fresh \(make notebooks FRESH=1\)"):
+    fix = r"--fresh \(make notebooks FRESH=1\)"
+    with pytest.raises(DataError, match=r"dataset/, runs/scratch/, runs/scratch-gap/.*" + fix):
         prepare_clean_slate(NOTEBOOKS, tmp_path)
     assert tree_digest(tmp_path) == before
     aside = prepare_clean_slate(NOTEBOOKS, tmp_path, fresh=True)
