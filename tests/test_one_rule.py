@@ -38,6 +38,7 @@ RULES = [
     ("reading a JSON file", r"json\.loads?\([^)]*(read_text|open)\(", {"outputs.py"}),
     ("a listed source file that is missing or leaves its folder", r"but not on disk", {"data/sources/base.py"}),
     ("saving a figure", r"\.savefig\(", {"evaluation/figures.py"}),
+    ("decoding an image file", r"tf\.io\.decode_\w+\(|tf\.image\.decode_\w+\(|Image\.open\(", {"data/images.py"}),
     ("TensorFlow's log filter", r"cpu_feature_guard|absl::InitializeLog", {"tfenv.py"}),
 ]
 
@@ -72,3 +73,25 @@ def test_the_threshold_is_chosen_by_one_function_everywhere() -> None:
     for module in (baseline, probes, train):
         assert getattr(module, "choose_threshold", metrics.choose_threshold) is metrics.choose_threshold
     assert "choose_threshold" in SOURCES["runs/train.py"] and "choose_threshold" in SOURCES["evaluation/baseline.py"]
+
+
+def test_models_baseline_and_figures_see_the_same_gray_levels(tmp_path: Path) -> None:
+    """An RGB file whose colours TensorFlow's own RGB-to-gray rounds one level away from Pillow's ITU-R 601-2
+    luma (Pillow's ``convert("L")``, the independent reference): the model input pipeline, the baseline's reader
+    and the figures' reader all give Pillow's gray levels."""
+    import numpy as np
+    from PIL import Image
+
+    from covidxray.data.images import open_grayscale
+    from covidxray.training.pipeline import load_images
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(48, 48, 3), dtype=np.uint8)
+    path = tmp_path / "colour.png"
+    Image.fromarray(rgb, mode="RGB").save(path)
+    reference = np.asarray(Image.fromarray(rgb, mode="RGB").convert("L"), dtype=np.float32)
+    tf_gray = np.rint(rgb.astype(np.float64) @ [0.2989, 0.5870, 0.1140])
+    assert (tf_gray != reference).any(), "the colours chosen no longer tell the two conversions apart"
+    model_input = load_images([path], image_size=48)[0]
+    np.testing.assert_array_equal(model_input[..., 0], reference)
+    np.testing.assert_array_equal(np.asarray(open_grayscale(path), dtype=np.float32), reference)

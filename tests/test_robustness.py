@@ -586,7 +586,7 @@ def test_file_damaged_after_the_build_is_named_by_training_and_evaluation(tmp_pa
     bad = {split: df.query("split == @split")["filepath"].iloc[0] for split in ("train", "test")}
     for path in bad.values():
         Path(path).write_bytes(b"damaged")
-    with pytest.raises(ImageError, match=rf"{re.escape(bad['train'])}: TensorFlow cannot decode it.*Rebuild"):
+    with pytest.raises(ImageError, match=rf"{re.escape(bad['train'])}: cannot be read as an image.*rebuild"):
         train(TrainConfig(model="scratch", weights="none", epochs=1, image_size=IMAGE_SIZE, batch_size=8),
               tmp_path / "dataset", tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "model.keras").exists()

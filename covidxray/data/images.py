@@ -1,8 +1,8 @@
 """Decode and check one source image: the single place where raw files from the public sources are read.
 
 Every image is decoded once here. Files that cannot be used raise :class:`ImageError` with the reason, so the
-dataset build can skip and list them instead of crashing. Files TensorFlow decodes exactly as they are
-(8-bit JPEG/PNG in L, RGB, RGBA, LA or P mode, upright) are kept byte for byte; all others (16-bit, CMYK,
+dataset build can skip and list them instead of crashing. Plain 8-bit JPEG/PNG files (L, RGB, RGBA, LA or P
+mode, upright) are kept byte for byte; all others (16-bit, CMYK,
 EXIF-rotated, other formats) are normalised to an 8-bit grayscale PNG.
 
 DICOM files (a ``DICM`` marker after the 128-byte preamble, or a ``.dcm``/``.dicom`` name) are decoded with
@@ -221,7 +221,8 @@ def _upright(path: Path, img: Image.Image) -> tuple[Image.Image, int | None]:
 def open_grayscale(path: str | Path, *, max_side: int | None = None) -> Image.Image:
     """An image upright (EXIF orientation applied) as 8-bit grayscale ("L"), converted as the dataset build does.
 
-    The one reader for plots, thumbnails and probes (training decodes through tf.data). 16-bit and float images
+    The package's one image reader: plots, thumbnails, probes, the baseline and the models' input pipeline
+    (:func:`covidxray.training.pipeline.decode_gray`) all read pixels through it. 16-bit and float images
     are rescaled by their range, transparent ones composited over black. ``max_side`` returns a copy at most
     that many pixels on its longer side (JPEG files are decoded at a reduced scale first, which is faster).
     Raises :class:`ImageError` naming the file when it cannot be read.
@@ -246,6 +247,15 @@ def open_grayscale(path: str | Path, *, max_side: int | None = None) -> Image.Im
     if max_side is not None:
         gray.thumbnail((max_side, max_side))
     return gray
+
+
+def image_header(path: str | Path) -> tuple[int, int, str, str]:
+    """Width, height, format and Pillow mode of an image file, from its header (the pixels are not decoded)."""
+    try:
+        with Image.open(path) as img:
+            return img.size[0], img.size[1], img.format or "unknown", img.mode
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(path, f"cannot be read ({exc}); rebuild the dataset with `covidxray data`") from exc
 
 
 DICOM_TAGS: dict[str, str] = {"patient_id": "PatientID", "view": "ViewPosition", "age": "PatientAge",

@@ -33,9 +33,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from covidxray.data.images import open_grayscale
+from covidxray.data.images import image_header, open_grayscale
 from covidxray.data.manifest import MANIFEST_NAME, dataset_provenance, read_manifest, split_frame
-from covidxray.errors import DataError, ImageError
+from covidxray.errors import DataError
 from covidxray.metrics import choose_threshold, format_metric, summarize
 from covidxray.outputs import staged_output, synthetic_note, write_csv, write_json, write_text
 from covidxray.progress import progress_bar
@@ -205,15 +205,6 @@ def _intensity(path: str) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std())
 
 
-def _header(path: str) -> tuple[int, int, str, str]:
-    """Width, height, format and Pillow mode of a file, from its header (the pixels are not decoded)."""
-    try:
-        with Image.open(path) as img:
-            return img.size[0], img.size[1], img.format or "unknown", img.mode
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(path, f"cannot be read ({exc}); rebuild the dataset with `covidxray data`") from exc
-
-
 def image_statistics(df: pd.DataFrame) -> pd.DataFrame:
     """One row per manifest row: width, height, aspect ratio, mean and std intensity, format, mode.
 
@@ -223,7 +214,7 @@ def image_statistics(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, row in progress_bar(df.iterrows(), desc="image statistics", total=len(df), unit="image"):
         mean, std = _intensity(str(row["filepath"]))
-        w, h, fmt, mode = _header(str(row["filepath"]))
+        w, h, fmt, mode = image_header(str(row["filepath"]))
         width = _number(row.get("width"), w)
         height = _number(row.get("height"), h)
         rows.append({

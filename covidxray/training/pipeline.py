@@ -1,8 +1,10 @@
 """The tf.data input pipeline: image files -> (B, H, W, 3) float32 batches of raw pixel values in [0, 255].
 
-Every image goes through the same TensorFlow ops in training, evaluation and CAM (``decode_gray``), so a model
-never sees pixels decoded differently from the ones it was trained on. Grayscale X-rays are replicated to three
-channels explicitly; model-specific scaling (x/255, VGG16 mean subtraction) lives inside the models.
+Every image is decoded by the package's one reader, :func:`covidxray.data.images.open_grayscale` (the one
+the baseline, the probes and the figures use), and resized by the same TensorFlow ops in training, evaluation
+and CAM (``decode_gray``), so no model or figure sees pixels decoded differently from a model's training pixels.
+Grayscale X-rays are replicated to three channels explicitly; model-specific scaling (x/255, VGG16 mean
+subtraction) lives inside the models.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from covidxray.data.images import open_grayscale
 from covidxray.data.manifest import check_frame
 from covidxray.errors import ImageError
 
@@ -131,10 +134,19 @@ def resize_gray(image: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
+def _read_gray(path: bytes) -> np.ndarray:
+    """One file -> (h, w, 1) uint8 through the package's one image reader (see :func:`decode_gray`)."""
+    return np.asarray(open_grayscale(path.decode()), dtype=np.uint8)[..., None]
+
+
 def decode_gray(path: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Read one file -> (s, s, 1) uint8 grayscale, resized with antialiasing (the cached, compact form)."""
-    data = tf.io.read_file(path)
-    image = tf.io.decode_image(data, channels=1, expand_animations=False, dtype=tf.uint8)
+    """Read one file -> (s, s, 1) uint8 grayscale, resized with antialiasing (the cached, compact form).
+
+    Decoding is :func:`covidxray.data.images.open_grayscale`, the reader of the baseline, the probes and the
+    figures, so every stage sees the same gray levels (TensorFlow's own RGB-to-gray rounds differently by one
+    level), and DICOM files are read as the dataset build reads them."""
+    image = tf.numpy_function(_read_gray, [path], tf.uint8, stateful=False)
+    image.set_shape([None, None, 1])
     return resize_gray(image, image_size)
 
 
@@ -168,17 +180,17 @@ def _path_dataset(paths: Sequence[str], image_size: int) -> tf.data.Dataset:
     return ds.map(lambda p: decode_gray(p, image_size), num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
-def find_unreadable(paths: Sequence[str], image_size: int = 32) -> list[tuple[str, str]]:
-    """Decode every file eagerly, one by one, and return (path, reason) for those TensorFlow cannot read.
+def find_unreadable(paths: Sequence[str]) -> list[tuple[str, str]]:
+    """Decode every file, one by one, and return (path, reason) for those the image reader cannot read.
 
     Slow; only used to name the culprit after a batched decode failed.
     """
     bad = []
     for p in paths:
         try:
-            decode_gray(tf.constant(str(p)), image_size)
-        except (tf.errors.OpError, ValueError) as exc:
-            bad.append((str(p), str(getattr(exc, "message", exc)).strip().splitlines()[0]))
+            open_grayscale(p)
+        except ImageError as exc:
+            bad.append((str(p), exc.reason))
     return bad
 
 
@@ -188,8 +200,7 @@ def raise_unreadable(paths: Sequence[str], exc: Exception) -> NoReturn:
     if bad:
         path, reason = bad[0]
         more = f" ({len(bad) - 1} more unreadable file(s))" if len(bad) > 1 else ""
-        raise ImageError(path, f"TensorFlow cannot decode it: {reason}{more}. Rebuild the dataset "
-                               "(`covidxray data`) or remove the file from the manifest.") from exc
+        raise ImageError(path, f"{reason}{more}") from exc
     raise exc
 
 
