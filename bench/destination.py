@@ -9,7 +9,7 @@ images, a subset, or the synthetic fallback where the committed figures are from
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,13 @@ QUICK_OUT = REPO / "runs" / "bench-quick"
 
 
 def changed_settings(opts: Any, names: Sequence[str], default: Any | None = None) -> list[str]:
-    """Why the run ``opts`` (a dataclass) is not the committed full run: ``--quick``, or each field of ``names``
-    whose value differs from ``default`` (the dataclass's defaults when None), as ``name=value``."""
+    """Why the run ``opts`` (a dataclass, or an argparse namespace with ``default`` the parser's defaults) is not
+    the committed full run: ``--quick``, or each field of ``names`` whose value differs from ``default`` (the
+    dataclass's defaults when None), as ``name=value``."""
     if getattr(opts, "quick", False):
         return ["--quick"]
     default = type(opts)() if default is None else default
-    known = {f.name for f in fields(opts)}
+    known = {f.name for f in fields(opts)} if is_dataclass(opts) else set(vars(opts))
     return [f"{name}={getattr(opts, name)!r}" for name in names
             if name in known and getattr(opts, name) != getattr(default, name)]
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from argparse import Namespace
 from pathlib import Path
 
 import nbformat
@@ -168,6 +169,11 @@ def test_every_bench_writes_the_committed_files_only_from_its_full_run(capsys):
     assert changed_settings(ScalingOptions.quick_mode(), SCALING_MEASURED) == ["--quick"]
     assert changed_settings(ScalingOptions(fractions=(0.5, 1.0)), SCALING_MEASURED) == ["fractions=(0.5, 1.0)"]
     assert results_folder(None, []) == COMMITTED
+    # bench.seeds passes its argparse namespace and the parser's defaults (this crashed `make results` once)
+    from bench.seeds import TRIAL_SETTINGS
+    defaults = Namespace(seeds=5, precision="bfloat16", weights="hed", epochs=20, image_size=224, out=None)
+    assert changed_settings(Namespace(**{**vars(defaults)}), TRIAL_SETTINGS, defaults) == []
+    assert changed_settings(Namespace(**{**vars(defaults), "seeds": 2}), TRIAL_SETTINGS, defaults) == ["seeds=2"]
     assert results_folder(Path("elsewhere"), ["--quick"]) == Path("elsewhere")
     assert results_folder(None, ["--quick"]) == QUICK_OUT
     assert results_folder(None, ["epochs=2"], committed=REPO / "results") == QUICK_OUT / "results"
