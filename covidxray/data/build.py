@@ -364,6 +364,7 @@ def _manifest_rows(cands: list[_Candidate], splits: list[str], groups: list[int]
             "mode": chk.mode,
             "orig_path": img.rel_path,
             "dup_group": group_name[g],
+            "dicom_scaling": chk.dicom_scaling,
         })
     return rows
 

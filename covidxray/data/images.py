@@ -7,8 +7,10 @@ EXIF-rotated, other formats) are normalised to an 8-bit grayscale PNG.
 
 DICOM files (a ``DICM`` marker after the 128-byte preamble, or a ``.dcm``/``.dicom`` name) are decoded with
 pydicom through the display pipeline a viewer applies: modality LUT (rescale slope/intercept), VOI LUT or window,
-MONOCHROME1 inverted; the first frame of a multi-frame file is used. They always become normalised PNGs, so
-TensorFlow and every later stage read a PNG.
+MONOCHROME1 inverted; the first frame of a multi-frame file is used. Without a VOI LUT or window the stored bit depth
+sets the scale (never the data's own range), so a DICOM file of a PNG's pixels reads as that PNG; the rule applied is
+:attr:`CheckedImage.dicom_scaling` (see :data:`DICOM_SCALING`). They always become normalised PNGs, so TensorFlow and
+every later stage read a PNG.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class CheckedImage:
     """256-bit difference hash of the grayscale image, for near-duplicate detection."""
     normalized_png: bytes | None
     """Re-encoded 8-bit grayscale PNG when the file cannot be used as is; None when the bytes are kept."""
+    dicom_scaling: str = ""
+    """How a DICOM file's values became 8-bit gray levels (a key of :data:`DICOM_SCALING`); "" for other files."""
 
 
 def is_junk(path: Path) -> bool:
@@ -135,7 +139,7 @@ def check_image(
         # judged below, so the warnings only flood the build's output. Pillow's decompression-bomb warning is
         # ignored too: ``max_pixels`` is checked on the header before any pixel is decoded.
         warnings.simplefilter("ignore")
-        img, fmt, mode = _decode_file(path, data, max_pixels)
+        img, fmt, mode, scaling = _decode_file(path, data, max_pixels)
         upright, orientation = _upright(path, img)
     width, height = upright.size
     if min(width, height) < min_side:
@@ -157,6 +161,7 @@ def check_image(
         height=height,
         dhash=difference_hash(gray),
         normalized_png=normalized,
+        dicom_scaling=scaling,
     )
 
 
@@ -168,19 +173,19 @@ def _read_bytes(path: Path) -> bytes:
         raise ImageError(path, f"cannot be read ({exc.strerror or exc})") from exc
 
 
-def _decode_file(path: Path, data: bytes, max_pixels: int) -> tuple[Image.Image, str, str]:
-    """Decode ``data`` as DICOM when :func:`is_dicom`, else with Pillow. A ``.dcm`` file without the ``DICM``
-    marker that pydicom cannot decode is tried with Pillow (a PNG named ``.dcm`` is a PNG), as Pillow reads any
-    format whatever the extension says."""
+def _decode_file(path: Path, data: bytes, max_pixels: int) -> tuple[Image.Image, str, str, str]:
+    """Decode ``data`` as DICOM when :func:`is_dicom`, else with Pillow: the image, its format, its mode and the
+    DICOM scaling rule ("" for other files). A ``.dcm`` file without the ``DICM`` marker that pydicom cannot decode
+    is tried with Pillow (a PNG named ``.dcm`` is a PNG), as Pillow reads any format whatever the extension says."""
     if not is_dicom(path, data):
-        return _decode(path, data, max_pixels)
+        return *_decode(path, data, max_pixels), ""
     if data[_DICOM_MARKER] == b"DICM":
         return _decode_dicom(path, data, max_pixels)
     try:
         return _decode_dicom(path, data, max_pixels)
     except ImageError as dicom_error:
         try:
-            return _decode(path, data, max_pixels)
+            return *_decode(path, data, max_pixels), ""
         except ImageError:
             raise ImageError(path, f"{dicom_error.reason}; the file has no 'DICM' marker: not a DICOM file (or a "
                                    "damaged one), nor an image Pillow can read") from dicom_error
@@ -261,6 +266,43 @@ def image_header(path: str | Path) -> tuple[int, int, str, str]:
 DICOM_TAGS: dict[str, str] = {"patient_id": "PatientID", "view": "ViewPosition", "age": "PatientAge",
                               "sex": "PatientSex"}
 """What :func:`dicom_tags` reads: the CSV column of a generic source each DICOM attribute stands for."""
+DICOM_SCALING: dict[str, str] = {
+    "voi_lut": "the file's VOI LUT; its output range to 0-255",
+    "window": "the file's window (Window Center/Width, in rescaled units where the file rescales); the window's "
+              "output range to 0-255",
+    "bits_stored": "no VOI LUT or window: the stored range, 0 to 2**BitsStored - 1 (signed: -2**(BitsStored-1) to "
+                   "2**(BitsStored-1) - 1), to 0-255; each gray level takes 2**(BitsStored-8) stored values, so an "
+                   "8-bit file's values are kept as they are",
+    "rescale+bits_stored": "as bits_stored, through the file's rescale slope/intercept: the range it maps the stored "
+                           "range to",
+    "modality_lut+bits_stored": "as bits_stored, through the file's Modality LUT: the range of its output over the "
+                                "stored range",
+    "data_range": "float pixel data (no stored bit depth): the data's own range to 0-255",
+    "color": "RGB, YBR or palette colour: each channel's bit depth to 0-255, then Pillow's gray levels",
+}
+"""How a DICOM file's values become 8-bit gray levels: :attr:`CheckedImage.dicom_scaling` (and the manifest's
+``dicom_scaling`` column) names the rule applied. A MONOCHROME1 file is inverted after any of them."""
+_LIBJPEG = ("pylibjpeg pylibjpeg-libjpeg", "python-gdcm")
+_OPENJPEG = ("pylibjpeg pylibjpeg-openjpeg", "python-gdcm")
+DICOM_DECODERS: dict[str, tuple[str, ...]] = {
+    "1.2.840.10008.1.2.4.50": ("Pillow", *_LIBJPEG),  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51": _LIBJPEG,  # JPEG Extended (Process 2 and 4): pydicom's Pillow plugin reads 8-bit only
+    "1.2.840.10008.1.2.4.57": _LIBJPEG,  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70": _LIBJPEG,  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80": (*_LIBJPEG, "pyjpegls"),  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": (*_LIBJPEG, "pyjpegls"),  # JPEG-LS Near Lossless
+    "1.2.840.10008.1.2.4.90": (*_OPENJPEG, "Pillow"),  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91": (*_OPENJPEG, "Pillow"),  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": ("pylibjpeg pylibjpeg-openjpeg",),  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202": ("pylibjpeg pylibjpeg-openjpeg",),  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203": ("pylibjpeg pylibjpeg-openjpeg",),  # HTJ2K
+    "1.2.840.10008.1.2.5": ("pydicom (built in)", "pylibjpeg pylibjpeg-rle"),  # RLE Lossless
+}
+"""Compressed DICOM transfer syntaxes and the pip packages that decode each (any one choice suffices); the
+``dicom`` extra (``pip install "covidxray[dicom]"``) installs the pylibjpeg ones. A file no installed decoder
+reads is refused naming them."""
+_PILLOW_8_BIT_ONLY = "1.2.840.10008.1.2.4.51"
+"""pydicom's Pillow plugin refuses JPEG Extended files of more than 8 bits: Pillow is no decoder for those."""
 _COLOR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR"})
 """Colour photometric interpretations (pydicom returns YBR as RGB); MONOCHROME1/2 are the grayscale ones."""
 
@@ -305,9 +347,10 @@ def dicom_tags(path: str | Path) -> dict[str, str]:
     return {key: value for key, value in found.items() if value}
 
 
-def _decode_dicom(path: Path, data: bytes, max_pixels: int) -> tuple[Image.Image, str, str]:
-    """The first frame of a DICOM file as 8-bit grayscale, its format ("DICOM") and mode (e.g.
-    ``"MONOCHROME2 16-bit"``); an ImageError saying why when it cannot be decoded."""
+def _decode_dicom(path: Path, data: bytes, max_pixels: int) -> tuple[Image.Image, str, str, str]:
+    """The first frame of a DICOM file as 8-bit grayscale, its format ("DICOM"), mode (e.g.
+    ``"MONOCHROME2 16-bit"``) and scaling rule (a key of :data:`DICOM_SCALING`); an ImageError saying why when it
+    cannot be decoded."""
     import pydicom
 
     with warnings.catch_warnings():
@@ -325,7 +368,7 @@ def _decode_dicom(path: Path, data: bytes, max_pixels: int) -> tuple[Image.Image
             raise ImageError(path, f"corrupt DICOM file ({_one_line(exc)})") from exc
 
 
-def _dicom_image(path: Path, ds: Dataset, max_pixels: int) -> tuple[Image.Image, str, str]:
+def _dicom_image(path: Path, ds: Dataset, max_pixels: int) -> tuple[Image.Image, str, str, str]:
     """Decode the first frame of a read DICOM dataset (see :func:`_decode_dicom`)."""
     from pydicom.pixels import apply_color_lut, pixel_array
 
@@ -353,16 +396,16 @@ def _dicom_image(path: Path, ds: Dataset, max_pixels: int) -> tuple[Image.Image,
         depth = 8 * rgb.dtype.itemsize if photometric == "PALETTE COLOR" else bits
         scaled = np.asarray(rgb, dtype=np.float64) * (255.0 / (2**depth - 1))
         image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="RGB").convert("L")
-        return image, "DICOM", mode
-    gray = _dicom_display(path, arr, ds)
+        return image, "DICOM", mode, "color"
+    gray, scaling = _dicom_display(path, arr, ds, bits)
     if photometric == "MONOCHROME1":
         gray = 255 - gray
-    return Image.fromarray(gray, mode="L"), "DICOM", mode
+    return Image.fromarray(gray, mode="L"), "DICOM", mode, scaling
 
 
 def _transfer_syntax(path: Path, ds: Dataset) -> UID:
     """The dataset's transfer syntax, inferred for files without one when uncompressed; an ImageError naming the
-    packages to install when no decoder for a compressed one is installed."""
+    packages to install (:data:`DICOM_DECODERS`) when no installed decoder reads a compressed one."""
     from pydicom.pixels import get_decoder
     from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -377,48 +420,73 @@ def _transfer_syntax(path: Path, ds: Dataset) -> UID:
     except NotImplementedError as exc:
         raise ImageError(path, f"cannot decode DICOM transfer syntax {syntax.name or syntax!r}: no decoder exists "
                                "for it; convert the file to an uncompressed or JPEG DICOM") from exc
-    if not decoder.is_available:
-        options = "; ".join(decoder.missing_dependencies)
-        raise ImageError(path, f"cannot decode: the pixel data is compressed as {syntax.name} and no decoder for it "
-                               f"is installed; pip install one of: {options} (gdcm's pip package is python-gdcm)")
+    usable = set(decoder.available_plugins) if syntax.is_encapsulated else {"native"}
+    if syntax == _PILLOW_8_BIT_ONLY and int(ds.get("BitsStored") or 8) != 8:
+        usable.discard("pillow")
+    if not usable:
+        options = DICOM_DECODERS.get(str(syntax)) or tuple(decoder.missing_dependencies)
+        raise ImageError(path, f"cannot decode: the pixel data is compressed as {syntax.name} and no decoder for "
+                               f"it is installed; pip install \"covidxray[dicom]\", or one of: {'; '.join(options)}")
     return syntax
 
 
-def _dicom_display(path: Path, arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Monochrome pixels as a viewer shows them, in 8 bits: modality LUT, then VOI LUT or window, rescaled by the
-    window's output range (by the data's range when the file has no VOI)."""
+def _dicom_display(path: Path, arr: np.ndarray, ds: Dataset, bits: int) -> tuple[np.ndarray, str]:
+    """Monochrome pixels as a viewer shows them, in 8 bits, and the rule applied (a key of :data:`DICOM_SCALING`):
+    modality LUT, then the VOI LUT or window scaled by its output range; without either, scaled by the range the
+    modality LUT maps the stored bit depth's values to (never by the data's own range)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     values = apply_modality_lut(arr, ds)
     try:
         shown = apply_voi_lut(values, ds)
-        low, high = _voi_range(ds) if shown is not values else (None, None)
+        scaling, low, high, levels = _voi_range(ds, bits) if shown is not values else _stored_range(ds, arr, bits)
     except (ValueError, NotImplementedError) as exc:
         raise ImageError(path, f"invalid DICOM window or VOI LUT ({_one_line(exc)}); fix or remove Window "
                                "Center/Width or the VOI LUT Sequence") from exc
     shown = np.asarray(shown, dtype=np.float64)
     finite = np.isfinite(shown)
-    if low is None or high is None or high <= low:
+    if scaling == "data_range":
         low, high = (float(shown[finite].min()), float(shown[finite].max())) if finite.any() else (0.0, 0.0)
-    if high <= low:
-        return np.zeros(shown.shape, dtype=np.uint8)
-    scaled = (np.clip(np.where(finite, shown, low), low, high) - low) * (255.0 / (high - low))
-    return np.rint(scaled).astype(np.uint8)
+    if not high > low:
+        return np.zeros(shown.shape, dtype=np.uint8), scaling
+    level = np.rint((np.clip(np.where(finite, shown, low), low, high) - low) * ((levels - 1) / (high - low)))
+    return np.minimum(np.floor(level * (256.0 / levels)), 255).astype(np.uint8), scaling
 
 
-def _voi_range(ds: Dataset) -> tuple[float, float]:
-    """The output range of the VOI transform pydicom's ``apply_voi_lut`` applies: the VOI LUT's values when the
-    file has a usable one (pydicom prefers it), else the window's output for inputs below and above it."""
+def _stored_range(ds: Dataset, arr: np.ndarray, bits: int) -> tuple[str, float, float, int]:
+    """The scaling rule, output range and number of levels without a VOI: the stored range of ``bits`` (signed
+    when Pixel Representation says so) through the modality LUT or rescale (see :data:`DICOM_SCALING`)."""
+    from pydicom.pixels import apply_modality_lut
+
+    if arr.dtype.kind == "f":
+        return "data_range", 0.0, 0.0, 256
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    first, last = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    if ds.get("ModalityLUTSequence"):
+        stored = np.arange(first, last + 1, dtype=np.int64) if bits <= 16 else np.array([first, last])
+        rule = "modality_lut+bits_stored"
+    else:
+        stored = np.array([first, last], dtype=np.int64)
+        rule = "rescale+bits_stored" if "RescaleSlope" in ds and "RescaleIntercept" in ds else "bits_stored"
+    ends = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    return rule, float(ends.min()), float(ends.max()), 2**bits
+
+
+def _voi_range(ds: Dataset, bits: int) -> tuple[str, float, float, int]:
+    """The rule, output range and number of output levels of the VOI transform pydicom's ``apply_voi_lut``
+    applies: the VOI LUT's values when the file has a usable one (pydicom prefers it), else the window's output
+    for inputs below and above it (pydicom's window output spans as many levels as the stored bit depth)."""
     from pydicom.pixels import apply_voi, apply_windowing
 
     items = ds.get("VOILUTSequence") or []
     if items and items[0].get("LUTDescriptor") is not None and items[0].get("LUTData") is not None:
         entries, first = int(items[0].LUTDescriptor[0]) or 2**16, int(items[0].LUTDescriptor[1])
         lut = np.asarray(apply_voi(np.arange(first, first + entries, dtype=np.int64), ds), dtype=np.float64)
-        return float(lut.min()), float(lut.max())
+        low, high = float(lut.min()), float(lut.max())
+        return "voi_lut", low, high, int(round(high - low)) + 1
     with np.errstate(over="ignore"):
         ends = np.asarray(apply_windowing(np.array([-np.inf, np.inf]), ds), dtype=np.float64)
-    return float(ends.min()), float(ends.max())
+    return "window", float(ends.min()), float(ends.max()), 2**bits
 
 
 def _one_line(exc: BaseException) -> str:

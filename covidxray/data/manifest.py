@@ -32,6 +32,8 @@ MANIFEST_COLUMNS: list[str] = [
     "mode",  # original Pillow mode: "L", "RGB", "RGBA", "I;16", "CMYK", "P"
     "orig_path",  # the source file, relative to its source root
     "dup_group",  # images with the same dup_group are exact or near duplicates (always in one split)
+    "dicom_scaling",  # DICOM files: how values became gray levels ("bits_stored", "window", ...; see
+    # covidxray.data.images.DICOM_SCALING); "" for other files
 ]
 
 
@@ -72,7 +74,7 @@ def read_manifest(dataset_dir: str | Path) -> pd.DataFrame:
         )
     df = pd.read_csv(
         path,
-        dtype={"patient_id": str, "view": str, "sex": str, "dup_group": str},
+        dtype={"patient_id": str, "view": str, "sex": str, "dup_group": str, "dicom_scaling": str},
         keep_default_na=False,
         na_values={"age": [""]},
     )

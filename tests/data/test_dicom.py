@@ -18,17 +18,29 @@ from PIL import Image
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.sequence import Sequence
 from pydicom.uid import (
+    JPEG2000,
     UID,
     ExplicitVRLittleEndian,
+    JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSLossless,
     JPEGLSNearLossless,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
 
 from covidxray.data.build import build_dataset
-from covidxray.data.images import IMAGE_EXTENSIONS, check_image, dicom_tags, open_grayscale
+from covidxray.data.images import (
+    DICOM_DECODERS,
+    DICOM_SCALING,
+    IMAGE_EXTENSIONS,
+    check_image,
+    dicom_tags,
+    open_grayscale,
+)
 from covidxray.data.manifest import read_manifest
 from covidxray.data.sources import parse_age, read_generic
 from covidxray.errors import ImageError
@@ -117,7 +129,10 @@ def test_bit_depths_and_monochrome1_inverted(tmp_path, bits, photometric):
         assert bright > 200 and rest < 80, "bright raw values stay bright"
     else:
         assert bright < 55 and rest > 175, "MONOCHROME1: high raw values are dark"
-    assert gray.min() == 0 and gray.max() == 255, "without a window, the data's range fills 8 bits"
+    shifted = (pattern(bits) >> (bits - 8)).astype(np.uint8)
+    expected = shifted if photometric == "MONOCHROME2" else 255 - shifted
+    assert np.array_equal(gray, expected), "without a window, the stored bit depth sets the scale, not the data"
+    assert info.dicom_scaling == "bits_stored"
 
 
 def test_rescale_then_window(tmp_path):
@@ -143,6 +158,96 @@ def test_window_output_range_sets_the_8_bit_scale(tmp_path):
     signed = write_dicom(tmp_path / "s.dcm", (raw.astype(np.int16) - 2048), bits=12, signed=True,
                          RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=-2022, WindowWidth=50)
     assert decoded(signed)[BRIGHT].mean() == 255 and decoded(signed)[30:, :].mean() == 0
+
+
+def chest_png(folder: Path) -> tuple[Path, np.ndarray]:
+    """A synthetic chest image written as an 8-bit PNG (its gray levels kept off 0 and 255, so a stretch to the
+    data's range would show), and the pixels every reader reads from it."""
+    from covidxray.data.synthetic import chest_image
+
+    gray = np.rint(chest_image(np.random.default_rng(7), covid=True, size=(72, 64)) * 0.75 + 16).astype(np.uint8)
+    path = folder / "chest.png"
+    Image.fromarray(gray).save(path, format="PNG")
+    pixels = np.asarray(open_grayscale(path))
+    assert pixels.min() > 0 and pixels.max() < 255 and pixels.max() - pixels.min() > 100
+    return path, pixels
+
+
+def identity_lut(bits: int, depth: int) -> Sequence:
+    """A LUT Sequence (VOI or Modality) whose LUT maps each of the 2**bits stored values to itself, its entries
+    ``depth``-bit."""
+    item = Dataset()
+    item.add_new("LUTDescriptor", "US", [2**bits, 0, depth])
+    item.add_new("LUTData", "US", list(range(2**bits)))
+    return Sequence([item])
+
+
+PNG_AS_DICOM: dict[str, tuple[int, dict, str]] = {
+    # name: (stored bits, write_dicom keywords, the scaling rule the decoder must report)
+    "8-bit": (8, {}, "bits_stored"),
+    "12-bit": (12, {}, "bits_stored"),
+    "16-bit": (16, {}, "bits_stored"),
+    "16-bit signed": (16, {"signed": True}, "bits_stored"),
+    "8-bit MONOCHROME1": (8, {"photometric": "MONOCHROME1"}, "bits_stored"),
+    "12-bit rescaled": (12, {"RescaleSlope": 2, "RescaleIntercept": -1024}, "rescale+bits_stored"),
+    "16-bit signed rescaled": (16, {"signed": True, "RescaleSlope": 0.5, "RescaleIntercept": 100},
+                               "rescale+bits_stored"),
+    "8-bit full window": (8, {"WindowCenter": 128, "WindowWidth": 256}, "window"),
+    "12-bit full window": (12, {"WindowCenter": 2048, "WindowWidth": 4096}, "window"),
+    "16-bit full window": (16, {"WindowCenter": 32768, "WindowWidth": 65536}, "window"),
+    "12-bit rescaled full window": (12, {"RescaleSlope": 2, "RescaleIntercept": -1024, "WindowCenter": 3071.5,
+                                         "WindowWidth": 8191}, "window"),
+    "8-bit identity VOI LUT": (8, {"VOILUTSequence": "identity"}, "voi_lut"),
+    "12-bit identity VOI LUT": (12, {"VOILUTSequence": "identity"}, "voi_lut"),
+    "12-bit identity Modality LUT": (12, {"ModalityLUTSequence": "identity"}, "modality_lut+bits_stored"),
+}
+"""A PNG's pixels written as DICOM: ``png * 2**(bits-8)`` stored (shifted into the signed range, or inverted for
+MONOCHROME1), with and without rescale, a window covering the whole range, an identity VOI or Modality LUT."""
+
+
+def png_as_dicom(path: Path, png: np.ndarray, name: str) -> Path:
+    """Write :data:`PNG_AS_DICOM` ``name`` of the PNG's pixels ``png`` to ``path``."""
+    bits, keywords, _ = PNG_AS_DICOM[name]
+    keywords = dict(keywords)
+    stored = png.astype(np.int64) * 2 ** (bits - 8)
+    if keywords.get("photometric") == "MONOCHROME1":
+        stored = 2**bits - 1 - stored
+    if keywords.get("signed"):
+        stored = (stored - 2 ** (bits - 1)).astype(np.int8 if bits == 8 else np.int16)
+    else:
+        stored = stored.astype(np.uint8 if bits == 8 else np.uint16)
+    if keywords.get("VOILUTSequence") == "identity":
+        keywords["VOILUTSequence"] = identity_lut(bits, bits)
+    if keywords.get("ModalityLUTSequence") == "identity":
+        keywords["ModalityLUTSequence"] = identity_lut(bits, 16)
+    return write_dicom(path, stored, bits=bits, **keywords)
+
+
+@pytest.mark.parametrize("name", list(PNG_AS_DICOM))
+def test_a_dicom_of_a_png_reads_as_that_png(tmp_path, name):
+    """DICOM means what the PNG means: the PNG's pixels stored at any bit depth, rescaled or not, windowed over
+    the whole range or through an identity VOI LUT, decode to the PNG's pixels, and the rule is recorded."""
+    png_path, png = chest_png(tmp_path)
+    path = png_as_dicom(tmp_path / "chest.dcm", png, name)
+    info = check_image(path)
+    assert info.dicom_scaling == PNG_AS_DICOM[name][2] and info.dicom_scaling in DICOM_SCALING
+    assert np.array_equal(decoded(path), png), f"{name}: largest difference " \
+        f"{np.abs(decoded(path).astype(int) - png).max()} gray levels"
+    assert np.array_equal(np.asarray(open_grayscale(path)), png)
+    assert check_image(png_path).dicom_scaling == ""
+
+
+def test_a_model_gives_a_png_and_its_dicoms_one_p_covid(tiny_run, tmp_path):
+    """A trained model's p(covid) for every DICOM variant of a PNG is the PNG's (within 1e-3)."""
+    import covidxray
+
+    png_path, png = chest_png(tmp_path)
+    files = [png_path] + [png_as_dicom(tmp_path / f"v{i}.dcm", png, name) for i, name in enumerate(PNG_AS_DICOM)]
+    table = covidxray.load_run(tiny_run).predict(files)
+    assert len(table) == len(files) and (table["skipped"].fillna("") == "").all()
+    p_covid = dict(zip(table["path"].map(lambda f: Path(f).name), table["p_covid"], strict=True))
+    gaps = {name: abs(p_covid[f"v{i}.dcm"] - p_covid["chest.png"]) for i, name in enumerate(PNG_AS_DICOM)}
+    assert max(gaps.values()) <= 1e-3, gaps
 
 
 def test_multi_frame_uses_the_first_frame(tmp_path):
@@ -229,14 +334,60 @@ def test_undecodable_dicom_is_refused_with_the_reason(tmp_path, case, reason):
     assert "\n" not in err.value.reason
 
 
-def test_missing_decoder_names_the_packages(tmp_path):
+def only_plugins(monkeypatch, syntax: UID, *labels: str) -> None:
+    """Make pydicom's decoder for ``syntax`` see only the plugins ``labels`` as installed (for this test)."""
     from pydicom.pixels import get_decoder
 
-    if get_decoder(JPEGLSNearLossless).is_available:
-        pytest.skip("a JPEG-LS decoder is installed here")
-    path = write_dicom(tmp_path / "jls.dcm", None, bits=8, syntax=JPEGLSNearLossless, raw=b"\xff\xd8" * 20)
-    with pytest.raises(ImageError, match="no decoder for it is installed; pip install one of: .*pylibjpeg"):
+    decoder = get_decoder(syntax)
+    monkeypatch.setattr(decoder, "_available", {k: v for k, v in decoder._available.items() if k in labels})
+
+
+@pytest.mark.parametrize("syntax, bits, kept, packages", [
+    (JPEGLSNearLossless, 8, (), "pylibjpeg pylibjpeg-libjpeg; python-gdcm; pyjpegls"),
+    (JPEGExtended12Bit, 12, ("pillow",), "pylibjpeg pylibjpeg-libjpeg; python-gdcm"),
+    (JPEG2000, 16, (), "pylibjpeg pylibjpeg-openjpeg; python-gdcm; Pillow"),
+])
+def test_missing_decoder_names_the_packages(tmp_path, monkeypatch, syntax, bits, kept, packages):
+    """Without a decoder, the file is refused naming the packages that read it (not as corrupt): JPEG Extended
+    of 12 bits too, which pydicom's Pillow plugin cannot read."""
+    only_plugins(monkeypatch, syntax, *kept)
+    path = write_dicom(tmp_path / "c.dcm", None, bits=bits, syntax=syntax, raw=b"\xff\xd8" * 20)
+    with pytest.raises(ImageError) as err:
         check_image(path)
+    assert err.value.reason == (f"cannot decode: the pixel data is compressed as {syntax.name} and no decoder for "
+                                f'it is installed; pip install "covidxray[dicom]", or one of: {packages}')
+
+
+def test_missing_12_bit_jpeg_decoder_on_a_real_file(monkeypatch):
+    """pydicom's 12-bit JPEG Extended sample with only Pillow installed: the packages are named."""
+    from pydicom.data import get_testdata_file
+
+    only_plugins(monkeypatch, JPEGExtended12Bit, "pillow")
+    with pytest.raises(ImageError, match=r"JPEG Extended .* no decoder for it is installed; pip install "
+                                         r"\"covidxray\[dicom\]\", or one of: pylibjpeg pylibjpeg-libjpeg"):
+        check_image(get_testdata_file("JPGExtended.dcm"))
+
+
+def test_every_compressed_syntax_is_in_the_decoder_table():
+    from pydicom.pixels.decoders.base import _PIXEL_DATA_DECODERS
+
+    compressed = {str(uid) for uid in _PIXEL_DATA_DECODERS if UID(uid).is_compressed}
+    assert compressed == set(DICOM_DECODERS), "one table names the decoder packages of every compressed syntax"
+
+
+def test_compressed_files_decode_with_the_dicom_extra():
+    """With the `dicom` extra (pylibjpeg) installed, pydicom's lossless JPEG-LS and JPEG 2000 copies of an MR
+    decode to the uncompressed file's pixels, and the 12-bit JPEG Extended sample decodes."""
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import get_decoder
+
+    for syntax in (JPEGLSLossless, JPEG2000Lossless, JPEGExtended12Bit):
+        assert "pylibjpeg" in get_decoder(syntax).available_plugins, 'pip install "covidxray[dicom]"'
+    plain = decoded(Path(get_testdata_file("MR_small.dcm")))
+    for name in ("MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm"):
+        assert np.array_equal(decoded(Path(get_testdata_file(name))), plain), name
+    info = check_image(get_testdata_file("JPGExtended.dcm"))
+    assert (info.mode, info.width, info.height) == ("MONOCHROME2 12-bit", 256, 1024)
 
 
 def test_pydicom_sample_files():
@@ -310,7 +461,7 @@ def test_build_from_dicom_folder(tmp_path):
     data = dicom_folder(tmp_path / "site", per_class=10)
     summary = build_dataset(tmp_path / "ds", extra=[data], design="all", progress=False)
     df = read_manifest(tmp_path / "ds")
-    assert len(df) == 20 and set(df["format"]) == {"DICOM"}
+    assert len(df) == 20 and set(df["format"]) == {"DICOM"} and set(df["dicom_scaling"]) == {"bits_stored"}
     assert set(df["mode"]) == {"MONOCHROME1 16-bit", "MONOCHROME2 16-bit"}
     assert all(p.endswith(".png") for p in df["path"])
     for rel in df["path"]:
