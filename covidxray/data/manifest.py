@@ -32,6 +32,8 @@ MANIFEST_COLUMNS: list[str] = [
     "mode",  # original Pillow mode: "L", "RGB", "RGBA", "I;16", "CMYK", "P"
     "orig_path",  # the source file, relative to its source root
     "dup_group",  # images with the same dup_group are exact or near duplicates (always in one split)
+    "license",  # as the source's metadata states it per image ("" if not); see covidxray.data.licences
+    "source_url",  # where the source says the image was published (metadata url or doi), "" if not stated
 ]
 
 
@@ -72,7 +74,7 @@ def read_manifest(dataset_dir: str | Path) -> pd.DataFrame:
         )
     df = pd.read_csv(
         path,
-        dtype={"patient_id": str, "view": str, "sex": str, "dup_group": str},
+        dtype={"patient_id": str, "view": str, "sex": str, "dup_group": str, "license": str, "source_url": str},
         keep_default_na=False,
         na_values={"age": [""]},
     )
