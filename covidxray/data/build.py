@@ -27,6 +27,7 @@ from covidxray import LABELS
 from covidxray.data.designs import apply_design, confounders, get_design
 from covidxray.data.download import read_download_record
 from covidxray.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, CheckedImage, check_image
+from covidxray.data.licences import SYNTHETIC_LICENCE, SYNTHETIC_LINK
 from covidxray.data.manifest import (
     MANIFEST_COLUMNS,
     MANIFEST_NAME,
@@ -299,7 +300,7 @@ def _build(out: OutputDir, sources: SourceFolders, *, design: str, config: Build
         splits = assign_splits(labels, groups, keys, fractions={"test": test, "val": val}, seed=config.seed)
 
     _check_training_classes(labels, splits, sources.presplit, rejected)
-    rows = _manifest_rows(cands, splits, groups)
+    rows = _manifest_rows(cands, splits, groups, synthetic=sources.synthetic())
     summary = _summary(rows, rejected, stats, n_exact, pairs, cands, config, sources.presplit is not None)
     summary["design"] = design_report
     summary["confounders"] = confounders(rows)
@@ -339,7 +340,9 @@ def _check_training_classes(labels: list[str], splits: list[str], presplit, reje
                         "was written.")
 
 
-def _manifest_rows(cands: list[_Candidate], splits: list[str], groups: list[int]) -> list[dict]:
+def _manifest_rows(cands: list[_Candidate], splits: list[str], groups: list[int], *, synthetic: bool) -> list[dict]:
+    """One manifest row per image; the images of the embedded synthetic data are ours (MIT), whatever licence
+    their generated metadata names."""
     group_name: dict[int, str] = {}
     for g in groups:  # cands are sorted by (source, path), so names do not depend on input order
         group_name.setdefault(g, f"g{len(group_name):05d}")
@@ -365,6 +368,8 @@ def _manifest_rows(cands: list[_Candidate], splits: list[str], groups: list[int]
             "orig_path": img.rel_path,
             "dup_group": group_name[g],
             "dicom_scaling": chk.dicom_scaling,
+            "license": SYNTHETIC_LICENCE if synthetic else img.license,
+            "source_url": SYNTHETIC_LINK if synthetic else img.source_url,
         })
     return rows
 

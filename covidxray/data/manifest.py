@@ -34,6 +34,8 @@ MANIFEST_COLUMNS: list[str] = [
     "dup_group",  # images with the same dup_group are exact or near duplicates (always in one split)
     "dicom_scaling",  # DICOM files: how values became gray levels ("bits_stored", "window", ...; see
     # covidxray.data.images.DICOM_SCALING); "" for other files
+    "license",  # as the source's metadata states it per image ("" if not); see covidxray.data.licences
+    "source_url",  # where the source says the image was published (metadata url or doi), "" if not stated
 ]
 
 
@@ -74,7 +76,8 @@ def read_manifest(dataset_dir: str | Path) -> pd.DataFrame:
         )
     df = pd.read_csv(
         path,
-        dtype={"patient_id": str, "view": str, "sex": str, "dup_group": str, "dicom_scaling": str},
+        dtype={"patient_id": str, "view": str, "sex": str, "dup_group": str, "dicom_scaling": str, "license": str,
+               "source_url": str},
         keep_default_na=False,
         na_values={"age": [""]},
     )

@@ -23,6 +23,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from covidxray import LABELS
 from covidxray.data.designs import PEDIATRIC_SOURCES
 from covidxray.data.images import open_grayscale
+from covidxray.data.licences import showable
 from covidxray.data.manifest import check_frame
 from covidxray.errors import DataError
 from covidxray.metrics import calibration_bins, expected_calibration_error, format_metric, mean_std
@@ -273,6 +274,20 @@ def _text(value: Any) -> str:
     return str(value).strip()
 
 
+def sample_grid_picks(df: pd.DataFrame, n_per_class: int = 6, seed: int = 0) -> pd.DataFrame:
+    """The rows :func:`plot_sample_grid` shows, class by class: at most ``n_per_class`` images of each class whose
+    licence lets us show them (:func:`covidxray.data.licences.showable`), drawn at random with ``seed``. Pass them
+    to :func:`covidxray.data.licences.attribution_table` for the grid's attribution."""
+    labels = _labels_of(df)
+    rng = np.random.default_rng(seed)
+    picked = [df.iloc[:0]]
+    for label in LABELS:
+        rows = showable(df[(labels == label).to_numpy()])
+        picks = rng.choice(len(rows), size=min(n_per_class, len(rows)), replace=False) if len(rows) else []
+        picked.append(rows.iloc[[int(i) for i in picks]])
+    return pd.concat(picked)
+
+
 def plot_sample_grid(
     df: pd.DataFrame,
     n_per_class: int = 6,
@@ -280,27 +295,32 @@ def plot_sample_grid(
     *,
     path: str | Path | None = None,
 ) -> Figure:
-    """Random images of each class (one row per class), titled with source and view; seeded."""
+    """Random images of each class (one row per class), titled with source and view; seeded. Only images whose
+    licence lets us show them are drawn (see :func:`sample_grid_picks`)."""
     check_frame(df, ("filepath",), what="the image table", fix="pass a frame from load_labeled()", allow_empty=True)
     labels = _labels_of(df)
-    rng = np.random.default_rng(seed)
+    picks = sample_grid_picks(df, n_per_class, seed)
+    pick_labels = _labels_of(picks)
     fig = _figure((2.0 * n_per_class, 2.3 * len(LABELS)))
     axes = np.asarray(fig.subplots(len(LABELS), n_per_class, squeeze=False))
     for r, label in enumerate(LABELS):
-        rows = df[(labels == label).to_numpy()]
-        picks = rng.choice(len(rows), size=min(n_per_class, len(rows)), replace=False) if len(rows) else []
+        n_class = int((labels == label).sum())
+        shown = picks[(pick_labels == label).to_numpy()]
         for c in range(n_per_class):
             ax = axes[r, c]
             ax.set_axis_off()
-            if c >= len(picks):
+            if c >= len(shown):
                 continue
-            row = rows.iloc[int(picks[c])]
+            row = shown.iloc[c]
             image = open_grayscale(row["filepath"])
             image.thumbnail((256, 256))
             ax.imshow(np.asarray(image), cmap="gray", vmin=0, vmax=255)
             caption = " · ".join(t for t in (_text(row.get("source")), _text(row.get("view"))) if t)
             ax.set_title(caption or Path(row["filepath"]).name, fontsize=8)
-        axes[r, 0].text(-0.08, 0.5, f"{label} ({len(rows)})", transform=axes[r, 0].transAxes, rotation=90,
+        if n_class and shown.empty:
+            axes[r, 0].text(0.0, 0.5, f"no {label} image has a licence that lets us show it", fontsize=9,
+                            transform=axes[r, 0].transAxes, va="center")
+        axes[r, 0].text(-0.08, 0.5, f"{label} ({n_class})", transform=axes[r, 0].transAxes, rotation=90,
                         ha="right", va="center", fontsize=11, color=CLASS_COLORS.get(label, "black"))
     return _finish(fig, path)
 

@@ -21,6 +21,7 @@ import pandas as pd
 from covidxray import paths
 from covidxray.data.images import DEFAULT_MAX_PIXELS
 from covidxray.data.labeled_sets import decodable, read_labeled
+from covidxray.data.licences import attribution_filename, attribution_markdown, showable, showable_mask
 from covidxray.data.manifest import input_provenance
 from covidxray.evaluation.evaluate import write_skipped
 from covidxray.explain.checks import write_checks
@@ -37,7 +38,7 @@ from covidxray.explain.maps import (
     select_examples,
 )
 from covidxray.explain.regions import REGIONS, format_mass_area
-from covidxray.outputs import data_provenance, provenance, staged_output
+from covidxray.outputs import data_provenance, provenance, staged_output, write_text
 
 
 def pick_images(
@@ -120,9 +121,12 @@ def render_model_cams(
         probs = predict_proba(model, images)
         raw = heatmaps(model, images, method=method, layer=layer, normalise=False)
         scale = model_scale(raw)
-        files = render_cams(model, images, df, tmp, model_name=name, threshold=threshold, method=method,
-                            probs=probs, layer=layer, maps=scale_maps(raw, scale), label=scale_label(scale),
-                            synthetic=prov["synthetic"])
+        shown = showable_mask(df)  # overlays only of images whose licence lets us show them; checks use all
+        files = render_cams(model, images[shown], df[shown].reset_index(drop=True), tmp, model_name=name,
+                            threshold=threshold, method=method, probs=probs[shown], layer=layer,
+                            maps=scale_maps(raw, scale)[shown], label=scale_label(scale), synthetic=prov["synthetic"])
+        write_text(attribution_markdown(df[shown], f"Images shown in the {name} heatmaps"),
+                   tmp / attribution_filename(safe_name(name, "model", 60)))
         checks = write_checks(model, images, tmp, model_name=name, df=df, maps=normalise_maps(raw), method=method,
                               layer=layer, seed=seed, probs=probs, split_labels=frame["label"].tolist(),
                               split_probs=all_probs)
@@ -187,7 +191,7 @@ def side_by_side(
     from covidxray.training.pipeline import load_images
 
     with decodable(read_labeled(data, split=split)) as usable:
-        df = pick_images(usable.frame, n, seed)
+        df = pick_images(showable(usable.frame), n, seed)
         originals = [np.asarray(open_grayscale(p, max_side=max_side), dtype=np.float32) for p in df["filepath"]]
         fig = Figure(figsize=(3.2 * (len(runs) + 1) + 0.8, 3.4 * len(df)), dpi=90)
         FigureCanvasAgg(fig)
@@ -218,6 +222,7 @@ def side_by_side(
         path = Path(path)
         with claim_output(path.parent, "cam", sources=[data]) as out:
             out.put(path.name, lambda tmp: save_figure(fig, tmp))
+            out.write_text(attribution_filename(path.stem), attribution_markdown(df, f"Images shown in {path.name}"))
     return fig
 
 

@@ -53,7 +53,7 @@ def _dataset(root: Path) -> Path:
                     "view": "PA" if i == 0 else "", "sex": "F" if i else "M",
                     "age": 40.0 + i if label == "covid" else "",
                     "sha256": "0" * 64, "width": 48 + 8 * i, "height": 40, "format": "PNG", "mode": "L",
-                    "orig_path": rel, "dup_group": rel,
+                    "orig_path": rel, "dup_group": rel, "license": "CC BY 4.0" if label == "covid" else "",
                 })
     pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(root / MANIFEST_NAME, index=False)
     return root

@@ -120,11 +120,12 @@ def test_a_rerun_leaves_no_old_file_of_that_model(tiny_run, tiny_dataset, tmp_pa
     assert first["mean_probability"] != pytest.approx(second["mean_probability"])
     overlays = {p.name for p in out.glob("m__*__p*.png")}
     assert len(overlays) == second["files"] == 6, "the first run's overlays are gone"
-    assert {p.name for p in out.glob("m__*")} == overlays | {"m__summary.png", "m__checks.json", "m__skipped.csv"}
+    assert {p.name for p in out.glob("m__*")} == overlays | {"m__summary.png", "m__checks.json", "m__skipped.csv",
+                                                             "m__ATTRIBUTION.md"}
     assert len(list(out.glob("other__*__p*.png"))) == 6 and (out / "other__checks.json").is_file()
     side_by_side({"m": tiny_run}, tiny_dataset, n=2, path=out / "side_by_side.png")
     side_by_side({"m": shifted}, tiny_dataset, n=2, path=out / "side_by_side.png")
-    assert len(list(out.glob("side_by_side*"))) == 1
+    assert {p.name for p in out.glob("side_by_side*")} == {"side_by_side.png", "side_by_side__ATTRIBUTION.md"}
     assert not [p for p in out.iterdir() if p.name.startswith(".") and p.is_dir()]
     assert "off_anatomy" in second["checks"] and second["map_scale"] > 0
 

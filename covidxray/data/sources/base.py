@@ -35,6 +35,10 @@ class SourceImage:
     split: str | None = None
     """The split the source names (a ``split`` column, a ``train/`` or ``test/`` folder), else None. Pre-split
     imports keep it; the build re-splits every other source by patient, and evaluation selects by it."""
+    license: str = ""
+    """The licence the source's metadata states for this image ("" when it states none per image)."""
+    source_url: str = ""
+    """Where the source says the image was published (its metadata's url or doi), "" when it says nothing."""
 
 
 @dataclass

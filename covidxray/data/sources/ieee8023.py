@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from covidxray.data.licences import metadata_link
 from covidxray.data.sources.base import SourceImage, SourceScan, listed_file_problem, parse_age, parse_sex, read_table
 from covidxray.errors import DataError
 
@@ -110,6 +111,8 @@ def read_ieee8023(
                 view=rec["view"],
                 sex=parse_sex(rec.get("sex", "")),
                 age=parse_age(rec.get("age", ""), strict=False),
+                license=rec.get("license", ""),
+                source_url=metadata_link(rec.get("url", ""), rec.get("doi", "")),
             )
         )
     scan.stats = counts

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from covidxray.data.images import skip_reason
+from covidxray.data.licences import metadata_link
 from covidxray.data.manifest import split_name
 from covidxray.data.sources.base import SourceImage, SourceScan, outside_reason, parse_age, parse_label, parse_sex
 from covidxray.data.sources.ieee8023 import metadata_by_filename
@@ -71,6 +72,8 @@ def _presplit_image(path: Path, rel: str, label: str, split: str, meta: dict[str
             sex=parse_sex(row.get("sex", "")),
             age=parse_age(row.get("age", ""), strict=False),
             split=split,
+            license=row.get("license", ""),
+            source_url=metadata_link(row.get("url", ""), row.get("doi", "")),
         )
     kermany = kermany_patient_id(path.name)
     if kermany is not None:
