@@ -423,7 +423,10 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
                            "covidxray reproduce --data dataset --weights hed --seeds 3",
                            "covidxray reproduce --nih NIH --design original --design adult-normals"])
     p.add_argument("--presplit", type=Path, help="pre-split folder to import with its split")
-    p.add_argument("--metadata", type=Path, help="ieee8023 metadata.csv (patient ids for --presplit)")
+    p.add_argument("--seed-dataset", type=Path, metavar="DIR", help="the 2020 Dataset/ folder, laid out as the two "
+                   "sources (with --metadata) and split by patient: one row of README table 2, checked against it")
+    p.add_argument("--metadata", type=Path, help="ieee8023 metadata.csv (patient ids for --presplit; the COVID "
+                   "images' metadata for --seed-dataset)")
     p.add_argument("--chest-xray", type=Path, help="Kermany 'Chest X-Ray Images (Pneumonia)' folder "
                    "(default: Chest_XRAY/ when it holds data)")
     p.add_argument("--covid-xray", type=Path, help="ieee8023 covid-chestxray-dataset folder (default: Covid_XRAY/ "
@@ -459,6 +462,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                              seeds=args.seeds, n_boot=args.n_boot, caps=dict(args.cap), precision=args.precision,
                              views=tuple(v.strip() for v in args.views.split(",")) if args.views else None)
     config.validate()
+    if args.seed_dataset is not None:
+        from covidxray.studies.table_row import table2_row
+
+        print(table2_row(config, args.out, args.seed_dataset, args.metadata, progress=not args.quiet)[1])
+        return 0
     if len(args.design) > 1:
         from covidxray.studies.reproduce import reproduce_designs
 
