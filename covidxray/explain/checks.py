@@ -13,24 +13,26 @@
   body, and the outside of the (estimated) lung fields (the abdomen, mediastinum, neck and shoulders included).
   A fixed band misses padding above a pasted-in figure or a marker inside the frame; these masks do not.
 
-Shortcut warning rule (:data:`OFF_ANATOMY_LIMITS`, :data:`IMAGE_FRACTION`), per region (padding and markers
-with a rim around them, see :func:`covidxray.explain.regions.measured_regions`; outside the body; outside the lung
-fields), for each group
-of images (all, each class, each source):
+Shortcut warning rule (:data:`MARGIN`, :data:`N_BOOT`, :data:`CONFIDENCE`, :data:`BOOTSTRAP_SEED`,
+:data:`MIN_IMAGES`), per region (padding and markers with a rim around them, see
+:func:`covidxray.explain.regions.measured_regions`; outside the body; outside the lung fields) and per group of
+images (all, each class, each source): each image gives its *excess*, the share of heatmap mass in the region minus
+the region's share of the image area. A region fires for a group when the lower end of the 95 % percentile
+bootstrap interval (1000 resamples of the group's images, seed 0) of the mean excess is at least 0.10. A map spread
+evenly over the image has an excess of 0 on every image, so it never fires, however large the region; a map that
+puts its mass in a region fires there once the images agree.
 
-1. group means: the mean share of heatmap mass in the region exceeds both an absolute level and a multiple of
-   the region's mean share of the image area; or
-2. single images: at least a quarter of the group's maps each put more than the absolute level of their mass
-   in the region and are enriched there by at least the multiple as an odds ratio,
-   ``(share / (1 - share)) / (area / (1 - area))`` (an odds ratio still grows when the region is half the
-   image, as with a figure pasted into padding, where no share can reach twice the area).
-
-Levels and multiples: padding and flat regions 0.25 and 1.5x (mean) / 2x (odds, per image), markers 0.10 and
-3x / 3x, outside the body 0.25 and 1.5x / 2x, outside the lung fields 0.5 and 1x / 2x (the lung fields are about a
-third of a typical film; a model whose evidence is in the lungs puts more of its mass on them than an even spread
-would, so the group means warn as soon as the mass outside the lung fields exceeds their share of the image). The
-warning names each group and region that fired; checks.json
-holds the rule's text, the limits and every number it used.
+Why a difference of 0.10 and not a ratio: the regions differ in size by a factor of 30 (markers about 2 % of a film,
+outside the lung fields about 70 %), and a ratio cannot reach 1.25 for a region larger than 80 % of the image; a
+difference reads the same for every region ("a tenth of the evidence moved into the region beyond an even spread")
+and can be reached by any region under 90 % of the image. For the small regions it is close to the levels of the
+earlier rule (padding, outside the body: about 1.5x their mean area; markers: more than 10 % of the mass on about 2 %
+of the image); for the lung fields it adds the margin the earlier rule lacked, whose "more mass outside the lung
+fields than their area" fired on a uniform map. The bootstrap interval keeps a few extreme images (or a group of
+two) from firing on their own; a group needs :data:`MIN_IMAGES` non-empty maps to fire at all. The warning names
+only the regions that fired, each with what it holds and the groups it fired for; checks.json holds the rule
+(sentence and parameters), every group's mean mass and area shares, the intervals, and the shares of every image
+under its file name.
 
 :func:`write_checks` runs them all and writes them as JSON next to the overlays.
 """
@@ -49,8 +51,8 @@ from scipy.stats import pearsonr, spearmanr
 from covidxray import LABELS
 from covidxray.errors import ModelError
 from covidxray.explain import regions as image_regions
-from covidxray.explain.maps import as_image_batch, heatmaps, resolve_method, safe_name
-from covidxray.explain.regions import REGIONS, mass_shares, measured_regions
+from covidxray.explain.maps import as_image_batch, heatmaps, image_keys, resolve_method, safe_name
+from covidxray.explain.regions import REGION_EXPLANATIONS, REGION_NAMES, REGIONS, mass_shares, measured_regions
 from covidxray.metrics import binary_metrics
 from covidxray.outputs import json_text, to_jsonable, write_text
 
@@ -66,19 +68,17 @@ MIN_SEPARATION_AUC = 0.6
 """Below this ROC-AUC on the explained images the randomisation check does not apply (reported as failed)."""
 MIN_PROB_SPREAD = 0.05
 """Below this spread of p(covid) (95th minus 5th percentile) the randomisation check does not apply."""
-OFF_ANATOMY_LIMITS: dict[str, tuple[float, float, float]] = {
-    "padding": (0.25, 1.5, 2.0),
-    "markers": (0.10, 3.0, 3.0),
-    "outside_body": (0.25, 1.5, 2.0),
-    "outside_lungs": (0.5, 1.0, 2.0),
-}
-"""Per region (absolute level, multiple of the mean area share, per-image odds ratio); see the module doc."""
-IMAGE_FRACTION = 0.25
-"""A group warns when at least this fraction of its maps is over the per-image limit."""
-OFF_ANATOMY_WARNING = (
-    "shortcut warning: the heatmaps put their mass on padding, burnt-in markers, outside the body or outside the "
-    "lung fields"
-)
+MARGIN = 0.10
+"""A region fires when the lower bound of the mean excess (mass share minus area share) is at least this."""
+N_BOOT = 1000
+"""Bootstrap resamples of a group's images for the interval of its mean excess."""
+CONFIDENCE = 0.95
+"""Coverage of the percentile bootstrap interval; its lower end decides."""
+BOOTSTRAP_SEED = 0
+"""Seed of the bootstrap (the same resamples for every region, so the checks are deterministic)."""
+MIN_IMAGES = 2
+"""Fewest non-empty maps a group needs for an interval (and to fire); fewer: no interval, no warning."""
+OFF_ANATOMY_WARNING = "shortcut warning: the heatmaps put more of their mass than an even spread would on"
 
 
 # ------------------------------------------------------------ randomisation
@@ -387,60 +387,110 @@ def off_anatomy_shares(images: object, maps: object) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def _odds_ratio(share: np.ndarray, area: np.ndarray) -> np.ndarray:
-    """Odds of the heatmap mass over odds of the area (shares clipped to [1e-6, 1 - 1e-6])."""
-    s, a = (np.clip(np.asarray(v, dtype=np.float64), 1e-6, 1 - 1e-6) for v in (share, area))
-    return (s / (1 - s)) / (a / (1 - a))
+def excess_interval(mass: object, area: object, *, n_boot: int = N_BOOT, confidence: float = CONFIDENCE,
+                    seed: int = BOOTSTRAP_SEED) -> dict:
+    """Mean mass share, mean area share and mean excess (mass minus area) of paired per-image shares, with
+    percentile bootstrap intervals (images resampled with replacement, the same draws for mass and excess) of the
+    mean mass share (``mass_ci``) and of the mean excess (``excess_ci``); ``fired`` when the excess interval's lower
+    end is at least :data:`MARGIN`. NaN pairs (empty maps) are left out; fewer than :data:`MIN_IMAGES` pairs give no
+    interval and never fire."""
+    s = np.asarray(mass, dtype=np.float64).reshape(-1)
+    a = np.asarray(area, dtype=np.float64).reshape(-1)
+    if s.shape != a.shape:
+        raise ValueError(f"{len(s)} mass shares for {len(a)} area shares.")
+    keep = np.isfinite(s) & np.isfinite(a)
+    s, a = s[keep], a[keep]
+    out: dict = {"n_images": int(len(s)), "mass_share": float(s.mean()) if len(s) else None,
+                 "area_share": float(a.mean()) if len(s) else None,
+                 "excess": float((s - a).mean()) if len(s) else None, "mass_ci": None, "excess_ci": None,
+                 "n_images_over_margin": int(((s - a) >= MARGIN).sum()), "fired": False}
+    if len(s) >= MIN_IMAGES:
+        draws = np.random.default_rng(seed).integers(0, len(s), size=(n_boot, len(s)))
+        tails = [100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2]
+        out["mass_ci"] = [float(v) for v in np.percentile(s[draws].mean(axis=1), tails)]
+        out["excess_ci"] = [float(v) for v in np.percentile((s - a)[draws].mean(axis=1), tails)]
+        out["fired"] = bool(out["excess_ci"][0] >= MARGIN - 1e-12)
+    return out
 
 
 def _off_group(shares: pd.DataFrame) -> dict:
     used = shares[~shares["empty"].astype(bool)]
     stats: dict = {"n_images": len(shares), "n_empty": int(shares["empty"].astype(bool).sum()), "over": []}
     for region in REGIONS:
-        level, multiple, odds = OFF_ANATOMY_LIMITS[region]
-        share = float(used[f"{region}_share"].mean()) if len(used) else None
-        area = float(used[f"{region}_area"].mean()) if len(used) else None
-        by_mean = share is not None and share > level and share > multiple * area
-        per_image = (used[f"{region}_share"] > level) & (
-            _odds_ratio(used[f"{region}_share"], used[f"{region}_area"]) >= odds)
-        n_over = int(per_image.sum())
-        by_images = len(used) > 0 and n_over >= IMAGE_FRACTION * len(used)
-        stats[region] = {"mass_share": share, "area_share": area,
-                         "ratio": share / area if share is not None and area else None,
-                         "over_by_mean": bool(by_mean), "n_images_over": n_over,
-                         "over_by_images": bool(by_images), "over_limit": bool(by_mean or by_images)}
-        if by_mean or by_images:
+        result = excess_interval(used[f"{region}_share"], used[f"{region}_area"])
+        result.pop("n_images")
+        stats[region] = result
+        if result["fired"]:
             stats["over"].append(region)
     return stats
 
 
 def off_anatomy_rule() -> str:
-    """The warning rule in words, with its numbers (written into checks.json)."""
-    parts = [f"{region.replace('_', ' ')}: level {level:g}, {multiple:g}x the mean area, odds ratio {odds:g}"
-             for region, (level, multiple, odds) in OFF_ANATOMY_LIMITS.items()]
-    return ("warn for a region (padding and markers with a rim, outside the body, outside the lung fields) and a "
-            "group (all images, a class, a source) when the group's mean share of heatmap mass in the region "
-            "exceeds both the level and a multiple of the region's mean share of the image area, or when at least "
-            f"{IMAGE_FRACTION:.0%} of the group's maps each exceed the level and the odds ratio of mass vs area: "
-            + "; ".join(parts) + " (regions estimated per image by covidxray.explain.regions)")
+    """The warning rule in one sentence, with its numbers (checks.json, the heatmap summaries, the notebook)."""
+    return (f"a region fires for a group of images when the lower end of the {CONFIDENCE * 100:g} % bootstrap interval "
+            f"({N_BOOT} resamples of the images, seed {BOOTSTRAP_SEED}) of the mean of (share of heatmap mass in "
+            f"the region minus the region's share of the image area) is at least {MARGIN:.2f}; an even spread "
+            f"(mass share = area share on every image) never fires, and a group needs at least {MIN_IMAGES} "
+            "non-empty maps")
 
 
-def off_anatomy(images: object, maps: object, df: pd.DataFrame | None = None) -> dict:
-    """Heatmap mass on padding/flat regions, markers and outside the body vs their area: overall, per class and
-    per source (``df`` columns "label", "source"), with the warning of the module's rule (None: no warning)."""
+def off_anatomy_parameters() -> dict:
+    """The rule's parameters by name, as checks.json stores them."""
+    return {"statistic": "mean over images of (mass share - area share)", "margin": MARGIN, "n_boot": N_BOOT,
+            "confidence": CONFIDENCE, "seed": BOOTSTRAP_SEED, "min_images": MIN_IMAGES,
+            "interval": "percentile bootstrap over images"}
+
+
+def off_anatomy_warning(fired: dict[str, list[str]]) -> str | None:
+    """The warning sentence for ``fired`` ({region: groups it fired for}, in any order): only those regions,
+    each with what it holds (:data:`covidxray.explain.regions.REGION_EXPLANATIONS`) and its groups; None when
+    none fired."""
+    parts = [f"{REGION_NAMES[r]} ({REGION_EXPLANATIONS[r]}) for {', '.join(fired[r])}"
+             for r in REGIONS if fired.get(r)]
+    if not parts:
+        return None
+    return (f"{OFF_ANATOMY_WARNING}: " + "; ".join(parts)
+            + f" (lower {CONFIDENCE * 100:g} % bound of mass minus area at least {MARGIN:.2f})")
+
+
+def _per_image(shares: pd.DataFrame, keys: list[str], files: list[str] | None) -> dict[str, list[dict]]:
+    """Per region, one entry per image: its name (as in the overlay file name), overlay file, mass and area."""
+    out: dict[str, list[dict]] = {}
+    for region in REGIONS:
+        rows = []
+        for i, key in enumerate(keys):
+            entry = {"image": key}
+            if files is not None:
+                entry["file"] = files[i]
+            entry.update(mass=_nan_to_none(shares[f"{region}_share"].iloc[i]),
+                         area=_nan_to_none(shares[f"{region}_area"].iloc[i]))
+            rows.append(entry)
+        out[region] = rows
+    return out
+
+
+def off_anatomy(images: object, maps: object, df: pd.DataFrame | None = None, *,
+                files: list[str] | None = None) -> dict:
+    """Heatmap mass on padding/flat regions, markers, outside the body and outside the lung fields vs their
+    area: overall, per class and per source (``df`` columns "label", "source"), with the warning of the module's
+    rule (None: no warning). ``per_image`` lists each region's shares under the image's name (from ``df``'s
+    "path"/"filepath"/"name" column, as the overlay file names write it) and, with ``files``, its overlay file."""
     shares = off_anatomy_shares(images, maps)
-    result: dict = {"rule": off_anatomy_rule(),
-                    "limits": {r: {"level": lv, "multiple": mu, "odds_ratio": od}
-                               for r, (lv, mu, od) in OFF_ANATOMY_LIMITS.items()},
-                    "image_fraction": IMAGE_FRACTION,
+    keys = image_keys(df) if df is not None else [f"image-{i}" for i in range(len(shares))]
+    if len(keys) != len(shares) or (files is not None and len(files) != len(shares)):
+        raise ValueError(f"{len(keys)} names and {len(files or keys)} files for {len(shares)} maps.")
+    result: dict = {"rule": off_anatomy_rule(), "rule_parameters": off_anatomy_parameters(),
+                    "regions": {r: {"name": REGION_NAMES[r], "explanation": REGION_EXPLANATIONS[r]}
+                                for r in REGIONS},
                     "overall": _off_group(shares)}
-    flagged = [f"all images: {', '.join(result['overall']['over'])}"] if result["overall"]["over"] else []
+    fired: dict[str, list[str]] = {r: ["all images"] for r in result["overall"]["over"]}
     for column, key, groups in _per_group(df, shares, _off_group):
-        flagged.extend(f"{column}={value}: {', '.join(stats['over'])}" for value, stats in groups.items()
-                       if stats["over"])
+        for value, stats in groups.items():
+            for region in stats["over"]:
+                fired.setdefault(region, []).append(f"{column}={value}")
         result[key] = groups
-    result["per_image"] = shares.to_dict(orient="list")
-    result["warning"] = f"{OFF_ANATOMY_WARNING} ({'; '.join(flagged)})" if flagged else None
+    result["per_image"] = _per_image(shares, keys, files)
+    result["warning"] = off_anatomy_warning(fired)
     return result
 
 
@@ -470,6 +520,8 @@ def write_checks(
     probs: object | None = None,
     split_labels: object | None = None,
     split_probs: object | None = None,
+    explained: dict | None = None,
+    files: list[str] | None = None,
 ) -> dict:
     """Run the checks, write them to ``out_dir/<model>__checks.json`` (atomically), return the same dict.
 
@@ -479,6 +531,8 @@ def write_checks(
     ``warning`` joins the border-band and the off-anatomy warnings (None: neither fired). ``split_labels`` and
     ``split_probs`` (every image of the split the sample was drawn from) replace them for that question: a sample
     stratified by outcome over-represents errors, so it must not decide whether the model separates the classes.
+    ``explained`` (see :func:`covidxray.explain.render.explained_model`: run folder, test metrics, method and why)
+    is stored as it is; ``files`` are the overlay file names of the images, stored beside each image's shares.
     """
     x = as_image_batch(images)
     used, name = resolve_method(model, method, layer)
@@ -488,12 +542,13 @@ def write_checks(
     if split_labels is not None and split_probs is not None:
         labels, probs = list(split_labels), split_probs
     attention = attention_distribution(maps, df, center_fraction=center_fraction, border_fraction=border_fraction)
-    off = off_anatomy(x, maps, df)
+    off = off_anatomy(x, maps, df, files=files)
     warnings = [w for w in (off["warning"], attention["warning"]) if w]
     result = {
         "model": model_name,
         "method": used,
         "layer": name,
+        "explained": explained,
         "n_images": len(x),
         "randomization": randomization_check(
             model, x, used, seed, layer=name, maps=maps, batch_size=batch_size, max_images=max_random_images,

@@ -177,6 +177,24 @@ def resolve_method(model: keras.Model, method: str = "auto", layer: str | None =
     return method, find_target_layer(model, layer, fix=fix)
 
 
+METHOD_NAMES: dict[str, str] = {"cam": "CAM", "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
+"""How the reports name each concrete method of :func:`resolve_method`."""
+
+
+def method_reason(model: keras.Model, method: str, layer: str) -> str:
+    """Why the concrete ``method`` (from :func:`resolve_method`) explains ``model`` at ``layer``, in one sentence."""
+    gap = gap_feature_layer(model) is not None
+    if method == "cam":
+        return (f"CAM is exact for this model: its head is global average pooling of {layer!r} into the classifier, "
+                "so the map's mean is the covid logit itself")
+    head = ("asked for, although the model's global-average-pooling head would allow exact CAM" if gap else
+            "because the model's head is not global average pooling straight into the classifier, so CAM would "
+            "not be exact")
+    plus = ", with pixel-wise weights (Grad-CAM++)" if method == "gradcam++" else ""
+    return (f"{METHOD_NAMES.get(method, method)}, {head}; Grad-CAM works for any conv model, weighting the "
+            f"feature maps of {layer!r} by the covid logit's averaged gradients{plus}")
+
+
 def _check_cam(model: keras.Model, feature: str | None, layer: str | None) -> None:
     if feature is None:
         raise ModelError(
@@ -447,6 +465,11 @@ def _image_names(df: pd.DataFrame) -> list[str]:
     return [f"image-{i}" for i in range(len(df))]
 
 
+def image_keys(df: pd.DataFrame) -> list[str]:
+    """Each row's image as the overlay file names write it (the second ``__`` field of :func:`cam_filename`)."""
+    return [safe_name(_image_stem(name), "image", 80) for name in _image_names(df)]
+
+
 def _outcomes(truth: Sequence[str], probs: np.ndarray, threshold: float) -> list[str]:
     positive = LABELS[1]
     table = {(True, True): "TP", (False, False): "TN", (False, True): "FP", (True, False): "FN"}
@@ -482,9 +505,11 @@ def summary_grid(
     model_name: str,
     per_cell: int = 2,
     label: str = PER_IMAGE_LABEL,
+    model_label: str | None = None,
 ) -> Path:
     """One PNG per model: rows TP, TN, FP, FN, the ``per_cell`` most confident each, empty cells "none";
-    the images are the model inputs (stretched to a square); ``label`` names the maps' scale on the colour bar."""
+    the images are the model inputs (stretched to a square); ``label`` names the maps' scale on the colour bar,
+    ``model_label`` (a title line) which model and method the maps explain."""
     if per_cell < 1:
         raise ValueError(f"per_cell must be >= 1, got {per_cell}.")
     x = as_image_batch(images)
@@ -514,8 +539,9 @@ def summary_grid(
                 ax.text(0.5, 0.5, "none", ha="center", va="center", color="0.4", transform=ax.transAxes)
             if c == 0:
                 ax.set_ylabel(OUTCOME_TITLES[outcome], fontsize=8)
-    fig.suptitle(f"{model_name}: most confident per outcome (threshold {threshold:.2f})\n"
-                 "model input (stretched to a square)", fontsize=10)
+    about = f"{model_label}\n" if model_label else ""
+    fig.suptitle(f"{model_name}: most confident per outcome (threshold {threshold:.2f})\n{about}"
+                 "model input (stretched to a square)", fontsize=10 if not model_label else 8)
     bar = fig.colorbar(
         ScalarMappable(Normalize(0.0, 1.0), cmap=_CMAP), ax=axes.ravel().tolist(), fraction=0.03
     )
@@ -539,11 +565,13 @@ def render_cams(
     maps: object | None = None,
     label: str | None = None,
     synthetic: bool = False,
+    model_label: str | None = None,
 ) -> pd.DataFrame:
     """Write one overlay PNG per image (and the summary grid) into ``out_dir``; return one row per file.
 
     ``synthetic`` (the model or the images come from the embedded synthetic set) puts SYNTHETIC DATA in every
-    figure's title.
+    figure's title; ``model_label`` (e.g. the run folder, test accuracy and method, see
+    :func:`covidxray.explain.render.model_line`) is a title line of its own, saying which model the maps explain.
     ``df`` is aligned with ``images`` and has a "label" column (and "path" for names); ``probs`` are p(covid),
     predicted here when None. ``maps`` are precomputed heatmaps of the same ``method`` in [0, 1] and ``label``
     names their scale (default: normalised per image); when None they are computed here on one scale for the
@@ -584,7 +612,9 @@ def render_cams(
             copy += 1
             filename = cam_filename(model_name, f"{_image_stem(names[i])}-{copy}", truths[i], pred, p[i])
         taken.add(filename)
-        title = f"{shown} ({used}): true {truths[i]}, predicted {pred}, p(covid) = {p[i]:.2f}"
+        title = f"{shown} ({METHOD_NAMES.get(used, used)}): true {truths[i]}, predicted {pred}, p(covid) = {p[i]:.2f}"
+        if model_label:
+            title = f"{model_label}\n{title}"
         save_figure(overlay_figure(x[i], maps[i], title=title, label=label), out_dir / filename, dpi=HEATMAP_DPI)
         rows.append(
             {
@@ -600,8 +630,8 @@ def render_cams(
             }
         )
     if grid:
-        summary_grid(x, maps, df, p, threshold, out_dir / grid_filename(model_name), model_name=shown,
-                     label=label)
+        summary_grid(x, maps, df, p, threshold, out_dir / grid_filename(model_name),
+                     model_name=f"{shown} ({METHOD_NAMES.get(used, used)})", label=label, model_label=model_label)
     return pd.DataFrame(
         rows, columns=["model", "image", "file", "label", "pred", "prob", "outcome", "method", "layer"]
     )

@@ -55,6 +55,24 @@ from covidxray.metrics import format_share
 
 REGIONS: tuple[str, ...] = ("padding", "markers", "outside_body", "outside_lungs")
 """The off-anatomy regions measured for each image, in report order."""
+REGION_NAMES: dict[str, str] = {
+    "padding": "padding and flat regions",
+    "markers": "burnt-in markers",
+    "outside_body": "outside the body",
+    "outside_lungs": "outside the lung fields",
+}
+"""How the reports name each region of :data:`REGIONS`."""
+REGION_EXPLANATIONS: dict[str, str] = {
+    "padding": "flat bands and blank areas touching the image edge (black letterbox padding, blank air, white "
+               "margins of a pasted-in figure), with a rim of 5 % of the short side",
+    "markers": "small sharp-edged marks burnt into the film (lead R/L markers, text, clips, electrodes), with the "
+               "same rim",
+    "outside_body": "everything that is not the estimated body: the air around the patient, padding and markers",
+    "outside_lungs": "everything that is not the estimated lung fields: heart, mediastinum, diaphragm, abdomen, "
+                     "neck and shoulders, plus all of the above (an estimate from intensity, not a trained "
+                     "segmentation)",
+}
+"""One line per region of :data:`REGIONS` saying what it holds, printed wherever a warning can name it."""
 FLAT_STD = 0.01
 """Local standard deviation, as a fraction of the image's range, at or below which a pixel is flat."""
 FLAT_VALUE_TOL = 0.03

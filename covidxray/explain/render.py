@@ -2,10 +2,13 @@
 
 Loads the run, picks the images (default: the test split; with a limit, a sample stratified by outcome TP/TN/FP/FN
 and source, so the summary grid's cells fill), predicts, computes the maps once, and writes the overlays, the
-summary grid and ``<model>__checks.json`` into ``Class_Activation_Images/``. Overlays and grid share one colour
-scale per model (raw maps / the 99th percentile of the set's map values, clipped at 1; see
-:func:`covidxray.explain.maps.model_scale`); the checks use the maps normalised per image. A rerun replaces all of that
-model's files (and only those). External images that cannot be used are skipped and listed in
+summary grid, ``<model>__checks.json`` and ``<model>__checks.md`` (the checks in words: which model and method,
+the warning rule, a short table, the warning and what each region holds) into ``Class_Activation_Images/``. Every
+figure title, checks.json and the summary name the model explained: its name, run folder, test accuracy and ROC-AUC
+(from the run's model card, when it has been evaluated), and the method (CAM or Grad-CAM) with the reason.
+Overlays and grid share one colour scale per model (raw maps / the 99th percentile of the set's map values,
+clipped at 1; see :func:`covidxray.explain.maps.model_scale`); the checks use the maps normalised per image. A rerun
+replaces all of that model's files (and only those). External images that cannot be used are skipped and listed in
 ``<model>__skipped.csv``; the files are written to a temporary folder and moved into place only when all of
 them are done.
 """
@@ -26,8 +29,10 @@ from covidxray.data.manifest import input_provenance
 from covidxray.evaluation.evaluate import write_skipped
 from covidxray.explain.checks import write_checks
 from covidxray.explain.maps import (
+    METHOD_NAMES,
     OUTCOMES,
     heatmaps,
+    method_reason,
     model_scale,
     normalise_maps,
     render_cams,
@@ -37,7 +42,8 @@ from covidxray.explain.maps import (
     scale_maps,
     select_examples,
 )
-from covidxray.explain.regions import REGIONS, format_mass_area
+from covidxray.explain.regions import REGION_EXPLANATIONS, REGION_NAMES, REGIONS
+from covidxray.metrics import format_metric, format_share
 from covidxray.outputs import data_provenance, provenance, staged_output, write_text
 
 
@@ -105,6 +111,7 @@ def render_model_cams(
     config = meta.get("config", {})
     name = name or config.get("model") or Path(model_path).stem
     method, layer = resolve_method(model, method, layer)
+    explained = explained_model(name, meta, model, method, layer)
     labeled = read_labeled(data, split=split, max_pixels=max_pixels)
     threshold = float(meta.get("threshold", 0.5))
     prefix = f"{safe_name(name, 'model', 60)}__"
@@ -124,17 +131,54 @@ def render_model_cams(
         shown = showable_mask(df)  # overlays only of images whose licence lets us show them; checks use all
         files = render_cams(model, images[shown], df[shown].reset_index(drop=True), tmp, model_name=name,
                             threshold=threshold, method=method, probs=probs[shown], layer=layer,
-                            maps=scale_maps(raw, scale)[shown], label=scale_label(scale), synthetic=prov["synthetic"])
+                            maps=scale_maps(raw, scale)[shown], label=scale_label(scale), synthetic=prov["synthetic"],
+                            model_label=model_line(explained))
         write_text(attribution_markdown(df[shown], f"Images shown in the {name} heatmaps"),
                    tmp / attribution_filename(safe_name(name, "model", 60)))
+        drawn = iter(Path(f).name for f in files["file"])
+        overlay_names = [next(drawn) if keep else "" for keep in shown]  # "" = not drawn (licence)
         checks = write_checks(model, images, tmp, model_name=name, df=df, maps=normalise_maps(raw), method=method,
                               layer=layer, seed=seed, probs=probs, split_labels=frame["label"].tolist(),
-                              split_probs=all_probs)
+                              split_probs=all_probs, explained=explained,
+                              files=overlay_names)
+        write_text(checks_markdown(checks), tmp / summary_filename(name))
         write_skipped(usable.skipped, tmp / skipped_filename(name))
     return {"model": name, "method": method, "layer": layer, "images": len(df), "threshold": threshold,
+            "explained": explained,
             "mean_probability": float(np.mean(probs)) if len(probs) else float("nan"), "map_scale": scale,
             "files": len(files), "checks": checks, "skipped": [list(s) for s in usable.skipped],
             "precision": meta["precision"], "synthetic": prov["synthetic"]}
+
+
+def explained_model(name: str, meta: dict[str, Any], model: Any, method: str, layer: str) -> dict[str, Any]:
+    """Which model the heatmaps explain: ``name``, its run folder's name, architecture, its test accuracy and ROC-AUC
+    with their intervals (from the run's model card, None when the run was never evaluated), and the concrete
+    ``method`` and ``layer`` with the reason for the method (:func:`covidxray.explain.maps.method_reason`)."""
+    test = ((meta.get("card") or {}).get("metrics") or {}).get("test") or None
+    metrics = {}
+    if test:
+        metrics = {k: {"value": (test.get("metrics") or {}).get(k), "ci": (test.get("ci") or {}).get(k)}
+                   for k in ("accuracy", "roc_auc")}
+    return {"name": name, "run": Path(meta["run_dir"]).name, "architecture": (meta.get("config") or {}).get("model"),
+            "test": {**metrics, "n": test.get("n"), "file": test.get("file")} if test else None,
+            "method": method, "method_name": METHOD_NAMES.get(method, method), "layer": layer,
+            "method_reason": method_reason(model, method, layer)}
+
+
+def model_line(explained: dict[str, Any] | None) -> str:
+    """One line naming the model a heatmap explains (figure titles, summaries): name, run folder, test accuracy and
+    ROC-AUC ("not evaluated" without them), method: "scratch (run scratch) · test acc. 95.7 %, ROC-AUC 0.993 ·
+    Grad-CAM"."""
+    if not explained:
+        return "model: not known"
+    test = explained.get("test")
+    if test:
+        acc, auc = test.get("accuracy") or {}, test.get("roc_auc") or {}
+        metrics = (f"test acc. {format_metric(acc.get('value'))}, "
+                   f"ROC-AUC {format_metric(auc.get('value'), percent=False)}")
+    else:
+        metrics = "test metrics not known (run not evaluated)"
+    return f"{explained['name']} (run {explained['run']}) · {metrics} · {explained['method_name']}"
 
 
 def heatmap_out(data: str | Path, out: str | Path | None = None) -> Path:
@@ -144,6 +188,11 @@ def heatmap_out(data: str | Path, out: str | Path | None = None) -> Path:
     if out is not None:
         return Path(out)
     return paths.SYNTHETIC_CAM_DIR if input_provenance(data)["synthetic"] else paths.CAM_DIR
+
+
+def summary_filename(model_name: str) -> str:
+    """File with a model's checks in words, e.g. ``scratch__checks.md``."""
+    return f"{safe_name(model_name, 'model', 60)}__checks.md"
 
 
 def skipped_filename(model_name: str) -> str:
@@ -226,32 +275,99 @@ def side_by_side(
     return fig
 
 
+def _interval(ci: Any) -> str:
+    """A share interval "[0.01, 0.07]"; "n/a" without one."""
+    return f"[{format_share(ci[0])}, {format_share(ci[1])}]" if ci else "n/a"
+
+
+def _fired(stats: dict[str, Any]) -> str:
+    if stats.get("excess_ci") is None:
+        return "n/a"
+    return "yes" if stats.get("fired") else "no"
+
+
 def checks_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """One row per model: randomisation correlation and where the heatmap mass is: the fixed border band (overall,
-    per class and source) and the off-anatomy regions (mass share and, in brackets, area share; all images and
-    per class), with the warning."""
+    """One row per model (the notebook shows it transposed), short text cells ("n/a" when missing): the model's
+    run and test metrics, the method, the randomisation check, the border band, and for each off-anatomy region over
+    all images its mean mass and area shares, the mean excess (mass minus area) with its 95 % bootstrap interval and
+    whether the warning rule fired; the regions that fired in any group. The rule and what each region holds are in
+    :func:`checks_markdown`."""
     rows = []
     for name, result in results.items():
-        rnd, att = result["checks"]["randomization"], result["checks"]["attention"]
+        checks = result["checks"]
+        rnd, att = checks["randomization"], checks["attention"]
+        explained = checks.get("explained") or result.get("explained") or {}
+        test = explained.get("test") or {}
+        passed = rnd.get("passed")
         row: dict[str, Any] = {
             "model": name,
-            "method": result["method"],
-            "randomisation spearman (mean)": rnd.get("spearman_mean"),
-            "randomisation check passed": rnd.get("passed"),
-            "center mass": att["overall"]["center_share"],
-            "border mass": att["overall"]["border_share"],
-            "corner mass": att["overall"]["corners_share"],
-            "border area": att["area_share"]["border"],
+            "run": explained.get("run", "n/a"),
+            "test accuracy": format_metric((test.get("accuracy") or {}).get("value")),
+            "test ROC-AUC": format_metric((test.get("roc_auc") or {}).get("value"), percent=False),
+            "method": METHOD_NAMES.get(checks["method"], checks["method"]),
+            "randomisation spearman (mean)": format_share(rnd.get("spearman_mean")),
+            "randomisation check": "n/a" if passed is None else ("passed" if passed else "not passed"),
+            "border mass": format_share(att["overall"]["border_share"]),
+            "border area": format_share(att["area_share"]["border"]),
         }
-        for key, prefix in (("per_class", "border mass, "), ("per_source", "border mass, ")):
-            for group, stats in (att.get(key) or {}).items():
-                row[prefix + group] = stats["border_share"]
-        off = result["checks"].get("off_anatomy") or {}
-        for group, stats in [("all", off.get("overall")), *(off.get("per_class") or {}).items()]:
-            for region in REGIONS:
-                if stats is not None:
-                    row[f"{region.replace('_', ' ')} mass (area), {group}"] = (
-                        format_mass_area(stats[region]))
-        row["warning"] = result["checks"].get("warning") or att.get("warning") or ""
+        off = checks.get("off_anatomy") or {}
+        overall = off.get("overall") or {}
+        for region in REGIONS:
+            stats = overall.get(region) or {}
+            label = REGION_NAMES[region]
+            row[f"{label}: mass"] = format_share(stats.get("mass_share"))
+            row[f"{label}: area"] = format_share(stats.get("area_share"))
+            row[f"{label}: mass - area [95 %]"] = (f"{format_share(stats.get('excess'))} "
+                                                   f"{_interval(stats.get('excess_ci'))}")
+            row[f"{label}: fired"] = _fired(stats)
+        row["warning for"] = ", ".join(REGION_NAMES[r] for r in _fired_regions(off)) or "none"
         rows.append(row)
     return pd.DataFrame(rows).set_index("model")
+
+
+def _fired_regions(off: dict[str, Any]) -> list[str]:
+    """The regions that fired in any group, in report order."""
+    groups = [off.get("overall") or {}]
+    for key in ("per_class", "per_source"):
+        groups += list((off.get(key) or {}).values())
+    return [r for r in REGIONS if any(r in g.get("over", []) for g in groups)]
+
+
+def region_lines() -> list[str]:
+    """A Markdown list saying what each region a warning can name holds."""
+    return [f"- **{REGION_NAMES[r]}**: {REGION_EXPLANATIONS[r]}." for r in REGIONS]
+
+
+def checks_markdown(checks: dict[str, Any]) -> str:
+    """One model's checks (a ``<model>__checks.json``) in words: the model and method with the reason, the
+    randomisation verdict, the warning rule, a table per group and region (mass, area, mass minus area with its
+    95 % bootstrap interval, fired), the warning naming only the regions that fired, and below it what every region
+    holds."""
+    explained = checks.get("explained")
+    off = checks.get("off_anatomy") or {}
+    lines = [f"## {checks['model']}", "", f"- Model: {model_line(explained)}."]
+    if explained:
+        lines.append(f"- Method: {explained['method_reason']}.")
+    lines.append(f"- Randomisation check: {(checks.get('randomization') or {}).get('interpretation', 'n/a')}")
+    lines += [f"- Warning rule: {off.get('rule', 'n/a')}.", "",
+              "| group | region | mass | area | mass - area [95 % interval] | fired |", "|---|---|---|---|---|---|"]
+    groups = [("all images", off.get("overall"))]
+    for key, column in (("per_class", "class"), ("per_source", "source")):
+        groups += [(f"{column} {value}", stats) for value, stats in (off.get(key) or {}).items()]
+    for group, stats in groups:
+        for region in REGIONS if stats else ():
+            s = stats.get(region) or {}
+            lines.append(f"| {group} | {REGION_NAMES[region]} | {format_share(s.get('mass_share'))} | "
+                         f"{format_share(s.get('area_share'))} | {format_share(s.get('excess'))} "
+                         f"{_interval(s.get('excess_ci'))} | {_fired(s)} |")
+    warning = checks.get("warning")
+    lines += ["", f"**Warning**: {warning}." if warning else "**Warning**: none fired.", "",
+              "The regions a warning can name (mass: the mean share of the heatmap's mass in the region; area: the "
+              "region's mean share of the image; per image under its file name in checks.json):", "",
+              *region_lines(), ""]
+    return "\n".join(lines)
+
+
+def checks_summary(results: dict[str, dict[str, Any]]) -> str:
+    """:func:`checks_markdown` of every model in ``results`` (as :func:`render_model_cams` returns them)."""
+    return "\n".join(checks_markdown(result["checks"]) for result in results.values())

@@ -68,7 +68,7 @@ def test_cams_for_a_trained_run(tiny_run, tiny_dataset, tmp_path):
     assert len(overlays) == 6
     assert (out / "scratch-gap__summary.png").is_file() and (out / "scratch-gap__checks.json").is_file()
     table = checks_table({"scratch-gap": result})
-    assert 0.0 <= table.loc["scratch-gap", "border mass"] <= 1.0
+    assert 0.0 <= float(table.loc["scratch-gap", "border mass"]) <= 1.0
 
 
 def test_reproduce_with_two_seeds(tiny_dataset, tmp_path):

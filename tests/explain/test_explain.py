@@ -436,8 +436,8 @@ def test_write_checks_json(tmp_path: object) -> None:
     assert path.name == "scratch-gap__checks.json"
     stored = json.loads(path.read_text())
     assert stored == result
-    assert set(stored) == {"model", "method", "layer", "n_images", "randomization", "attention", "off_anatomy",
-                           "warning"}
+    assert set(stored) == {"model", "method", "layer", "explained", "n_images", "randomization", "attention",
+                           "off_anatomy", "warning"}
     assert "rule" in stored["off_anatomy"] and stored["randomization"]["separation"]["n_images"] == 3
     assert stored["method"] == "cam" and "interpretation" in stored["randomization"]
     assert stored["randomization"]["n_images"] == 2 and stored["attention"]["overall"]["n_images"] == 3

@@ -51,10 +51,10 @@ def shortcut_model() -> tuple[keras.Model, np.ndarray, pd.DataFrame]:
 def test_a_model_reading_the_padding_fires_the_warning(shortcut_model) -> None:
     model, x, df = shortcut_model
     result = off_anatomy(x, heatmaps(model, x), df)
-    assert result["warning"].startswith(OFF_ANATOMY_WARNING) and "label=covid: padding" in result["warning"]
+    assert result["warning"].startswith(OFF_ANATOMY_WARNING) and "padding and flat regions (" in result["warning"]
     covid = result["per_class"]["covid"]["padding"]
-    assert covid["over_limit"] and covid["mass_share"] > 1.5 * covid["area_share"]
-    assert len(result["per_image"]["padding_share"]) == len(x)
+    assert covid["fired"] and covid["excess_ci"][0] >= 0.10 and covid["mass_share"] > 1.5 * covid["area_share"]
+    assert len(result["per_image"]["padding"]) == len(x)
 
 
 def test_an_untrained_model_cannot_pass_the_randomisation_check(shortcut_model) -> None:
@@ -120,8 +120,8 @@ def test_a_rerun_leaves_no_old_file_of_that_model(tiny_run, tiny_dataset, tmp_pa
     assert first["mean_probability"] != pytest.approx(second["mean_probability"])
     overlays = {p.name for p in out.glob("m__*__p*.png")}
     assert len(overlays) == second["files"] == 6, "the first run's overlays are gone"
-    assert {p.name for p in out.glob("m__*")} == overlays | {"m__summary.png", "m__checks.json", "m__skipped.csv",
-                                                             "m__ATTRIBUTION.md"}
+    assert {p.name for p in out.glob("m__*")} == overlays | {"m__summary.png", "m__checks.json", "m__checks.md",
+                                                             "m__skipped.csv", "m__ATTRIBUTION.md"}
     assert len(list(out.glob("other__*__p*.png"))) == 6 and (out / "other__checks.json").is_file()
     side_by_side({"m": tiny_run}, tiny_dataset, n=2, path=out / "side_by_side.png")
     side_by_side({"m": shifted}, tiny_dataset, n=2, path=out / "side_by_side.png")
