@@ -160,8 +160,8 @@ def _run_folder(folder: Path, *, card: dict | None = None, threshold: object = N
     and config.json when given."""
     run = _save(_with_head(lambda x: keras.layers.Dense(1, activation="sigmoid")(x)), folder)
     if card is not None:
-        full = {"model": {"sha256": file_sha256(run / "model.keras")}, "input": {"image_size": SIZE},
-                "decision": {"threshold": 0.4}}
+        full = {"format": 1, "model": {"sha256": file_sha256(run / "model.keras")}, "intended_use": "tests",
+                "input": {"image_size": SIZE}, "output": {"activation": "sigmoid"}, "decision": {"threshold": 0.4}}
         for key, value in card.items():
             full[key] = {**full.get(key, {}), **value}
         (run / "model.json").write_text(json.dumps(full), encoding="utf-8")
