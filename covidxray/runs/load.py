@@ -218,8 +218,9 @@ def _load_keras(model_path: Path) -> keras.Model:
         detail = detail if len(detail) <= 200 else detail[:197] + "..."
         saved = saved_keras_version(model_path)
         if saved is not None and _version_key(saved) > _version_key(keras.__version__):
+            unknown = re.search(r"\w+(?:\.__init__\(\))? got an unexpected keyword argument '\w+'", str(exc))
             raise ModelError(f"{model_path}: saved with Keras {saved}; this install has Keras {keras.__version__}, "
-                             f"which cannot read it ({type(exc).__name__}: {detail}): "
+                             f"which cannot read it ({unknown.group(0) if unknown else detail}): "
                              f"pip install 'keras>={saved}'") from exc
         raise ModelError(f"{model_path}: cannot load the model ({type(exc).__name__}: {detail}); the file is "
                          "truncated or corrupt: retrain or re-download it.") from exc

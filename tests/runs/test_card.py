@@ -6,7 +6,6 @@ import json
 import re
 import shlex
 import shutil
-import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -14,6 +13,7 @@ import keras
 import pandas as pd
 import pytest
 import tensorflow as tf
+import tomllib
 import yaml
 from conftest import write_image
 
