@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
-import json
 import os
 from collections.abc import Iterable
 from functools import cache
@@ -41,6 +40,7 @@ from covidxray.outputs import (
     file_sha256,
     fingerprint,
     is_synthetic_artifact,
+    json_text,
     read_json,
     synthetic_note,
 )
@@ -556,7 +556,7 @@ def _front_matter(card: dict[str, Any]) -> list[str]:
             *(["synthetic-data"] if card.get("synthetic") else [])]
 
     def block(key: str, values: Iterable[str]) -> list[str]:
-        return [f"{key}:", *(f"- {json.dumps(v)}" for v in values)]
+        return [f"{key}:", *(f"- {json_text(v).strip()}" for v in values)]
 
     return ["---", "library_name: keras", "pipeline_tag: image-classification", "license: mit",
             *block("datasets", [HF_DATASETS.get(s, s) for s in sources]), *block("metrics", METRIC_NAMES),
@@ -584,7 +584,7 @@ def write_model_card(out: OutputDir, outside: Iterable[str | Path] = ()) -> dict
     card = model_card(out.path, previous=previous, outside=outside)
     if previous and isinstance(previous.get("written"), dict):
         kept = {**card, "written": {**card["written"], "date": previous["written"].get("date")}}
-        if json.dumps(kept, sort_keys=True) == json.dumps(previous, sort_keys=True):
+        if json_text(kept) == json_text(previous):
             card = kept
     check_card(card, path, "a bug in covidxray's card writer: please report it.")
     out.write_json(CARD_FILE, card, sort_keys=False)

@@ -76,7 +76,8 @@ def versions() -> dict:
 
 @cache
 def _schema() -> dict:
-    return json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    return read_json(SCHEMA_FILE, "reinstall covidxray (the schema ships with the package).",
+                     what="the model card schema", error=ModelError)
 
 
 def check_card(card: object, path: str | Path, fix: str) -> None:
@@ -238,9 +239,9 @@ def saved_keras_version(model_path: str | Path) -> str | None:
     path = Path(model_path)
     card_path = path.parent / CARD_FILE
     try:
-        card = json.loads(card_path.read_text(encoding="utf-8")) if path.name == MODEL_FILE else None
-        version = card["model"]["keras"] if isinstance(card, dict) else None
-    except (OSError, ValueError, KeyError, TypeError):
+        card = read_json(card_path, "", error=ModelError) if path.name == MODEL_FILE and card_path.is_file() else {}
+        version = (card.get("model") or {}).get("keras")
+    except (ModelError, AttributeError):
         version = None
     if not isinstance(version, str):
         try:
