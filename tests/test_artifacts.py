@@ -126,7 +126,9 @@ def test_a_runs_own_evaluation_nests_and_survives_the_cards_refresh(made, tmp_pa
     assert set(snapshot(run / "eval-test")) == set(eval_files)
 
 
-def test_evaluating_an_external_csv_leaves_the_run_untouched(made, tmp_path, capsys, tiny_dataset):
+def test_evaluating_an_external_csv_changes_only_the_runs_card(made, tmp_path, capsys, tiny_dataset):
+    """An evaluation written outside the run adds itself to the run's card (model.json, model_card.md), and
+    changes nothing else there: the record keeps its writer."""
     run = tmp_path / "run"
     shutil.copytree(made["run"], run, symlinks=True)
     csv = tmp_path / "external.csv"
@@ -137,7 +139,12 @@ def test_evaluating_an_external_csv_leaves_the_run_untouched(made, tmp_path, cap
     code, err = run_verb(["evaluate", "--model", str(run), "--data", str(csv), "--out", str(tmp_path / "ext"),
                           "--n-boot", "20"], capsys)
     assert code == 0, err
-    assert snapshot(run) == before
+    after = snapshot(run)
+    card = {"model.json", "model_card.md"}
+    assert {k: v for k, v in after.items() if k not in card and k != RECORD_NAME} == \
+        {k: v for k, v in before.items() if k not in card and k != RECORD_NAME}
+    assert artifact(run)["verb"] == "train"
+    assert [e["folder"] for e in json.loads((run / "model.json").read_text())["evaluations"]] == ["../ext"]
 
 
 # ---------------------------------------------------------------------------------------------- tampered records

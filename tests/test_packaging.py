@@ -81,3 +81,37 @@ def test_license_and_citation_agree_with_pyproject() -> None:
     assert {"10.17632/rscbjbr9sj.2", "10.48550/arXiv.2006.11988", "10.1109/CVPR.2017.369"} <= dois
     for ref in cff["references"]:
         assert ref["type"] and ref["title"] and ref["authors"] and ref["year"]
+
+
+def _python_range(spec: str) -> tuple[str, str]:
+    """``">=3.11,<3.14"`` -> ("3.11", "3.13"): the first and last supported minor versions."""
+    low = re.search(r">=\s*3\.(\d+)", spec)
+    high = re.search(r"<\s*3\.(\d+)", spec)
+    assert low and high, f"requires-python {spec!r}: expected '>=3.X,<3.Y'"
+    return f"3.{low.group(1)}", f"3.{int(high.group(1)) - 1}"
+
+
+def test_the_readme_gives_one_python_range_and_it_is_pyprojects() -> None:
+    low, high = _python_range(PROJECT["requires-python"])
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ranges = set(re.findall(r"Python (3\.\d+)\s*-\s*(3\.\d+)", readme))
+    assert ranges == {(low, high)}, f"README states Python {sorted(ranges)}; pyproject requires {low}-{high}"
+
+
+def test_the_model_card_schema_ships_in_the_wheel() -> None:
+    package_data = PYPROJECT["tool"]["setuptools"]["package-data"]
+    assert "model.schema.json" in package_data["covidxray.runs"]
+    assert (ROOT / "covidxray" / "runs" / "model.schema.json").is_file()
+    assert any(_name(r) == "jsonschema" for r in PROJECT["dependencies"])
+
+
+def test_the_cards_citations_are_citation_cffs_references() -> None:
+    from covidxray.runs.card import DATA_CITATIONS
+
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text(encoding="utf-8"))
+    ours = {c["doi"]: c for c in DATA_CITATIONS}
+    assert set(ours) == {str(ref["doi"]) for ref in cff["references"]}
+    for ref in cff["references"]:
+        mine = ours[str(ref["doi"])]
+        people = [f"{a['family-names']}, {a['given-names']}" for a in ref["authors"]]
+        assert (mine["title"], mine["year"], mine["authors"]) == (" ".join(ref["title"].split()), ref["year"], people)

@@ -176,7 +176,8 @@ def evaluate_model(
     ``reference`` is the metrics.json of the run's own test evaluation (default: ``RUN/eval-test/metrics.json``
     when it exists and is not the folder written now); the result then has ``change_vs_internal`` per metric.
     ``precision`` is the model's compute precision (see covidxray.training.compute_dtype; default float32); the result's
-    ``precision`` says what was used and why.
+    ``precision`` says what was used and why. A run with a model card lists every evaluation of it, this one
+    included wherever it was written (``model_card`` in the result says whether the card changed).
     """
     from covidxray.runs.load import load_run, predict_dataframe
     from covidxray.runs.train import run_dataset
@@ -213,10 +214,10 @@ def evaluate_model(
         result["markdown"] = _markdown(result)
         write_evaluation(tmp, df, probs, result)
         write_skipped(usable.skipped, tmp / SKIPPED_FILE)
-    if split == "test" and meta["card"] is not None:
+    if meta["card"] is not None:
         from covidxray.runs.card import refresh_model_card
 
-        result["model_card"] = refresh_model_card(meta["run_dir"])
+        result["model_card"] = refresh_model_card(meta["run_dir"], evaluation=out_dir)
         result["markdown"] += f"\nModel card: {result['model_card']}.\n"
     return result
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import weakref
 import zipfile
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 import keras
@@ -35,6 +37,8 @@ CARD_FILE = "model.json"
 """The machine-readable model card of a run (see covidxray.runs.card): the threshold and input contract."""
 CARD_TEXT = "model_card.md"
 """The model card for people, rendered from the same content."""
+SCHEMA_FILE = Path(__file__).with_name("model.schema.json")
+"""The JSON Schema of ``model.json`` (package data, shipped in the wheel); see :func:`check_card`."""
 
 _NOT_OURS = ("it is not a covidxray chest X-ray model. Pass a run folder or model.keras written by "
              "`covidxray train`, or re-export the model to that contract.")
@@ -68,6 +72,26 @@ def versions() -> dict:
         "devices": [d.name for d in tf.config.list_logical_devices()],
         "gpus": gpus,
     }
+
+
+@cache
+def _schema() -> dict:
+    return read_json(SCHEMA_FILE, "reinstall covidxray (the schema ships with the package).",
+                     what="the model card schema", error=ModelError)
+
+
+def check_card(card: object, path: str | Path, fix: str) -> None:
+    """Check a model card against ``model.schema.json``; a one-line ModelError naming ``path``, the field and
+    ``fix`` when it does not fit."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(_schema()).iter_errors(card))
+    if error is None:
+        return
+    field = ".".join(str(p) for p in error.absolute_path) or "(the card)"
+    message = " ".join(error.message.split())
+    message = message if len(message) <= 160 else message[:157] + "..."
+    raise ModelError(f"{path}: field {field!r} does not fit the model card schema ({message}); {fix}")
 
 
 def read_run_json(path: Path) -> dict:
@@ -193,8 +217,39 @@ def _load_keras(model_path: Path) -> keras.Model:
                              "without Lambda layers (built-in layers only).") from exc
         detail = " ".join(str(exc).split())
         detail = detail if len(detail) <= 200 else detail[:197] + "..."
+        saved = saved_keras_version(model_path)
+        if saved is not None and _version_key(saved) > _version_key(keras.__version__):
+            unknown = re.search(r"\w+(?:\.__init__\(\))? got an unexpected keyword argument '\w+'", str(exc))
+            raise ModelError(f"{model_path}: saved with Keras {saved}; this install has Keras {keras.__version__}, "
+                             f"which cannot read it ({unknown.group(0) if unknown else detail}): "
+                             f"pip install 'keras>={saved}'") from exc
         raise ModelError(f"{model_path}: cannot load the model ({type(exc).__name__}: {detail}); the file is "
                          "truncated or corrupt: retrain or re-download it.") from exc
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    """``"3.15.1"`` -> (3, 15, 1); the leading numbers of a version string (() when it has none)."""
+    match = re.match(r"\d+(?:\.\d+)*", version.strip())
+    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
+
+
+def saved_keras_version(model_path: str | Path) -> str | None:
+    """The Keras version a model was saved with: the run's ``model.json`` (``model.keras``), else the ``.keras``
+    archive's own metadata.json; None when neither says. Read leniently (it only explains a failed load)."""
+    path = Path(model_path)
+    card_path = path.parent / CARD_FILE
+    try:
+        card = read_json(card_path, "", error=ModelError) if path.name == MODEL_FILE and card_path.is_file() else {}
+        version = (card.get("model") or {}).get("keras")
+    except (ModelError, AttributeError):
+        version = None
+    if not isinstance(version, str):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                version = json.loads(archive.read("metadata.json")).get("keras_version")
+        except (OSError, KeyError, ValueError, AttributeError, zipfile.BadZipFile):
+            version = None
+    return version if isinstance(version, str) and _version_key(version) else None
 
 
 def model_id(model_path: str | Path, sha256: str) -> str:
@@ -241,6 +296,7 @@ def read_card(model_path: str | Path, sha256: str, image_size: int) -> dict | No
         raise ModelError(f"{card_path}: no field 'model.sha256' (the SHA-256 of {MODEL_FILE}); {fix}")
     card_size = run_field(card_path, card, "input.image_size", limits.IMAGE_SIZE, fix)
     run_field(card_path, card, "decision.threshold", limits.PROBABILITY, fix)
+    check_card(card, card_path, fix)
     if recorded != sha256:
         raise ModelError(f"{card_path}: describes another model file (model.sha256 is {recorded[:12]}..., "
                          f"{MODEL_FILE} has {sha256[:12]}...); the run was changed after its card was written (an "

@@ -160,8 +160,8 @@ def _run_folder(folder: Path, *, card: dict | None = None, threshold: object = N
     and config.json when given."""
     run = _save(_with_head(lambda x: keras.layers.Dense(1, activation="sigmoid")(x)), folder)
     if card is not None:
-        full = {"model": {"sha256": file_sha256(run / "model.keras")}, "input": {"image_size": SIZE},
-                "decision": {"threshold": 0.4}}
+        full = {"format": 1, "model": {"sha256": file_sha256(run / "model.keras")}, "intended_use": "tests",
+                "input": {"image_size": SIZE}, "output": {"activation": "sigmoid"}, "decision": {"threshold": 0.4}}
         for key, value in card.items():
             full[key] = {**full.get(key, {}), **value}
         (run / "model.json").write_text(json.dumps(full), encoding="utf-8")
@@ -229,3 +229,84 @@ def test_predict_refuses_a_card_threshold_of_1_5_in_one_line(tmp_path: Path, cap
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "model.json: decision.threshold is 1.5; it must be a number in [0, 1]" in err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- Keras versions
+
+
+def _unknown_keyword(model_path: Path) -> None:
+    """Rewrite a saved .keras file as a newer Keras would: every initializer's config gains a keyword this Keras
+    does not know (as Keras 3.15 added ``input_axes``, which 3.12 refuses)."""
+    import zipfile
+
+    with zipfile.ZipFile(model_path) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(entries["config.json"])
+    stack: list[object] = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("class_name") in ("HeNormal", "GlorotUniform", "VarianceScaling"):
+                node.setdefault("config", {})["future_axes"] = None
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    entries["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(model_path, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+
+
+def test_a_model_saved_by_a_newer_keras_names_the_version_needed(tmp_path: Path) -> None:
+    """Before: "the file is truncated or corrupt" for a model this Keras is too old to read."""
+    run = _run_folder(tmp_path / "run", card={"model": {"keras": "9.1.0"}})
+    _unknown_keyword(run / "model.keras")
+    (run / "model.json").write_text(json.dumps({**json.loads((run / "model.json").read_text()),
+                                                "model": {"sha256": file_sha256(run / "model.keras"),
+                                                          "keras": "9.1.0"}}), encoding="utf-8")
+    with pytest.raises(ModelError, match=rf"run.model\.keras: saved with Keras 9\.1\.0; this install has Keras "
+                                         rf"{re.escape(keras.__version__)}, .*future_axes.*: pip install "
+                                         r"'keras>=9\.1\.0'$") as info:
+        load_run(run)
+    assert "\n" not in str(info.value) and "corrupt" not in str(info.value)
+    # the same file claiming this Keras (or an older one) is damaged, not too new
+    card = json.loads((run / "model.json").read_text())
+    card["model"]["keras"] = keras.__version__
+    (run / "model.json").write_text(json.dumps(card), encoding="utf-8")
+    with pytest.raises(ModelError, match=r"truncated or corrupt"):
+        load_run(run)
+
+
+def _keras_floor() -> tuple[int, ...]:
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    [spec] = [r for r in project["dependencies"] if re.match(r"keras\b", r)]
+    return tuple(int(p) for p in re.search(r">=\s*([\d.]+)", spec).group(1).split("."))
+
+
+def _minor(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.match(r"\d+\.\d+", version).group(0).split("."))
+
+
+def test_the_keras_floor_loads_what_this_install_and_every_committed_card_saved() -> None:
+    """Keras reads models saved by its own minor version and older ones, not newer (3.12 cannot read 3.15's
+    ``input_axes``): the floor must be at least the minor of every Keras that saved a committed model card, and of
+    the Keras installed here (what the default install saves with)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    floor = _keras_floor()
+    assert floor <= _minor(keras.__version__), "this install does not satisfy pyproject's keras range"
+    assert floor >= _minor(keras.__version__), (f"keras>={'.'.join(map(str, floor))} lets an install resolve a "
+                                                f"Keras older than {keras.__version__}, which saved this install's "
+                                                "models")
+    listed = subprocess.run(["git", "ls-files", "*model.json", "*versions.json"], cwd=root, capture_output=True,
+                            text=True, check=False)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    for name in listed.stdout.split():
+        data = json.loads((root / name).read_text(encoding="utf-8"))
+        version = (data.get("model") or {}).get("keras") if name.endswith("model.json") else data.get("keras")
+        if isinstance(version, str):
+            assert floor >= _minor(version), f"{name}: saved with Keras {version}, above the pyproject floor"
