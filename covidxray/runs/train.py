@@ -413,9 +413,9 @@ def _taken_message(out_dir: Path, state_path: Path, old: TrainConfig, new: Train
            else "by an unrecorded command")
     when = dt.datetime.fromtimestamp(state_path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
     settings = ", ".join(f"{name}={getattr(old, name)!r} (this training: {getattr(new, name)!r})" for name in diffs)
-    return (f"{out_dir}: cannot resume with a different config: this folder already holds another run, trained "
-            f"{who} (last epoch saved {when}) with {settings}; a run continues only with its own settings (only "
-            f"{list(RESUMABLE_CHANGES)} may change, to train longer). To train these settings, move or rename "
+    return (f"{out_dir}: cannot resume with a different config; changed: {diffs}. This folder holds another run, "
+            f"trained {who} (last epoch saved {when}), with {settings}; a run continues only with its own settings "
+            f"(only {list(RESUMABLE_CHANGES)} may change, to train longer). To train these settings, move or rename "
             f"{out_dir.as_posix()}/ (it is kept as it is) or train into another folder (--out); to continue that "
             "run instead, train it with its own settings.")
 

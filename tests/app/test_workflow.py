@@ -172,7 +172,8 @@ def test_a_run_with_other_settings_is_refused_naming_the_folder_to_move(tiny_dat
     with pytest.raises(RunFolderTaken) as info:
         train(_tiny("scratch-gap"), tiny_dataset, run, resume=True, progress=False)
     message = str(info.value)
-    assert message.startswith(f"{run}: cannot resume with a different config: this folder already holds another run")
+    assert message.startswith(f"{run}: cannot resume with a different config; changed: ['batch_size']. This folder "
+                              "holds another run, trained by `")
     assert "batch_size=16 (this training: 32)" in message and "last epoch saved 20" in message
     assert f"move or rename {run.as_posix()}/ (it is kept as it is) or train into another folder (--out)" in message
     assert train_in_notebook(_tiny("scratch-gap"), tiny_dataset, run) is None
