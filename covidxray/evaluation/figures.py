@@ -228,11 +228,19 @@ def plot_reliability(
     return _finish(fig, path)
 
 
-_SKIP_HISTORY = {"epoch", "lr", "learning_rate"}
+_SKIP_HISTORY = {"epoch", "stage", "lr", "learning_rate"}
+"""History columns that are bookkeeping, not curves: the training stage is drawn as a line where it changes."""
+
+
+def _varies(series: pd.Series) -> bool:
+    """True when ``series`` takes more than one value (NaN aside): a constant one says nothing as a curve."""
+    return series.dropna().nunique() > 1
 
 
 def plot_history(history: pd.DataFrame | str | Path, *, path: str | Path | None = None) -> Figure:
-    """Training curves from a Keras history CSV or frame: one panel per metric, train vs validation."""
+    """Training curves from a Keras history CSV or frame: one panel per metric, train vs validation. Over several
+    epochs, a metric whose train and validation series are both constant gets no panel; where the ``stage`` column
+    changes (the fine-tuning stage begins), a dashed vertical line in every panel marks the epoch."""
     if isinstance(history, (str, Path)):
         try:
             history = pd.read_csv(history)
@@ -246,7 +254,13 @@ def plot_history(history: pd.DataFrame | str | Path, *, path: str | Path | None 
     bases = [b for b in preferred if b in bases] + [b for b in bases if b not in preferred]
     if not bases:
         raise DataError("the training history holds no metric columns (expected loss, accuracy, val_loss).")
+    if len(df) > 1:  # one epoch: every metric is a single point, all shown
+        bases = [b for b in bases if any(_varies(df[c]) for c in (b, f"val_{b}") if c in df.columns)] or bases
     x = df["epoch"] if "epoch" in df.columns else pd.Series(range(len(df)))
+    changes = []
+    if "stage" in df.columns and len(df) > 1:
+        stage = df["stage"].to_numpy()
+        changes = [(x.iloc[i], stage[i]) for i in range(1, len(df)) if stage[i] != stage[i - 1]]
     fig = _figure((4.2 * len(bases), 3.6))
     axes = np.atleast_1d(fig.subplots(1, len(bases)))
     for ax, base in zip(axes, bases, strict=True):
@@ -254,6 +268,8 @@ def plot_history(history: pd.DataFrame | str | Path, *, path: str | Path | None 
             ax.plot(x, df[base], marker=".", label="train")
         if f"val_{base}" in df.columns:
             ax.plot(x, df[f"val_{base}"], marker=".", label="validation")
+        for epoch, stage in changes:
+            ax.axvline(epoch, color="0.4", linestyle="--", linewidth=1, label=f"stage {stage} from epoch {epoch}")
         ax.set(xlabel="epoch", ylabel=base, title=base)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

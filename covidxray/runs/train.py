@@ -35,6 +35,7 @@ bit-identical.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import importlib.util
 import math
@@ -54,7 +55,7 @@ from covidxray import LABELS
 from covidxray.data.manifest import MANIFEST_NAME, dataset_provenance, dataset_summary, read_manifest, split_frame
 from covidxray.errors import CovidXrayError, DataError, ModelError
 from covidxray.metrics import THRESHOLD_METHODS, choose_threshold
-from covidxray.outputs import OutputDir, claim_output, command_line, fingerprint
+from covidxray.outputs import JUPYTER_KERNEL_COMMAND, OutputDir, artifact, claim_output, command_line, fingerprint
 from covidxray.runs.card import drop_model_card, write_model_card
 from covidxray.runs.load import CHECKPOINT_DIR, MODEL_FILE, load_run, predict_dataframe, read_run_json, versions
 from covidxray.training.backbones import VGG16_CONV_LAYERS, check_weights_available, load_vgg16_backbone_weights
@@ -88,6 +89,11 @@ MONITORS: dict[str, str] = {"val_loss": "min", "val_auc": "max", "val_accuracy":
 RESUMABLE_CHANGES: tuple[str, ...] = ("epochs", "finetune_epochs", "distribute", "startup_timeout")
 """Config fields a resumed run may change (to train longer, or on other hardware); any other difference is an
 error."""
+
+
+class RunFolderTaken(ModelError):
+    """The output folder holds a run this training cannot continue (other settings, another dataset): the fix is
+    to move that folder aside or train into another one, not to change the new settings."""
 
 
 @dataclass
@@ -257,7 +263,7 @@ def _check_same_dataset(out_dir: Path, recorded: dict | None, current: dict) -> 
         return
     was = (f"{recorded.get('path')} (manifest fingerprint {recorded.get('fingerprint')})" if recorded
            else "a dataset it does not record")
-    raise ModelError(f"{out_dir}: this run was trained on {was}, not on {current['path']} (manifest fingerprint "
+    raise RunFolderTaken(f"{out_dir}: this run was trained on {was}, not on {current['path']} (manifest fingerprint "
                      f"{current['fingerprint']}); it cannot be resumed or reused. Start fresh with another --out, "
                      "or delete the run folder.")
 
@@ -388,8 +394,7 @@ def _load_state(run: _Run, cfg: TrainConfig, resume: bool) -> _State | None:
     diffs = [f.name for f in fields(TrainConfig)
              if f.name not in RESUMABLE_CHANGES and getattr(old, f.name) != getattr(cfg, f.name)]
     if diffs:
-        raise ModelError(f"{run.out_dir}: cannot resume with a different config; changed: {diffs}. Only "
-                         f"{list(RESUMABLE_CHANGES)} may change (to train longer).")
+        raise RunFolderTaken(_taken_message(run.out_dir, state_path, old, cfg, diffs))
     if state.stage == 2 and cfg.epochs != old.epochs:
         raise ModelError(f"{run.out_dir}: the fine-tuning stage has begun, so `epochs` (stage 1) can no longer "
                          f"change (was {old.epochs}); extend `finetune_epochs` instead.")
@@ -397,6 +402,22 @@ def _load_state(run: _Run, cfg: TrainConfig, resume: bool) -> _State | None:
         raise ModelError(f"{run.ckpt_dir / str(state.checkpoint)}: checkpoint model missing; cannot resume, "
                          "start a new run.")
     return state
+
+
+def _taken_message(out_dir: Path, state_path: Path, old: TrainConfig, new: TrainConfig, diffs: list[str]) -> str:
+    """Why ``out_dir`` cannot take this training: what the run in it is (who wrote it, when it last trained, the
+    settings that differ, from its record and checkpoint), and that the fix is to move that folder or train into
+    another one; changing the new settings would only be right to continue that very run."""
+    command = " ".join((artifact(out_dir) or {}).get("command") or [])
+    who = ("in a Jupyter notebook" if command == JUPYTER_KERNEL_COMMAND else f"by `{command}`" if command
+           else "by an unrecorded command")
+    when = dt.datetime.fromtimestamp(state_path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+    settings = ", ".join(f"{name}={getattr(old, name)!r} (this training: {getattr(new, name)!r})" for name in diffs)
+    return (f"{out_dir}: cannot resume with a different config; changed: {diffs}. This folder holds another run, "
+            f"trained {who} (last epoch saved {when}), with {settings}; a run continues only with its own settings "
+            f"(only {list(RESUMABLE_CHANGES)} may change, to train longer). To train these settings, move or rename "
+            f"{out_dir.as_posix()}/ (it is kept as it is) or train into another folder (--out); to continue that "
+            "run instead, train it with its own settings.")
 
 
 def _remaining(state: _State | None, cfg: TrainConfig) -> bool:

@@ -92,6 +92,35 @@ def test_render_pass_strips_widgets_and_tensorflow_noise_with_the_cli_filter_and
     assert [out.get("text") for out in cleaned.cells[0].outputs] == [real["text"], "epoch 1/5\n"]
 
 
+def test_render_execution_numbers_cells_consecutively_with_no_tcp_warning_and_no_widgets(tmp_path, capfd):
+    """A tiny notebook through the renderer's own steps (execute, then the injected cell becomes the note): the
+    counts run 1, 2, 3 with no gap where the injected cell was, ipykernel has nothing to say about unencrypted TCP
+    (the kernel talks over IPC), and no widget output or widget state is kept."""
+    pytest.importorskip("ipywidgets")
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("X = 1", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_markdown_cell("text"),
+                nbformat.v4.new_code_cell("import os\nprint(X, os.getcwd())"),
+                nbformat.v4.new_code_cell("import ipywidgets\nfrom IPython.display import display\n"
+                                          "display(ipywidgets.IntProgress(value=3, max=10))\nX + 1")]
+    source, out = tmp_path / "in.ipynb", tmp_path / "out.ipynb"
+    nbformat.write(nb, str(source))
+    (tmp_path / "work").mkdir()  # the kernel runs in another folder than this process
+    run_notebook(source, out, parameters={"X": 2}, cwd=tmp_path / "work", timeout=120)
+    replace_injected_cell(out, rendered_note("x.ipynb", {"X": 2}, "S"))
+    done = nbformat.read(out, as_version=4)
+    code = [c for c in done.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == [1, 2, 3]
+    assert code[1].outputs[0]["text"] == f"2 {tmp_path / 'work'}\n"
+    assert [o["execution_count"] for o in code[2].outputs if o["output_type"] == "execute_result"] == [3]
+    assert not [o for c in code for o in c.outputs if WIDGET_VIEW in o.get("data", {})]
+    assert "widgets" not in done.metadata
+    printed = capfd.readouterr()
+    assert "without encryption" not in printed.err + printed.out + out.read_text(encoding="utf-8")
+    assert not list(tmp_path.rglob("kernel-*"))  # the IPC sockets lived in a private folder, now gone
+
+
 def _rendered_like(path: Path) -> Path:
     """A small notebook as papermill leaves it: parameters cell, injected cell, one output."""
     nb = nbformat.v4.new_notebook()

@@ -3,12 +3,23 @@ for a notebook user, and the tables and figures whose text a reviewer reads."""
 
 from __future__ import annotations
 
+import json
+
+import nbformat
 import pandas as pd
 import pytest
+from conftest import REPO
 
 from covidxray.app.notebook_helpers import (
+    FALLBACK_NOTE,
+    FOLDER_FIX,
+    HEATMAP_NOTEBOOK,
+    NOTEBOOK_FIX,
     WEIGHTS_FIX,
     ensure_dataset,
+    evaluate_runs,
+    heatmap_folder,
+    heatmap_runs,
     is_synthetic_dataset,
     notebook_message,
     probes_section,
@@ -17,10 +28,12 @@ from covidxray.app.notebook_helpers import (
     train_in_notebook,
     trained_runs,
     training_settings,
+    weights_used,
 )
 from covidxray.errors import ModelError
-from covidxray.evaluation.figures import age_unknown_note, plot_distributions
-from covidxray.runs.train import TrainConfig
+from covidxray.evaluation.figures import age_unknown_note, plot_distributions, plot_history
+from covidxray.outputs import foreign_entries
+from covidxray.runs.train import RunFolderTaken, TrainConfig, train
 from covidxray.training.backbones import resolve_vgg16_weights
 
 
@@ -119,3 +132,91 @@ def test_age_panel_explains_a_class_without_ages(tmp_path):
     assert any("age unknown for all 3 normal" in t.replace("\n", " ") for t in texts)
     legend = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
     assert "normal (n=0)" not in legend and "covid (n=2)" in legend
+
+
+def _tiny(model: str, batch_size: int = 32) -> TrainConfig:
+    return TrainConfig(model=model, weights="none", epochs=1, image_size=32, batch_size=batch_size, augment=False)
+
+
+def test_heatmap_notebook_first_then_training_the_fallback_blocks_nothing(tiny_dataset, tmp_path, capsys):
+    """Class_Activation_Maps.ipynb before Train_Scratch_CNN.ipynb: its fallback model goes into a folder of its own,
+    so the training notebook trains its runs, the evaluation holds every model, and the heatmaps then explain the
+    real run; the fallback folder says who made it, and the data is called SYNTHETIC."""
+    runs = {"scratch-gap": tmp_path / "runs" / "scratch-gap", "vgg16": tmp_path / "runs" / "vgg16"}
+    fallback = tmp_path / "runs" / "cam-fallback-scratch-gap"
+    assert heatmap_runs(runs, tiny_dataset, fallback_epochs=1, image_size=32) == {"scratch-gap": fallback}
+    shown = capsys.readouterr().out
+    assert "**fallback** scratch-gap model (1 epochs on the embedded **SYNTHETIC** data), trained now" in shown
+    assert f"`{fallback.as_posix()}/`, its own folder" in shown
+    assert not runs["scratch-gap"].exists()  # the training notebook's folder is left alone
+    note = json.loads((fallback / FALLBACK_NOTE).read_text())
+    assert note["fallback"] is True and note["made_by"] == HEATMAP_NOTEBOOK
+    assert foreign_entries(fallback) == []  # the note is recorded as the package's own file
+    heatmap_folder(tiny_dataset, tmp_path / "cams")
+    assert "**SYNTHETIC** data: its heatmaps go to" in capsys.readouterr().out
+    assert heatmap_runs(runs, tiny_dataset, fallback_epochs=1, image_size=32) == {"scratch-gap": fallback}
+    assert "trained earlier" in capsys.readouterr().out  # reused, not trained again
+
+    scratch_runs = {"scratch": tmp_path / "runs" / "scratch", "scratch-gap": runs["scratch-gap"]}
+    for name, run in scratch_runs.items():  # the training notebook, with its own batch size
+        assert train_in_notebook(_tiny(name), tiny_dataset, run) is not None
+    assert "cannot resume" not in capsys.readouterr().out
+    rows, _, _ = evaluate_runs(tiny_dataset, trained_runs(scratch_runs), n_boot=10, baseline=False)
+    assert [row["model"] for row in rows] == ["scratch", "scratch-gap"]
+    assert heatmap_runs(runs, tiny_dataset) == {"scratch-gap": runs["scratch-gap"]}  # now the real run
+
+
+def test_a_run_with_other_settings_is_refused_naming_the_folder_to_move(tiny_dataset, tmp_path, capsys):
+    run = tmp_path / "runs" / "scratch-gap"
+    train(_tiny("scratch-gap", batch_size=16), tiny_dataset, run, progress=False)
+    with pytest.raises(RunFolderTaken) as info:
+        train(_tiny("scratch-gap"), tiny_dataset, run, resume=True, progress=False)
+    message = str(info.value)
+    assert message.startswith(f"{run}: cannot resume with a different config; changed: ['batch_size']. This folder "
+                              "holds another run, trained by `")
+    assert "batch_size=16 (this training: 32)" in message and "last epoch saved 20" in message
+    assert f"move or rename {run.as_posix()}/ (it is kept as it is) or train into another folder (--out)" in message
+    assert train_in_notebook(_tiny("scratch-gap"), tiny_dataset, run) is None
+    shown = capsys.readouterr().out
+    assert FOLDER_FIX in shown and NOTEBOOK_FIX not in shown and "--out" not in shown
+    assert "train into another folder (`RUNS`)" in shown
+
+
+def _code_cell(notebook: str, marker: str) -> str:
+    """The source of the one code cell of a committed notebook that contains ``marker``."""
+    nb = nbformat.read(REPO / notebook, as_version=4)
+    (source,) = [c.source for c in nb.cells if c.cell_type == "code" and marker in c.source]
+    return source
+
+
+def test_vgg16_training_cell_prints_the_weights_used_and_nothing_when_they_failed(tiny_dataset, tiny_run, tmp_path,
+                                                                                  capsys):
+    """The committed training cell of Train_VGG16.ipynb, run with weights that cannot be had (as ImageNet offline):
+    the Markdown error, and no "backbone weights" line naming the weights that were only asked for."""
+    cell = _code_cell("Train_VGG16.ipynb", "train_in_notebook(cfg")
+    params = {"DATA": tiny_dataset, "RUNS": str(tmp_path), "WEIGHTS": str(tmp_path / "missing.h5"), "EPOCHS": 1,
+              "IMAGE_SIZE": 32, "BATCH_SIZE": 16, "LR": 1e-4, "TRAINABLE_FROM": "block5_conv3", "FINETUNE_EPOCHS": 0,
+              "SEED": 0, "AUGMENT": False, "HORIZONTAL_FLIP": False, "PATIENCE": 0, "PRECISION": "float32"}
+    scope = {"TrainConfig": TrainConfig, "train_in_notebook": train_in_notebook, "weights_used": weights_used,
+             "run_facts": run_facts, **params}
+    exec(cell, scope)
+    shown = capsys.readouterr().out
+    assert WEIGHTS_FIX in shown and "backbone weights" not in shown and scope["USED_WEIGHTS"] is None
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert weights_used(summary) == "none" and weights_used(None) is None
+    assert weights_used({"weights": {"spec": "hed", "path": None, "layers": 13}}) == "hed"
+
+
+def test_history_plot_has_no_stage_panel_and_marks_the_stage_change(tmp_path):
+    history = pd.DataFrame({"epoch": [1, 2, 3, 4], "stage": [1, 1, 2, 2], "lr": [1e-4, 1e-4, 1e-5, 1e-5],
+                            "loss": [0.9, 0.7, 0.6, 0.5], "val_loss": [1.0, 0.8, 0.7, 0.7],
+                            "accuracy": [0.5, 0.5, 0.5, 0.5], "val_accuracy": [0.5, 0.5, 0.5, 0.5],
+                            "auc": [0.5, 0.6, 0.7, 0.8], "val_auc": [0.5, 0.55, 0.6, 0.7]})
+    fig = plot_history(history, path=tmp_path / "history.png")
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "auc"]  # no stage panel, no flat accuracy panel
+    for ax in fig.axes:
+        assert "stage 2 from epoch 3" in [t.get_text() for t in ax.get_legend().get_texts()]
+    one_stage = plot_history(history.assign(stage=1))
+    assert "stage" not in [ax.get_title() for ax in one_stage.axes]
+    assert not any("stage" in t.get_text() for ax in one_stage.axes for t in ax.get_legend().get_texts())
+    assert [ax.get_title() for ax in plot_history(history.head(1)).axes] == ["loss", "accuracy", "auc"]
