@@ -131,11 +131,11 @@ def test_heatmap_notebook_as_committed_leaves_the_committed_heatmaps(tmp_path, m
     shown = "\n".join(str(out.get("data", {}).get("text/markdown", "")) for cell in nb.cells
                       for out in cell.get("outputs", []))
     assert f"**SYNTHETIC** data: its heatmaps go to `{SYNTHETIC_CAM_DIR.as_posix()}/`" in shown
-    assert "**fallback** scratch-gap model (5 epochs on the embedded **SYNTHETIC** data)" in shown
-    # the fallback has a folder of its own: Train_Scratch_CNN.ipynb, run next, finds runs/scratch-gap/ free
-    assert (clone / "runs" / "cam-fallback-scratch-gap" / "fallback.json").is_file()
-    assert not (clone / "runs" / "scratch-gap").exists()
-    assert list((clone / SYNTHETIC_CAM_DIR).glob("scratch-gap__*__true-*__pred-*__p*.png"))
+    assert "**fallback** scratch model (5 epochs on the embedded **SYNTHETIC** data)" in shown
+    # the fallback has a folder of its own: Train_Scratch_CNN.ipynb, run next, finds runs/scratch/ free
+    assert (clone / "runs" / "cam-fallback-scratch" / "fallback.json").is_file()
+    assert not (clone / "runs" / "scratch").exists()
+    assert list((clone / SYNTHETIC_CAM_DIR).glob("scratch__*__true-*__pred-*__p*.png"))
     assert (clone / SYNTHETIC_CAM_DIR / "side_by_side.png").is_file()
 
 

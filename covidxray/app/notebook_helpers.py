@@ -177,7 +177,7 @@ def heatmap_runs(
     data: str | Path,
     *,
     fallback_epochs: int = 5,
-    fallback_model: str = "scratch-gap",
+    fallback_model: str = "scratch",
     image_size: int = 64,
     work_dir: str | Path = paths.RUNS_DIR / "sources",
 ) -> dict[str, Path]:

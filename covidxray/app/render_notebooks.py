@@ -45,7 +45,7 @@ RESULTS: dict[str, tuple[str, ...]] = {
                           "runs/probes"),
     "Train_Scratch_CNN.ipynb": ("runs/scratch", "runs/scratch-gap"),
     "Train_VGG16.ipynb": ("runs/vgg16",),
-    "Class_Activation_Maps.ipynb": ("runs/cam-fallback-scratch-gap",),
+    "Class_Activation_Maps.ipynb": ("runs/cam-fallback-scratch",),
 }
 """Folders (relative to the repository root) each notebook writes with its default parameters; a render starts
 with all of them empty. Class_Activation_Images/ is committed: see COMMITTED_OUTPUTS."""
@@ -171,7 +171,7 @@ AS_COMMITTED: dict[str, str] = {
     "Train_VGG16.ipynb": "trains on `dataset/` (from Create_Data.ipynb; built from the embedded synthetic data when "
                          "missing), with small settings when that data is synthetic",
     "Class_Activation_Maps.ipynb": "explains the models in `runs/` (with none, a small fallback model trained into "
-                                   "`runs/cam-fallback-scratch-gap/`, never into a training notebook's folder); "
+                                   "`runs/cam-fallback-scratch/`, never into a training notebook's folder); "
                                    "heatmaps of the synthetic data go to `runs/Class_Activation_Images-synthetic/`, "
                                    "never over the committed ones",
 }

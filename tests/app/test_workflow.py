@@ -142,28 +142,28 @@ def test_heatmap_notebook_first_then_training_the_fallback_blocks_nothing(tiny_d
     """Class_Activation_Maps.ipynb before Train_Scratch_CNN.ipynb: its fallback model goes into a folder of its own,
     so the training notebook trains its runs, the evaluation holds every model, and the heatmaps then explain the
     real run; the fallback folder says who made it, and the data is called SYNTHETIC."""
-    runs = {"scratch-gap": tmp_path / "runs" / "scratch-gap", "vgg16": tmp_path / "runs" / "vgg16"}
-    fallback = tmp_path / "runs" / "cam-fallback-scratch-gap"
-    assert heatmap_runs(runs, tiny_dataset, fallback_epochs=1, image_size=32) == {"scratch-gap": fallback}
+    runs = {"scratch": tmp_path / "runs" / "scratch", "vgg16": tmp_path / "runs" / "vgg16"}
+    fallback = tmp_path / "runs" / "cam-fallback-scratch"
+    assert heatmap_runs(runs, tiny_dataset, fallback_epochs=1, image_size=32) == {"scratch": fallback}
     shown = capsys.readouterr().out
-    assert "**fallback** scratch-gap model (1 epochs on the embedded **SYNTHETIC** data), trained now" in shown
+    assert "**fallback** scratch model (1 epochs on the embedded **SYNTHETIC** data), trained now" in shown
     assert f"`{fallback.as_posix()}/`, its own folder" in shown
-    assert not runs["scratch-gap"].exists()  # the training notebook's folder is left alone
+    assert not runs["scratch"].exists()  # the training notebook's folder is left alone
     note = json.loads((fallback / FALLBACK_NOTE).read_text())
     assert note["fallback"] is True and note["made_by"] == HEATMAP_NOTEBOOK
     assert foreign_entries(fallback) == []  # the note is recorded as the package's own file
     heatmap_folder(tiny_dataset, tmp_path / "cams")
     assert "**SYNTHETIC** data: its heatmaps go to" in capsys.readouterr().out
-    assert heatmap_runs(runs, tiny_dataset, fallback_epochs=1, image_size=32) == {"scratch-gap": fallback}
+    assert heatmap_runs(runs, tiny_dataset, fallback_epochs=1, image_size=32) == {"scratch": fallback}
     assert "trained earlier" in capsys.readouterr().out  # reused, not trained again
 
-    scratch_runs = {"scratch": tmp_path / "runs" / "scratch", "scratch-gap": runs["scratch-gap"]}
+    scratch_runs = {"scratch": runs["scratch"], "scratch-gap": tmp_path / "runs" / "scratch-gap"}
     for name, run in scratch_runs.items():  # the training notebook, with its own batch size
         assert train_in_notebook(_tiny(name), tiny_dataset, run) is not None
     assert "cannot resume" not in capsys.readouterr().out
     rows, _, _ = evaluate_runs(tiny_dataset, trained_runs(scratch_runs), n_boot=10, baseline=False)
     assert [row["model"] for row in rows] == ["scratch", "scratch-gap"]
-    assert heatmap_runs(runs, tiny_dataset) == {"scratch-gap": runs["scratch-gap"]}  # now the real run
+    assert heatmap_runs(runs, tiny_dataset) == {"scratch": runs["scratch"]}  # now the real run
 
 
 def test_a_run_with_other_settings_is_refused_naming_the_folder_to_move(tiny_dataset, tmp_path, capsys):
