@@ -4,8 +4,8 @@ The one place that decides whether a bar is drawn (:func:`bar_wanted`): the stre
 own switch is on (a library call's ``progress=``), and the process has not turned bars off (the command line's
 ``--quiet`` or ``--format jsonl``, through :func:`set_progress`). A log file, a pipe or a notebook gets no bar,
 so no ``\\r``-redrawn lines. Behind TensorFlow's noise filter (:mod:`covidxray.tfenv`), fd 2 is a pipe: the
-stream the filter writes to is what counts. Every bar of the package is a :func:`progress_bar`; Keras' training bar asks
-:func:`bar_wanted` too.
+stream the filter writes to is what counts. Every bar of the package is a :func:`progress_bar`; Keras' training
+bar asks :func:`bar_wanted` too.
 """
 
 from __future__ import annotations
