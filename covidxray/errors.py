@@ -6,7 +6,26 @@ import errno
 
 
 class CovidXrayError(Exception):
-    """Base class: a problem the user can fix, reported without a deep traceback by the CLI."""
+    """Base class: a problem the user can fix, reported without a deep traceback by the CLI.
+
+    ``usage=True`` marks a usage error: the command itself is wrong (a setting's value, settings that cannot go
+    together, a missing one) and the fix is to change it. The command line exits 2 for a usage error and 1 for
+    every other problem (the work failed: a missing or unreadable input, a refused output folder).
+    """
+
+    usage: bool = False
+    """True for a usage error (the command line's exit status 2)."""
+
+    def __init__(self, *args: object, usage: bool = False) -> None:
+        super().__init__(*args)
+        if usage:
+            self.usage = True
+
+
+class UsageError(CovidXrayError):
+    """The command line itself is wrong where no more specific type fits: always a usage error."""
+
+    usage = True
 
 
 class DataError(CovidXrayError):

@@ -112,6 +112,11 @@ def json_text(obj: Any, *, sort_keys: bool = True) -> str:
     return json.dumps(to_jsonable(obj), indent=2, sort_keys=sort_keys, allow_nan=False) + "\n"
 
 
+def json_line(obj: Any) -> str:
+    """``obj`` as one line of JSON Lines: converted by :func:`to_jsonable`, keys in their order, newline ended."""
+    return json.dumps(to_jsonable(obj), allow_nan=False) + "\n"
+
+
 def csv_text(table: pd.DataFrame | Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
     """``table`` as the package writes CSV: a header, one row per line, "\\n" line endings on every platform, no
     index. ``table`` is a DataFrame, or rows (mappings) written in ``columns`` order exactly as their values

@@ -146,6 +146,13 @@ def filter_stderr(pattern: str | None = None) -> bool:
     return True
 
 
+def stderr_behind_filter() -> int | None:
+    """The descriptor the filter passes fd 2 on to (the process's own stderr, a terminal or a log), or None when
+    fd 2 is not filtered. Whether a progress bar is drawn depends on it (covidxray.progress), not on the pipe."""
+    saved, _ = _settings.get("filter") or (None, None)
+    return saved
+
+
 def _stop_filter() -> None:
     """Give fd 2 back and let the filter pass on what is left (at exit)."""
     saved, proc = _settings.pop("filter", (None, None))

@@ -83,7 +83,7 @@ def test_a_verb_pointed_at_another_kind_is_refused_before_any_work(verb, kind, m
     started = time.perf_counter()
     code, err = run_verb(args_for(verb, target, presplit, tiny_dataset, tiny_run, images), capsys)
     CASES.append((f"{verb}: --out {KINDS[kind].article}", snapshot(tmp_path) != before))
-    assert code == 2 and err.count("\n") == 1, err
+    assert code == 1 and err.count("\n") == 1, err
     assert f"is {KINDS[kind].article} (written by `covidxray" in err and "Choose another --out" in err, err
     assert snapshot(tmp_path) == before
     assert time.perf_counter() - started < 5, "the refusal came after work was done"
@@ -97,7 +97,7 @@ def test_an_output_nested_in_a_dataset_is_refused(verb, made, tmp_path, capsys, 
     before = snapshot(tmp_path)
     code, err = run_verb(args_for(verb, dataset / "preds", presplit, dataset, tiny_run, images), capsys)
     CASES.append((f"{verb}: --out inside a dataset", snapshot(tmp_path) != before))
-    assert code == 2 and "lies inside" in err and "a dataset does not hold" in err, err
+    assert code == 1 and "lies inside" in err and "a dataset does not hold" in err, err
     assert snapshot(tmp_path) == before
 
 
@@ -183,7 +183,7 @@ def test_a_tampered_record_is_refused_in_one_line(case, made, tmp_path, capsys, 
     before = snapshot(tmp_path)
     code, err = run_verb(["data", "--presplit", str(presplit), "--out", str(dataset), "--quiet"], capsys)
     CASES.append((f"data: a received dataset whose record has {case}", snapshot(tmp_path) != before))
-    assert code == 2 and err.count("\n") == 1, err
+    assert code == 1 and err.count("\n") == 1, err
     assert str(dataset / RECORD_NAME) in err and "damaged or was edited" in err, err
     assert snapshot(tmp_path) == before
 
@@ -227,7 +227,7 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path, capsys, presplit)
         started = time.perf_counter()
         code, err = run_verb(["data", "--presplit", str(presplit), "--out", str(folder), "--quiet"], capsys)
         CASES.append(("data: while another process writes the same --out", snapshot(tmp_path) != before))
-        assert code == 2 and f"process {proc.pid}" in err and "is writing this folder now" in err, err
+        assert code == 1 and f"process {proc.pid}" in err and "is writing this folder now" in err, err
         assert time.perf_counter() - started < 5
         assert snapshot(tmp_path) == before
     finally:

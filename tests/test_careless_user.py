@@ -3,7 +3,7 @@
 Each case seeds an output folder (or what it points to) with user files: dotfiles, files named like the verb's
 own outputs, nested folders, symlinks, a source inside it. It runs the verb through the real command line and
 checks, by hashing every file before and after, that nothing that existed changed or disappeared. A verb refuses
-(exit 2, one line naming the entries and the fix) whenever the folder holds anything it did not write, and
+(exit 1, one line naming the entries and the fix) whenever the folder holds anything it did not write, and
 leaves the folder exactly as it was.
 """
 
@@ -63,7 +63,7 @@ def check_case(case: str, root: Path, before: dict[str, str], code: int, err: st
     CASES.append((case, bool(lost)))
     assert not lost, f"{case}: changed or lost {sorted(lost)[:5]}"
     if foreign:
-        assert code == 2, f"{case}: exit {code}, expected a refusal"
+        assert code == 1, f"{case}: exit {code}, expected a refusal"
         assert "did not write" in err or "source" in err, err
         assert err.count("\n") == 1, f"{case}: not one line: {err!r}"
         assert after == before, f"{case}: the refused folder changed: {sorted(set(after) ^ set(before))[:5]}"
@@ -238,7 +238,7 @@ def test_resume_on_another_dataset_is_refused(tmp_path, capsys, presplit, tiny_d
     before = snapshot(tmp_path)
     code, err = run_verb([*base, "--data", str(other)], capsys)
     CASES.append(("train: --resume a finished run on another dataset", snapshot(tmp_path) != before))
-    assert code == 2 and "trained on" in err and "another --out" in err, err
+    assert code == 1 and "trained on" in err and "another --out" in err, err
     assert snapshot(tmp_path) == before
 
 
@@ -247,7 +247,7 @@ def test_failed_train_leaves_no_run_folder(tmp_path, capsys, tiny_dataset):
     before = snapshot(tmp_path)
     code, err = run_verb(["train", "--model", "vgg16", "--weights", str(tmp_path / "missing.h5"), "--epochs", "1",
                           "--image-size", "32", "--data", str(tiny_dataset), "--out", str(run), "--quiet"], capsys)
-    assert code == 2, err
+    assert code == 1, err
     CASES.append(("train: a failing run", snapshot(tmp_path) != before))
     assert snapshot(tmp_path) == before, "a failed run left files behind"
 

@@ -40,6 +40,9 @@ RULES = [
     ("saving a figure", r"\.savefig\(", {"evaluation/figures.py"}),
     ("decoding an image file", r"tf\.io\.decode_\w+\(|tf\.image\.decode_\w+\(|Image\.open\(", {"data/images.py"}),
     ("TensorFlow's log filter", r"cpu_feature_guard|absl::InitializeLog", {"tfenv.py"}),
+    ("a progress bar (tqdm)", r"(?m)\btqdm\(|^\s*(from|import) tqdm\b", {"progress.py"}),
+    # Keras' epoch bar (training/loop.py) is drawn where progress.bar_wanted says so
+    ("whether a bar is drawn (a terminal check)", r"\.isatty\(", {"progress.py"}),
 ]
 
 

@@ -11,14 +11,15 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from covidxray import LABELS, __version__, limits, paths
 from covidxray.data.download import IEEE8023_COMMIT
 from covidxray.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, PILLOW_MAX_PIXELS
 from covidxray.errors import CovidXrayError, DataError, os_error_line
-from covidxray.outputs import check_output, json_text
+from covidxray.outputs import check_output, json_line, json_text
 from covidxray.progress import set_progress
 from covidxray.tfenv import quiet_tensorflow
 from covidxray.training.compute_dtype import PRECISIONS
@@ -114,6 +115,23 @@ def _max_pixels(p: argparse._ActionsContainer) -> None:
             "image accepted, is the least; Pillow opens none larger than the most)", default=DEFAULT_MAX_PIXELS)
 
 
+FORMATS = ("text", "jsonl")
+"""What a verb with ``--format`` prints on stdout: readable text, or JSON Lines (one JSON object a line)."""
+
+
+def _format(p: argparse._ActionsContainer, record: str) -> None:
+    """Add ``--format text|jsonl`` to a verb whose jsonl output is ``record``."""
+    p.add_argument("--format", choices=FORMATS, default="text",
+                   help=f"text: readable lines on stdout; jsonl: JSON Lines on stdout, one JSON object a line "
+                   f"({record}), no readable text and no progress bars; default: %(default)s")
+
+
+def emit(record: Mapping[str, Any]) -> None:
+    """Print one JSON Lines record (one line of JSON) on stdout."""
+    sys.stdout.write(json_line(record))
+    sys.stdout.flush()
+
+
 def _cap(text: str) -> tuple[str, int]:
     """Parse one ``--cap LABEL=N``: LABEL normal or covid, N a positive integer."""
     label, _, number = text.partition("=")
@@ -137,7 +155,8 @@ _NEAR_DUP_HELP = (
 def _add_data(sub: argparse._SubParsersAction) -> None:
     p = add_verb(sub, "data", help="build the two-class dataset from the public sources (Create_Data)",
                  description="Build dataset/{train,val,test}/{normal,covid} with a patient-level split. "
-                 "Sources are only read, never moved or changed. The counts and checks are printed on stdout.",
+                 "Sources are only read, never moved or changed. The counts and checks are printed on stdout "
+                 "(--format jsonl: one JSON object).",
                  examples=["covidxray data",
                            "covidxray data --chest-xray Chest_XRAY --covid-xray Covid_XRAY --views PA "
                            "--cap normal=200",
@@ -172,6 +191,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated ieee8023 views (default: frontal PA,AP,AP Supine,...; PA reproduces 2020)")
     _max_pixels(p)
     _number(p, "--near-dup-bits", limits.NEAR_DUP_BITS, _NEAR_DUP_HELP, default=12)
+    _format(p, 'the build\'s summary.json with "event": "done" and "out"')
     p.set_defaults(func=cmd_data)
 
 
@@ -202,6 +222,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     summary = build_dataset(args.out, chest_xray=chest, covid_xray=covid, presplit=args.presplit,
                             metadata=args.metadata, nih=args.nih, extra=args.extra, design=args.design,
                             config=config, progress=not args.quiet)
+    if args.format == "jsonl":
+        emit({"event": "done", "out": str(args.out), **summary})
+        return 0
     print_summary(summary, args.out)
     from covidxray.data.designs import format_design
 
@@ -239,7 +262,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = add_verb(sub, "train", help="train a model; selection on the validation split only",
                  description="Train the scratch CNN, its GAP variant or the VGG16 transfer model. "
                  "Checkpoint, early stopping and threshold use the validation split; test is never read. "
-                 "The run's summary is printed on stdout as JSON; epoch lines go to stderr.",
+                 "The run's summary is printed on stdout as JSON (--format jsonl: on one line); epoch lines go to "
+                 "stderr.",
                  examples=["covidxray train --model scratch --epochs 20",
                            "covidxray train --model vgg16 --weights hed --out runs/vgg16-hed",
                            "covidxray train --model vgg16 --weights hed --out runs/vgg16-hed --epochs 30 --resume",
@@ -289,6 +313,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard logs into RUN/tensorboard (view: pip install "
                    "\"covidxray[tensorboard]\"; tensorboard --logdir RUN/tensorboard)")
+    _format(p, "the run's summary, as text prints it")
     p.set_defaults(func=cmd_train)
 
 
@@ -313,7 +338,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = args.out or paths.RUNS_DIR / f"{args.model}-{Path(weights).stem}-s{args.seed}"
     result = train(config, args.data, out, progress=not args.quiet, resume=args.resume,
                    tensorboard=args.tensorboard)
-    print(json_text(result), end="")
+    if args.format == "jsonl":
+        emit(result)
+    else:
+        print(json_text(result), end="")
     return 0
 
 
@@ -321,7 +349,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = add_verb(sub, "evaluate", help="metrics with 95 %% bootstrap intervals on any labeled data",
                  description="Evaluate a trained model on the test split of a built dataset, or on an "
                  "external folder of class subfolders or a CSV (path,label[,patient_id,source]). The results "
-                 "are printed on stdout as a Markdown table.",
+                 "are printed on stdout as a Markdown table (--format jsonl: metrics.json as one JSON object).",
                  examples=["covidxray evaluate --model runs/scratch-none-s0",
                            "covidxray evaluate --model runs/vgg16-hed --data external.csv --out eval-external",
                            "covidxray evaluate --model runs/scratch-none-s0 --split val --n-boot 0"])
@@ -337,6 +365,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="metrics.json to compare with (default: RUN/eval-test/metrics.json when it exists)")
     _precision(p, "the predictions")
     _max_pixels(p)
+    _format(p, 'the metrics of metrics.json with "event": "done"')
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -347,7 +376,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_model(args.model, args.data, split=args.split, out_dir=args.out, n_boot=args.n_boot,
                             threshold=args.threshold, seed=args.seed, reference=args.reference,
                             precision=args.precision, max_pixels=args.max_pixels)
-    print(result["markdown"])
+    if args.format == "jsonl":
+        emit({"event": "done", **{k: v for k, v in result.items() if k != "markdown"}})
+    else:
+        print(result["markdown"])
     return 0
 
 
@@ -390,7 +422,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                  description="Predict image files, folders (searched recursively) and CSV lists (a 'path' "
                  "column) with a trained run at its threshold (from the run's model.json). Files that cannot "
                  "be read are skipped with the reason. Writes predictions.csv, and heatmaps/ with --cam; a short "
-                 "table is printed on stdout.",
+                 "table is printed on stdout (--format jsonl: one JSON object per file, then a summary).",
                  examples=["covidxray predict --model runs/vgg16 scans/ extra.png --out predictions",
                            "covidxray predict --model runs/scratch-gap list.csv --out predictions --cam auto"])
     p.add_argument("--model", type=Path, required=True, help="run folder or .keras file")
@@ -401,16 +433,22 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="also draw one heatmap per image with this method (auto: CAM when the model allows it)")
     _number(p, "--batch-size", limits.POSITIVE_INT, "images per prediction step", default=32)
     _max_pixels(p)
+    _format(p, 'one per file with the columns of predictions.csv and "event": "prediction", then the summary with '
+            '"event": "done" and "out"')
     p.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predict images and print a short table."""
-    from covidxray.app.predict import format_predictions, predict
+    from covidxray.app.predict import format_predictions, predict, prediction_records
 
     result = predict(args.model, args.inputs, args.out, cam=args.cam, batch_size=args.batch_size,
-                     max_pixels=args.max_pixels)
-    print("\n".join(format_predictions(result)))
+                     max_pixels=args.max_pixels, progress=not args.quiet)
+    if args.format == "jsonl":
+        for record in prediction_records(result):
+            emit(record)
+    else:
+        print("\n".join(format_predictions(result)))
     return 0
 
 
@@ -569,12 +607,29 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+"""Exit statuses: success; the work failed (a missing or unreadable input, no image found, a refused output
+folder, a corrupt model, a full disk, out of memory); the command line is wrong (argparse's own errors, a bad flag
+value, flags that cannot go together). A signal ends a verb with 128 + its number (130, 143)."""
+EXIT_STATUSES = (f"exit status: {EXIT_OK} success; {EXIT_FAILURE} the work failed (a missing or unreadable input, no "
+                 f"image found, a refused --out, a corrupt model, a full disk, out of memory); {EXIT_USAGE} a usage "
+                 "error (a bad flag value, flags that cannot go together: fix the command line); 130/143 "
+                 "interrupted (SIGINT/SIGTERM). data, train, evaluate and predict print JSON Lines on stdout with "
+                 "--format jsonl.")
+
+
+def exit_status(exc: CovidXrayError) -> int:
+    """The exit status for a problem the user can fix: :data:`EXIT_USAGE` for a usage error, else
+    :data:`EXIT_FAILURE`."""
+    return EXIT_USAGE if exc.usage else EXIT_FAILURE
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every verb."""
     parser = argparse.ArgumentParser(prog="covidxray", description=__doc__, formatter_class=HelpFormatter,
-                                     epilog="examples:\n  covidxray demo\n  covidxray data && covidxray train "
-                                     "--model scratch && covidxray evaluate --model runs/scratch-none-s0\n  "
-                                     "covidxray VERB --help")
+                                     epilog=f"{EXIT_STATUSES}\n\nexamples:\n  covidxray demo\n  covidxray data && "
+                                     "covidxray train --model scratch && covidxray evaluate --model "
+                                     "runs/scratch-none-s0\n  covidxray VERB --help")
     parser.add_argument("--version", action="version", version=f"covidxray {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in (_add_data, _add_train, _add_evaluate, _add_cam, _add_predict, _add_probe, _add_reproduce, _add_demo,
@@ -738,20 +793,24 @@ def check_before_work(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: run a verb; user-fixable problems (bad input, OS errors, out of memory) print one line, exit 2.
+    """Entry point: run a verb; user-fixable problems (bad input, OS errors, out of memory) print one line.
 
-    Numeric flags are checked while parsing: an out-of-range value exits 2 naming the flag and its range before any
-    work is done. SIGINT and SIGTERM stop the verb with one line, exit 128 + the signal number (130, 143).
+    The exit status (:data:`EXIT_STATUSES`): 0 success; 2 a usage error (argparse's, or a
+    :class:`~covidxray.errors.CovidXrayError` marked ``usage``), before any work is done; 1 every other
+    CovidXrayError, OS error or running out of memory. SIGINT and SIGTERM stop the verb with one line, exit
+    128 + the signal number (130, 143).
     """
     args = build_parser().parse_args(argv)
     quiet_tensorflow(verbose=args.verbose)
-    set_progress(not args.quiet)
+    set_progress(not args.quiet and getattr(args, "format", "text") != "jsonl")
+    status = EXIT_FAILURE
     try:
         check_before_work(args)
         with stop_on_signals(args.verb):
-            return int(args.func(args) or 0)
+            return int(args.func(args) or EXIT_OK)
     except CovidXrayError as exc:
         line: str | None = str(exc)
+        status = exit_status(exc)
     except Stopped as exc:
         print(_stopped_line(args.verb, exc.signum), file=sys.stderr)
         _exit_now_if_needed(128 + exc.signum)
@@ -765,8 +824,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if line is None:
             raise
     print(f"covidxray {args.verb}: error: {line}", file=sys.stderr)
-    _exit_now_if_needed(2)
-    return 2
+    _exit_now_if_needed(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -178,12 +178,13 @@ def model_data_word(meta: dict[str, Any]) -> str:
 def predict_entries(model: Any, meta: dict[str, Any], entries: Sequence[Entry], *,
                     batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS, fix: str = _INPUTS,
                     heatmap_folder: Path | None = None, method: str | None = None,
-                    layer: str | None = None) -> pd.DataFrame:
+                    layer: str | None = None, progress: bool = True) -> pd.DataFrame:
     """The predictions table, in memory: :data:`COLUMNS` and then the input CSV's own columns (renamed
     ``input_<name>`` where a name is one of ours), one row per entry of :func:`collect_inputs`, in order, ``path``
     as the user wrote it. Every file is checked and decoded once as the build does and predicted at the run's
     threshold; with ``heatmap_folder`` and ``method``, one overlay PNG per predicted image is written there, named
-    by its true label where the CSV has a ``label`` column. ``fix`` ends the error when no file is usable."""
+    by its true label where the CSV has a ``label`` column. ``fix`` ends the error when no file is usable;
+    ``progress`` allows a bar over the batches on a terminal (:mod:`covidxray.progress`)."""
     from covidxray.runs.load import predict_dataframe
 
     threshold, size, model_name = float(meta["threshold"]), int(meta["image_size"]), meta["model_id"]
@@ -195,7 +196,7 @@ def predict_entries(model: Any, meta: dict[str, Any], entries: Sequence[Entry], 
     heat: dict[str, str] = {}
     with decodable(labeled, check=True, fix=fix) as usable:
         frame = usable.frame
-        probs = predict_dataframe(model, frame, size, batch_size)
+        probs = predict_dataframe(model, frame, size, batch_size, bar="predicting" if progress else None)
         if heatmap_folder is not None and method is not None:
             files = _write_heatmaps(model, frame, probs, heatmap_folder, name=model_name.split("@")[0],
                                     method=method, layer=layer, threshold=threshold, image_size=size,
@@ -242,10 +243,12 @@ def predict(
     cam: str | None = None,
     batch_size: int = 32,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Predict every image the inputs name with a run folder or .keras file; write ``predictions.csv`` (and
     heatmaps with ``cam``, one of :data:`covidxray.explain.maps.METHODS`) into ``out_dir``. Images over ``max_pixels``
-    pixels are skipped. (In memory, without writing: :meth:`covidxray.app.api.Run.predict`.)
+    pixels are skipped; ``progress`` allows a bar over the batches on a terminal. (In memory, without writing:
+    :meth:`covidxray.app.api.Run.predict`.)
 
     Returns the model id, threshold (and the file it came from), image size, heatmap method, counts of files
     predicted and skipped, the seconds taken and ``predictions`` (the table written).
@@ -267,7 +270,7 @@ def predict(
     with staged_output(out_dir, "predict", sources=[*inputs, meta["model_path"]], data=prov) as tmp:
         table = predict_entries(model, meta, entries, batch_size=batch_size, max_pixels=max_pixels,
                                 fix=f"Nothing was written. {_INPUTS}", heatmap_folder=tmp / HEATMAP_DIR,
-                                method=method, layer=layer)
+                                method=method, layer=layer, progress=progress)
         write_csv(table, tmp / PREDICTIONS_FILE)
     return {"model": meta["model_id"], "model_path": meta["model_path"], "threshold": float(meta["threshold"]),
             "threshold_source": meta["threshold_source"], "image_size": int(meta["image_size"]), "cam": method,
@@ -296,3 +299,14 @@ def format_predictions(result: dict[str, Any], limit: int = 20) -> list[str]:
         lines.append(f"the list has a label column: `covidxray evaluate --model {result['model_path']} --data "
                      "LIST.csv` gives the metrics with their intervals")
     return lines
+
+
+def prediction_records(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The JSON Lines of a prediction run (``covidxray predict --format jsonl``): one object per row of
+    predictions.csv with its columns (``event``: ``prediction`` first; an input column named ``event`` comes as
+    ``input_event``), then the summary (``event``: ``done``, the output folder, the counts and the model)."""
+    records = [{"event": "prediction", **{"input_event" if name == "event" else name: value
+                                          for name, value in row.items()}}
+               for row in result["predictions"].to_dict(orient="records")]
+    records.append({"event": "done", **{k: v for k, v in result.items() if k != "predictions"}})
+    return records

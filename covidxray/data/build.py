@@ -21,8 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from covidxray import LABELS
 from covidxray.data.designs import apply_design, confounders, get_design
 from covidxray.data.download import read_download_record
@@ -52,6 +50,7 @@ from covidxray.data.split import assign_splits, cap_groups, group_ids, near_dupl
 from covidxray.data.synthetic import is_synthetic
 from covidxray.errors import DataError, ImageError
 from covidxray.outputs import OutputDir, claim_output, json_text, write_csv
+from covidxray.progress import progress_bar
 
 
 @dataclass
@@ -107,7 +106,7 @@ class BuildConfig:
             problems.append(f"max_pixels (--max-pixels) {self.max_pixels} is below {self.min_side}x{self.min_side} "
                             f"= {self.min_side**2}, the smallest image accepted; every image would be refused")
         if problems:
-            raise DataError("bad dataset build settings: " + "; ".join(problems) + ".")
+            raise DataError("bad dataset build settings: " + "; ".join(problems) + ".", usage=True)
 
 
 @dataclass
@@ -135,8 +134,8 @@ def _check_all(images: list[SourceImage], config: BuildConfig, progress: bool) -
     workers = min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(work, images)
-        for img, res in tqdm(zip(images, results, strict=True), total=len(images), desc="checking images",
-                             disable=not progress, unit="img"):
+        for img, res in progress_bar(zip(images, results, strict=True), total=len(images), desc="checking images",
+                                     enabled=progress, unit="img"):
             if isinstance(res, ImageError):
                 rejected.append((img.source, img.rel_path, res.reason))
             else:
@@ -205,26 +204,26 @@ def collect_sources(
         if chest_xray is not None or covid_xray is not None or nih is not None or extra:
             raise DataError("give either --presplit or sources (--chest-xray, --covid-xray, --nih, --extra), not "
                             "both: a pre-split folder keeps its own split. To re-split it with other sources, lay it "
-                            "out as sources first (covidxray.data.presplit_layout.presplit_as_sources).")
+                            "out as sources first (covidxray.data.presplit_layout.presplit_as_sources).", usage=True)
         scans.append(("presplit", read_presplit(presplit, metadata=metadata)))
     else:
         if nih is None and not extra and (chest_xray is None or covid_xray is None):
             raise DataError("a dataset needs both sources: --chest-xray DIR (normals) and --covid-xray DIR (COVID), "
-                            "or adult normals with --nih DIR / --extra CSV|DIR.")
+                            "or adult normals with --nih DIR / --extra CSV|DIR.", usage=True)
         if chest_xray is not None:
             scans.append(("kermany", read_kermany(chest_xray)))
         if covid_xray is not None:
             scans.append(("ieee8023", read_ieee8023(covid_xray, findings=config.findings, views=config.views,
                                                     metadata=metadata)))
         elif metadata is not None:
-            raise DataError(f"{metadata}: --metadata needs --covid-xray (or --presplit) to apply to.")
+            raise DataError(f"{metadata}: --metadata needs --covid-xray (or --presplit) to apply to.", usage=True)
         if nih is not None:
             scans.append(("nih", read_nih(nih, views=config.nih_views, min_age=config.nih_min_age,
                                           max_age=config.nih_max_age)))
         resolved = [e.resolve() for e in extra]
         for e, r in zip(extra, resolved, strict=True):
             if resolved.count(r) > 1:
-                raise DataError(f"{e}: given twice as --extra; give each extra source once.")
+                raise DataError(f"{e}: given twice as --extra; give each extra source once.", usage=True)
             scans.append((default_source(e), read_generic(e)))
     images: list[SourceImage] = []
     skipped: list[tuple[str, str, str]] = []

@@ -30,12 +30,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import IO, Any
 
-from tqdm.auto import tqdm
-
 from covidxray import __version__
 from covidxray.errors import DataError
 from covidxray.outputs import RESERVED_NAMES, file_sha256, read_json, record_files, refusal, replaceable, write_json
 from covidxray.paths import CHEST_XRAY_DIR, COVID_XRAY_DIR
+from covidxray.progress import progress_bar
 
 IEEE8023_REPOSITORY = "ieee8023/covid-chestxray-dataset"
 IEEE8023_COMMIT = "6a4242344473ccb5ed0d2148d8c7bfb1691e4ed8"
@@ -145,8 +144,8 @@ def _fetch(url: str, dest: Path, offset: int, *, progress: bool, timeout: float)
             out = part.open(mode)
         except OSError as exc:
             raise DataError(f"{part}: cannot write the download ({exc}); check the folder's permissions.") from exc
-        with out, tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                       desc=dest.name, disable=not progress, leave=False) as bar:
+        with out, progress_bar(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                               desc=dest.name, enabled=progress) as bar:
             while True:
                 try:
                     chunk = response.read(_CHUNK)
@@ -476,8 +475,7 @@ def extract_archive(archive: Path, dest: Path, *, strip_top: bool = False, progr
             stack.callback(shutil.rmtree, staging, ignore_errors=True)
             tree = staging / "tree"
             tree.mkdir()
-            for member in tqdm(todo, desc=f"extract {archive.name}", unit="file", disable=not progress,
-                               leave=False):
+            for member in progress_bar(todo, desc=f"extract {archive.name}", unit="file", enabled=progress):
                 _write_member(member, tree / member.rel, zf, tf)
             if not dest.exists():
                 os.replace(tree, dest)
@@ -517,7 +515,7 @@ def ieee8023_url(ref: str = IEEE8023_COMMIT) -> str:
     if not re.fullmatch(r"[0-9a-fA-F]{40}", ref):
         raise DataError(f"--ieee8023-ref {ref!r}: give a full 40-character commit SHA of {IEEE8023_REPOSITORY} "
                         f"(see https://github.com/{IEEE8023_REPOSITORY}/commits/master) or 'latest'; the default "
-                        f"is the pinned commit {IEEE8023_COMMIT}.")
+                        f"is the pinned commit {IEEE8023_COMMIT}.", usage=True)
     return f"https://github.com/{IEEE8023_REPOSITORY}/archive/{ref.lower()}.zip"
 
 
@@ -563,7 +561,7 @@ def _expected_sha256(dest: Path, url: str, ref: str | None, sha256: str | None) 
     if sha256:
         if not re.fullmatch(r"[0-9a-fA-F]{64}", sha256.strip()):
             raise DataError(f"--ieee8023-sha256 {sha256!r}: give the 64 hex digits of a SHA-256 (as in the "
-                            f"archive_sha256 of a {DOWNLOAD_RECORD_NAME}).")
+                            f"archive_sha256 of a {DOWNLOAD_RECORD_NAME}).", usage=True)
         return sha256.strip().lower(), _GIVEN
     if ref is not None and ref.lower() in IEEE8023_ARCHIVE_SHA256:
         return IEEE8023_ARCHIVE_SHA256[ref.lower()], _PINNED

@@ -74,7 +74,7 @@ def select_split(images: list[SourceImage], split: str | None, data: Path) -> li
     chosen = [i for i in images if split_name(i.split or "") == split_name(split)]
     if not chosen:
         raise DataError(f"{data}: no image of split {split!r} (the set names {named}). Pass one of those as the "
-                        "split (--split), or no split for every image.")
+                        "split (--split), or no split for every image.", usage=True)
     return chosen
 
 

@@ -27,6 +27,7 @@ import covidxray
 from covidxray import LABELS, limits
 from covidxray.errors import ModelError
 from covidxray.outputs import file_sha256, read_json
+from covidxray.progress import progress_bar
 from covidxray.tfenv import traced
 from covidxray.training.compute_dtype import choose_precision, with_precision
 from covidxray.training.pipeline import make_dataset, raise_unreadable
@@ -430,15 +431,17 @@ def predict_proba(model: keras.Model, images: np.ndarray, batch_size: int = 32,
 
 
 def predict_dataframe(model: keras.Model, df: pd.DataFrame, image_size: int | None = None,
-                      batch_size: int = 32, precision: str | None = None) -> np.ndarray:
+                      batch_size: int = 32, precision: str | None = None, bar: str | None = None) -> np.ndarray:
     """P(covid) for every manifest row of ``df``, in order, through the pipeline without augmentation, computed
-    in ``precision`` (None: the model's own; see :func:`predict_proba`)."""
+    in ``precision`` (None: the model's own; see :func:`predict_proba`); ``bar`` labels a progress bar over the
+    batches (:func:`covidxray.progress.progress_bar`; None: no bar)."""
     model = with_precision(model, precision)
     size = image_size or int(model.input_shape[1])
     ds = make_dataset(df, image_size=size, batch_size=batch_size, training=False, cache=None)
     fn = _predict_fn(model)
+    batches = ds if bar is None else progress_bar(ds, desc=bar, total=-(-len(df) // batch_size), unit="batch")
     try:
-        out = [fn(x).numpy()[:, 0] for x, _ in ds]
+        out = [fn(x).numpy()[:, 0] for x, _ in batches]
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
         raise_unreadable(list(df["filepath"]), exc)
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)

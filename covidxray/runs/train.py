@@ -56,6 +56,7 @@ from covidxray.data.manifest import MANIFEST_NAME, dataset_provenance, dataset_s
 from covidxray.errors import CovidXrayError, DataError, ModelError
 from covidxray.metrics import THRESHOLD_METHODS, choose_threshold
 from covidxray.outputs import JUPYTER_KERNEL_COMMAND, OutputDir, artifact, claim_output, command_line, fingerprint
+from covidxray.progress import bar_wanted
 from covidxray.runs.card import drop_model_card, write_model_card
 from covidxray.runs.load import CHECKPOINT_DIR, MODEL_FILE, load_run, predict_dataframe, read_run_json, versions
 from covidxray.training.backbones import VGG16_CONV_LAYERS, check_weights_available, load_vgg16_backbone_weights
@@ -201,7 +202,7 @@ class TrainConfig:
             problems.append(f"finetune_from must be a VGG16 conv layer ({VGG16_CONV_LAYERS[0]} ... "
                             f"{VGG16_CONV_LAYERS[-1]})")
         if problems:
-            raise ModelError("bad training config: " + "; ".join(problems) + ".")
+            raise ModelError("bad training config: " + "; ".join(problems) + ".", usage=True)
 
     def augment_config(self) -> AugmentConfig | None:
         """The augmentation this config asks for (None when ``augment`` is off)."""
@@ -800,7 +801,7 @@ def _fit(run: _Run, strategy: tf.distribute.Strategy, model: keras.Model, datase
         with _data_errors(run, paths):
             loop.fit(*datasets, initial_epoch=run.state.epoch, epochs=end,
                      callbacks=[*callbacks, *board, _RunCallback(run, stage, export)],
-                     report=lambda line: _say(run.progress, line), progress_bar=run.progress and sys.stderr.isatty())
+                     report=lambda line: _say(run.progress, line), progress_bar=bar_wanted(enabled=run.progress))
     finally:
         _adopt_tensorboard(run)
 

@@ -87,7 +87,7 @@ class ReproduceConfig:
         problems += [f"models (--models): unknown model {m!r}; use {list(MODEL_NAMES)}"
                      for m in self.models if m not in MODEL_NAMES]
         if problems:
-            raise ModelError("bad reproduce settings: " + "; ".join(problems) + ".")
+            raise ModelError("bad reproduce settings: " + "; ".join(problems) + ".", usage=True)
 
 
 def _build(config: ReproduceConfig, out_root: Path, sources: SourceFolders, data: str | Path | None,

@@ -72,7 +72,8 @@ class PrecisionChoice:
 def check_precision(requested: str) -> str:
     """``requested`` when it is one of PRECISIONS; a ModelError naming the choices otherwise."""
     if requested not in PRECISIONS:
-        raise ModelError(f"precision {requested!r} is unknown; use one of {list(PRECISIONS)} (--precision).")
+        raise ModelError(f"precision {requested!r} is unknown; use one of {list(PRECISIONS)} (--precision).",
+                         usage=True)
     return requested
 
 

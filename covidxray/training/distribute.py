@@ -92,7 +92,8 @@ class DistributeChoice:
 def check_distribute(requested: str) -> str:
     """``requested`` when it is one of DISTRIBUTES; a ModelError naming the choices otherwise."""
     if requested not in DISTRIBUTES:
-        raise ModelError(f"distribute {requested!r} is unknown; use one of {list(DISTRIBUTES)} (--distribute).")
+        raise ModelError(f"distribute {requested!r} is unknown; use one of {list(DISTRIBUTES)} (--distribute).",
+                         usage=True)
     return requested
 
 
@@ -211,7 +212,7 @@ def choose_distribution(requested: str = "auto", *, environ: Mapping[str, str] |
     if requested == "multi-worker" and not tf_config:
         raise ModelError(f"--distribute multi-worker needs the {TF_CONFIG_VAR} environment variable, which is not "
                          f"set. Set it on each machine to e.g. {_EXAMPLE} and run the same command on every "
-                         "machine, or train with --distribute one or mirrored.")
+                         "machine, or train with --distribute one or mirrored.", usage=True)
     if requested in ("multi-worker", "auto") and tf_config:
         workers, index = parse_tf_config(tf_config)
         used = "multi-worker"

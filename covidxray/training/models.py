@@ -153,7 +153,7 @@ def build_model(
         raise ModelError(f"dropout must be in [0, 1), got {dropout}.")
     if name != "vgg16" and weights.lower() != "none":
         raise ModelError(f"the {name!r} model is trained from scratch and has no pretrained weights; "
-                         f"pass --weights none (got {weights!r}).")
+                         f"pass --weights none (got {weights!r}).", usage=True)
     seeds = _Seeds(seed)
     inputs = keras.Input((image_size, image_size, 3), dtype="float32", name="image")
     builder = {"scratch": _scratch, "scratch-gap": _scratch_gap, "vgg16": _vgg16}[name]

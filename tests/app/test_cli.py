@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, VERBS
+from conftest import REPO, VERBS, run_main
 
 from covidxray.app.cli import main
 
@@ -18,7 +18,7 @@ def test_every_verb_is_documented():
 
 
 def test_probe_on_a_missing_dataset_is_one_line(tmp_path, capsys):
-    assert main(["probe", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "p")]) == 2
+    assert main(["probe", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "p")]) == 1
     err = capsys.readouterr().err
     assert "none" in err and "Traceback" not in err
 
@@ -39,7 +39,7 @@ def test_data_from_synthetic_sources_is_idempotent(tmp_path, capsys):
 
 def test_data_without_sources_explains_the_ways_out(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["data"]) == 2
+    assert main(["data"]) == 1
     err = capsys.readouterr().err
     assert "covidxray download" in err and "--synthetic" in err
     assert "Traceback" not in err
@@ -50,10 +50,10 @@ def test_bad_cap_and_bad_presplit_are_clear_errors(tmp_path, capsys):
         main(["data", "--presplit", str(tmp_path), "--out", str(tmp_path / "o"), "--cap", "dogs=3"])
     assert exit_info.value.code == 2
     assert "argument --cap: 'dogs=3'" in capsys.readouterr().err
-    assert main(["data", "--presplit", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["data", "--presplit", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 1
     assert "--presplit" in (err := capsys.readouterr().err) and "no such file or folder" in err
     (tmp_path / "a-file").write_text("not a folder")
-    assert main(["data", "--presplit", str(tmp_path / "a-file"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["data", "--presplit", str(tmp_path / "a-file"), "--out", str(tmp_path / "o")]) == 1
     assert "not a folder" in capsys.readouterr().err
 
 
@@ -69,7 +69,7 @@ def test_train_and_evaluate_commands(tmp_path, tiny_dataset, capsys):
 
 
 def test_evaluate_with_a_missing_model_is_one_line(tmp_path, tiny_dataset, capsys):
-    assert main(["evaluate", "--model", str(tmp_path / "nope"), "--data", str(tiny_dataset)]) == 2
+    assert main(["evaluate", "--model", str(tmp_path / "nope"), "--data", str(tiny_dataset)]) == 1
     err = capsys.readouterr().err
     assert "nope" in err and "Traceback" not in err
 
@@ -104,6 +104,56 @@ def test_a_missing_input_is_named_before_any_work(argv, tmp_path, tiny_run):
             "print('tensorflow' in sys.modules, file=sys.stderr)\nsys.exit(code)\n")
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and lines[-1] == "False", proc.stderr
+    assert proc.returncode == 1 and lines[-1] == "False", proc.stderr
     assert "no such file or folder; nothing was done" in lines[-2] and "no-" in lines[-2], lines
     assert not (tmp_path / "out").exists()
+
+
+# --- exit statuses: 2 the command line is wrong, 1 the work failed ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "argv"), [
+    ("argparse: an unknown flag", ["data", "--no-such-flag"]),
+    ("argparse: a bad value", ["data", "--seed", "-1"]),
+    ("argparse: flags that exclude each other", ["data", "--quiet", "--verbose"]),
+    ("settings in conflict", ["data", "--synthetic", "{tmp}/src", "--nih-min-age", "40", "--nih-max-age", "30",
+                              "--out", "{tmp}/ds"]),
+    ("sources in conflict", ["data", "--presplit", "{tmp}/given", "--chest-xray", "{tmp}/given", "--out",
+                             "{tmp}/ds"]),
+    ("a missing companion flag", ["data", "--chest-xray", "{tmp}/given", "--out", "{tmp}/ds"]),
+    ("a training setting for another model", ["train", "--model", "scratch", "--finetune-epochs", "1",
+                                              "--data", "{tmp}/given", "--out", "{tmp}/run"]),
+])
+def test_a_usage_error_exits_2(kind, argv, tmp_path, capsys):
+    (tmp_path / "given").mkdir()
+    assert run_main([a.format(tmp=tmp_path) for a in argv]) == 2, kind
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_failure_of_the_work_exits_1(tmp_path, capsys):
+    """A missing file, an empty folder and a refused --out: the command line was right, the work failed."""
+    assert run_main(["evaluate", "--model", str(tmp_path / "missing.keras"), "--data", str(tmp_path)]) == 1
+    assert "missing.keras: no such file or folder" in capsys.readouterr().err
+    for split in ("train", "test"):
+        for cls in ("Covid", "Normal"):
+            (tmp_path / "empty" / split / cls).mkdir(parents=True)
+    assert run_main(["data", "--presplit", str(tmp_path / "empty"), "--out", str(tmp_path / "ds"), "--quiet"]) == 1
+    assert "no images found" in capsys.readouterr().err
+    refused = tmp_path / "mine"
+    refused.mkdir()
+    (refused / "notes.txt").write_text("the user's")
+    assert run_main(["data", "--synthetic", str(tmp_path / "src"), "--out", str(refused), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "Traceback" not in err
+    assert sorted(p.name for p in refused.iterdir()) == ["notes.txt"]
+
+
+def test_the_exit_statuses_and_jsonl_are_documented(capsys):
+    assert run_main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "exit status: 0 success; 1 the work failed" in out and "2 a usage error" in out
+    assert "--format jsonl" in out
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "**Exit status:**" in readme and "`--format jsonl`" in readme

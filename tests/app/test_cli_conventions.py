@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, VERBS, run_main, verb_parsers
+from conftest import REPO, VERBS, run_main, verb_parsers, write_image
 
 from covidxray.app.cli import main
 from covidxray.outputs import RECORD_NAME
@@ -85,7 +85,7 @@ def test_data_evaluate_and_probe_print_their_results_on_stdout(synthetic_sources
                  str(synthetic_sources.covid_xray), "--out", str(out)]) == 0
     assert capsys.readouterr().out.startswith(f"dataset written to {out}/")
 
-    assert main(["evaluate", "--model", str(tiny_run), "--data", str(out.parent / "missing")]) == 2
+    assert main(["evaluate", "--model", str(tiny_run), "--data", str(out.parent / "missing")]) == 1
     capsys.readouterr()
     data = str(Path(json.loads((tiny_run / "provenance.json").read_text())["dataset"]["path"]))
     assert main(["evaluate", "--model", str(tiny_run), "--data", data, "--n-boot", "20",
@@ -158,7 +158,7 @@ def test_real_errors_still_print_after_tensorflow_starts(tmp_path):
     assert "oneDNN" not in proc.stderr
     cli = subprocess.run([sys.executable, "-m", "covidxray", "train", "--data", str(tmp_path)],
                          capture_output=True, text=True, env=_clean_env(), timeout=300)
-    assert cli.returncode == 2 and "covidxray train: error:" in cli.stderr and "manifest.csv" in cli.stderr
+    assert cli.returncode == 1 and "covidxray train: error:" in cli.stderr and "manifest.csv" in cli.stderr
 
 
 def test_one_prediction_function_per_model_logs_no_retracing_warning():
@@ -196,7 +196,7 @@ def offline(monkeypatch, tmp_path):
 
 def test_train_vgg16_imagenet_offline_fails_before_any_work(offline, tiny_dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--model", "vgg16", "--data", str(tiny_dataset), "--out", str(out)]) == 2
+    assert main(["train", "--model", "vgg16", "--data", str(tiny_dataset), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--weights hed" in err and "--weights PATH" in err
     assert "covidxray[hed]" in err and "cannot be reached" in err
@@ -206,7 +206,7 @@ def test_train_vgg16_imagenet_offline_fails_before_any_work(offline, tiny_datase
 def test_reproduce_offline_fails_before_building_data(offline, synthetic_sources, tmp_path, capsys):
     out = tmp_path / "repro"
     assert main(["reproduce", "--chest-xray", str(synthetic_sources.chest_xray), "--covid-xray",
-                 str(synthetic_sources.covid_xray), "--out", str(out)]) == 2
+                 str(synthetic_sources.covid_xray), "--out", str(out)]) == 1
     assert "--weights hed" in capsys.readouterr().err
     assert not out.exists()
 
@@ -255,6 +255,151 @@ def test_tensorboard_without_its_package_fails_before_any_work(tiny_dataset, tmp
         pytest.skip("tensorboard is installed here")
     out = tmp_path / "run"
     assert main(["train", "--tensorboard", "--model", "scratch-gap", "--data", str(tiny_dataset), "--out",
-                 str(out)]) == 2
+                 str(out)]) == 1
     assert 'pip install "covidxray[tensorboard]"' in capsys.readouterr().err
     assert not out.exists()
+
+
+# --- JSON Lines on stdout ------------------------------------------------------------------------------------------
+
+
+def _json_lines(out: str) -> list[dict]:
+    """Every line of stdout parsed as one JSON object (fails on any other line)."""
+    lines = out.splitlines()
+    assert lines and out.endswith("\n"), out
+    records = [json.loads(line) for line in lines]
+    assert all(isinstance(r, dict) for r in records), records
+    return records
+
+
+def test_data_jsonl_prints_one_summary_object(synthetic_sources, tmp_path, capsys):
+    out = tmp_path / "dataset"
+    assert main(["data", "--chest-xray", str(synthetic_sources.chest_xray), "--covid-xray",
+                 str(synthetic_sources.covid_xray), "--out", str(out), "--format", "jsonl"]) == 0
+    captured = capsys.readouterr()
+    [summary] = _json_lines(captured.out)
+    assert summary["event"] == "done" and summary["out"] == str(out)
+    assert summary["images"] == sum(n for split in summary["counts"].values() for n in split.values()) > 0
+    assert summary["leakage"]["patients_in_several_splits"] == []
+    assert "dataset written to" not in captured.out + captured.err
+
+
+def test_predict_jsonl_prints_one_object_per_file_then_the_summary(tiny_run, tmp_path, capsys):
+    import pandas as pd
+
+    from covidxray.app.predict import COLUMNS
+
+    images = [write_image(tmp_path / "in" / f"x{i}.png", size=(64, 64), seed=i) for i in range(3)]
+    (tmp_path / "in" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "preds"
+    assert main(["predict", "--model", str(tiny_run), str(tmp_path / "in"), "--out", str(out),
+                 "--format", "jsonl"]) == 0
+    *rows, done = _json_lines(capsys.readouterr().out)
+    table = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    assert [r["event"] for r in rows] == ["prediction"] * len(table) == ["prediction"] * 4
+    assert all(list(r)[1:] == COLUMNS for r in rows)
+    assert [r["path"] for r in rows] == table["path"].tolist()
+    by_path = {r["path"]: r for r in rows}
+    assert by_path[str(tmp_path / "in" / "broken.png")]["p_covid"] is None
+    assert all(0.0 <= by_path[str(p)]["p_covid"] <= 1.0 for p in images)
+    assert done["event"] == "done" and done["out"] == str(out) and (done["predicted"], done["skipped"]) == (3, 1)
+
+
+def test_evaluate_jsonl_prints_the_metrics_object(tiny_run, tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(tiny_run), "--data", str(tiny_dataset), "--n-boot", "0", "--out",
+                 str(out), "--format", "jsonl"]) == 0
+    captured = capsys.readouterr()
+    [record] = _json_lines(captured.out)
+    stored = json.loads((out / "metrics.json").read_text())
+    assert record["event"] == "done" and record["metrics"] == stored["metrics"] and record["split"] == "test"
+    assert "| model |" not in captured.out + captured.err
+
+
+def test_train_jsonl_prints_its_summary_on_one_line(tiny_dataset, tmp_path, capsys):
+    assert main(["train", "--quiet", "--model", "scratch-gap", "--data", str(tiny_dataset), "--out",
+                 str(tmp_path / "run"), *TINY_TRAIN, "--format", "jsonl"]) == 0
+    [summary] = _json_lines(capsys.readouterr().out)
+    assert summary["epochs_run"] == 1
+    assert summary == json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
+# --- progress bars: a terminal only --------------------------------------------------------------------------------
+
+
+def _data_argv(synthetic_sources, out: Path) -> list[str]:
+    return ["data", "--chest-xray", str(synthetic_sources.chest_xray), "--covid-xray",
+            str(synthetic_sources.covid_xray), "--out", str(out)]
+
+
+def test_no_bar_is_written_into_a_redirected_log(synthetic_sources, tiny_run, tmp_path):
+    """stderr redirected to a file (not a terminal): data and predict write no \\r-redrawn bar into it."""
+    image = write_image(tmp_path / "x.png", size=(64, 64))
+    for name, argv in (("data", _data_argv(synthetic_sources, tmp_path / "ds")),
+                       ("predict", ["predict", "--model", str(tiny_run), str(image), "--out", str(tmp_path / "p")])):
+        log = tmp_path / f"{name}.log"
+        with log.open("w") as stderr:
+            proc = subprocess.run([sys.executable, "-m", "covidxray", *argv], stdout=subprocess.PIPE, stderr=stderr,
+                                  text=True, env=_clean_env(), timeout=600)
+        text = log.read_text()
+        assert proc.returncode == 0, text
+        assert "\r" not in text, f"{name}: {text[:300]!r}"
+
+
+def test_data_draws_its_bar_on_a_real_terminal(synthetic_sources, tmp_path):
+    """stderr on a pseudo-terminal: the build's bar is drawn (and redrawn with \\r)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "covidxray", *_data_argv(synthetic_sources, tmp_path / "ds")],
+                                stdout=subprocess.DEVNULL, stderr=follower, env=_clean_env())
+        os.close(follower)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            shown += chunk
+        assert proc.wait(timeout=600) == 0, shown[-2000:]
+    finally:
+        os.close(leader)
+    assert b"checking images" in shown and b"\r" in shown, shown[-500:]
+
+
+def test_predict_draws_its_bar_on_a_terminal_unless_quiet_or_jsonl(tiny_run, tmp_path, monkeypatch, capsys):
+    image = write_image(tmp_path / "x.png", size=(64, 64))
+    for extra, drawn in (([], True), (["--quiet"], False), (["--format", "jsonl"], False)):
+        terminal = Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        try:
+            assert main(["predict", "--model", str(tiny_run), str(image), "--out", str(tmp_path / "p"), *extra]) == 0
+        finally:
+            set_progress(True)
+            monkeypatch.undo()
+        shown = terminal.getvalue()
+        assert ("predicting" in shown and "\r" in shown) is drawn, (extra, shown[:300])
+    capsys.readouterr()
+
+
+def test_the_bar_follows_the_stream_it_is_drawn_on():
+    """progress.bar_wanted: a terminal stream only, and never when a caller or the process turned bars off."""
+    from covidxray.progress import bar_wanted
+
+    assert bar_wanted(Terminal()) and not bar_wanted(io.StringIO())
+    assert not bar_wanted(Terminal(), enabled=False)
+    closed = io.StringIO()
+    closed.close()
+    assert not bar_wanted(closed)
+    try:
+        set_progress(False)
+        assert not bar_wanted(Terminal())
+    finally:
+        set_progress(True)

@@ -305,7 +305,7 @@ def test_a_full_disk_is_one_line(tmp_path, capsys):
                 for k in range(n):
                     write_image(source / split / cls / f"{cls}{k}.png", size=(320, 320),
                                 seed=100 * k + len(cls) + len(split))
-        assert main(["data", "--presplit", str(source), "--out", str(small / "ds"), "--quiet"]) == 2
+        assert main(["data", "--presplit", str(source), "--out", str(small / "ds"), "--quiet"]) == 1
         err = capsys.readouterr().err
         assert err.startswith("covidxray data: error: ") and err.count("\n") == 1
         assert "(ENOSPC)" in err and "free some space or choose another --out" in err
@@ -315,7 +315,7 @@ def test_a_full_disk_is_one_line(tmp_path, capsys):
 def test_a_file_in_place_of_a_folder_is_one_line(tmp_path, capsys):
     (tmp_path / "afile").write_text("not a folder")
     assert main(["data", "--synthetic", str(tmp_path / "afile" / "src"), "--out", str(tmp_path / "ds"),
-                 "--quiet"]) == 2
+                 "--quiet"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"{tmp_path / 'afile' / 'src'}" in err and "(ENOTDIR)" in err
@@ -328,7 +328,7 @@ def test_a_read_only_folder_is_one_line(tmp_path, capsys):
     locked.mkdir()
     locked.chmod(0o555)
     try:
-        assert main(["data", "--synthetic", str(locked / "src"), "--out", str(tmp_path / "ds"), "--quiet"]) == 2
+        assert main(["data", "--synthetic", str(locked / "src"), "--out", str(tmp_path / "ds"), "--quiet"]) == 1
     finally:
         locked.chmod(0o755)
     err = capsys.readouterr().err
@@ -383,7 +383,7 @@ def test_a_full_disk_under_tensorflow_is_not_called_out_of_memory():
 def test_evaluate_out_of_memory_through_main(tiny_run, tiny_dataset, tmp_path, capsys):
     """A real MemoryError: 10**15 bootstrap resamples cannot be allocated."""
     assert main(["evaluate", "--model", str(tiny_run), "--data", str(tiny_dataset), "--out", str(tmp_path / "ev"),
-                 "--n-boot", str(10**15)]) == 2
+                 "--n-boot", str(10**15)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("covidxray evaluate: error: out of memory (") and err.count("\n") == 1
     assert not (tmp_path / "ev").exists()

@@ -54,7 +54,7 @@ def test_predict_on_a_60000_px_png_names_no_flag_predict_lacks(tiny_run: Path, t
                                                                   capsys: pytest.CaptureFixture) -> None:
     """Before: "... raise --max-pixels", a flag predict did not have (and no --max-pixels opens such a file)."""
     huge = _png_header_only(tmp_path / "huge.png", 60000, 60000)
-    assert main(["predict", "--quiet", "--model", str(tiny_run), str(huge), "--out", str(tmp_path / "out")]) == 2
+    assert main(["predict", "--quiet", "--model", str(tiny_run), str(huge), "--out", str(tmp_path / "out")]) == 1
     err = _error_line(capsys)
     assert "huge.png: too large to decode safely" in err and "downscale the file" in err
     assert "--max-pixels" not in err
@@ -101,7 +101,7 @@ def test_predict_cam_auto_without_a_top_level_conv_says_what_predict_can_do(
     run = _save(_flat() if kind == "no conv" else _nested_conv(), tmp_path / "run")
     image = write_image(tmp_path / "x.png", size=(64, 64))
     assert main(["predict", "--quiet", "--model", str(run), str(image), "--out", str(tmp_path / "out"),
-                 "--cam", "auto"]) == 2
+                 "--cam", "auto"]) == 1
     err = _error_line(capsys)
     assert "has no top-level Conv2D layer with a 4-D output" in err and why in err
     assert "leave out --cam auto to get the predictions alone" in err and "covidxray cam --model" in err
@@ -133,7 +133,7 @@ def test_data_with_a_duplicated_finding_column_names_it(synthetic_sources, tmp_p
     meta.write_text("\n".join([lines[0] + ",finding", *(line + "," for line in lines[1:])]) + "\n", encoding="utf-8")
     out = tmp_path / "dataset"
     assert main(["data", "--quiet", "--chest-xray", str(synthetic_sources.chest_xray), "--covid-xray", str(covid),
-                 "--out", str(out)]) == 2
+                 "--out", str(out)]) == 1
     err = _error_line(capsys)
     assert "metadata.csv: the header names column(s) ['finding'] more than once" in err
     assert "no covid images left" not in err and not out.exists()

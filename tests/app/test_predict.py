@@ -153,7 +153,7 @@ def test_predict_refuses_an_out_holding_a_user_file(tiny_run: Path, tmp_path: Pa
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert main(["predict", "--model", str(tiny_run), str(image), "--out", str(out)]) == 2
+    assert main(["predict", "--model", str(tiny_run), str(image), "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "notes.txt" in err and "nothing was changed" in err and "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
@@ -170,11 +170,11 @@ def test_nothing_readable_is_one_error_and_nothing_is_written(tiny_run: Path, tm
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"")
     out = tmp_path / "out"
-    assert main(["predict", "--model", str(tiny_run), str(bad), "--out", str(out)]) == 2
+    assert main(["predict", "--model", str(tiny_run), str(bad), "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "none of the 1 image(s) can be used" in err and "empty file (0 bytes)" in err
     assert not out.exists()
-    assert main(["predict", "--model", str(tiny_run), str(tmp_path / "nope.png"), "--out", str(out)]) == 2
+    assert main(["predict", "--model", str(tiny_run), str(tmp_path / "nope.png"), "--out", str(out)]) == 1
     assert "nope.png: no such file or folder" in capsys.readouterr().err
 
 

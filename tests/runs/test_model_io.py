@@ -225,7 +225,7 @@ def test_predict_refuses_a_card_threshold_of_1_5_in_one_line(tmp_path: Path, cap
     """Before: a threshold of 1.5 silently called every image normal."""
     run = _run_folder(tmp_path / "run", card={"decision": {"threshold": 1.5}})
     image = write_image(tmp_path / "x.png", size=(64, 64))
-    assert main(["predict", "--quiet", "--model", str(run), str(image), "--out", str(tmp_path / "out")]) == 2
+    assert main(["predict", "--quiet", "--model", str(run), str(image), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "model.json: decision.threshold is 1.5; it must be a number in [0, 1]" in err
     assert not (tmp_path / "out").exists()

@@ -365,7 +365,7 @@ def test_two_workers_resume_from_the_chief_checkpoint(data, tmp_path):
 
 def test_a_chief_that_refuses_its_out_folder_stops_the_other_worker_too(data, tmp_path):
     """The chief fails before training (its --out holds a file of the user's); the other worker, waiting for
-    the chief's start, gets the chief's error and exits 2 instead of waiting for ever."""
+    the chief's start, gets the chief's error and exits 1 instead of waiting for ever."""
     chief_out, other_out = tmp_path / "chief", tmp_path / "other"
     chief_out.mkdir()
     (chief_out / "notes.txt").write_text("mine")
@@ -374,8 +374,8 @@ def test_a_chief_that_refuses_its_out_folder_stops_the_other_worker_too(data, tm
                   "--distribute", "multi-worker", "--epochs", "1", *TRAIN], {TF_CONFIG_VAR: tf_config(ports, i)})
                 for i, out in enumerate([chief_out, other_out])]
     (chief_code, _, chief_err), (other_code, _, other_err) = run_processes(commands, tmp_path / "logs")
-    assert chief_code == 2 and "notes.txt" in chief_err
-    assert other_code == 2 and "the chief (worker 0) of this multi-worker run failed" in other_err
+    assert chief_code == 1 and "notes.txt" in chief_err
+    assert other_code == 1 and "the chief (worker 0) of this multi-worker run failed" in other_err
     assert "notes.txt" in other_err
     assert_wrote_nothing(other_out)
     assert sorted(p.name for p in chief_out.iterdir()) == ["notes.txt"]
@@ -425,7 +425,7 @@ def test_a_bad_port_stops_train_before_anything_starts(data, tmp_path, monkeypat
     code = main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--distribute", "multi-worker",
                  *TRAIN])
     err = capsys.readouterr().err
-    assert code == 2 and len(err.splitlines()) == 1, err
+    assert code == 1 and len(err.splitlines()) == 1, err
     assert "address \"127.0.0.1:99999\", whose port '99999' is not an integer in [1, 65535]" in err
     assert not (tmp_path / "run").exists()
 
@@ -501,7 +501,7 @@ def test_a_worker_whose_peer_never_answers_stops_within_its_startup_timeout(data
         pytest.fail(f"still waiting {STARTUP_TIMEOUT + STOP_WITHIN} s after it began: {proc.communicate()[1]}")
     seconds = time.monotonic() - waiting
     print(f"failed {seconds:.1f} s after the start-up wait began (--startup-timeout {STARTUP_TIMEOUT})")
-    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert proc.returncode == 1 and len(err.splitlines()) == 1, err
     assert err.startswith(f"covidxray train: error: multi-worker start-up: no answer within {STARTUP_TIMEOUT:g} s")
     assert f"127.0.0.1:{ports[1]} (worker 1: connection refused: nothing listens on that port)" in err
     assert "raise --startup-timeout" in err
