@@ -501,10 +501,18 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                              views=tuple(v.strip() for v in args.views.split(",")) if args.views else None)
     config.validate()
     if args.seed_dataset is not None:
+        from covidxray.errors import UsageError
         from covidxray.studies.table_row import table2_row
 
-        print(table2_row(config, args.out, args.seed_dataset, args.metadata, progress=not args.quiet)[1])
-        return 0
+        others = [flag for flag, value in (("--presplit", args.presplit), ("--chest-xray", args.chest_xray),
+                                           ("--covid-xray", args.covid_xray), ("--data", args.data),
+                                           ("--design", args.design)) if value]
+        if others:
+            raise UsageError("--seed-dataset lays the 2020 folder out as the two sources itself; drop "
+                             f"{', '.join(others)}")
+        _, text, agreed = table2_row(config, args.out, args.seed_dataset, args.metadata, progress=not args.quiet)
+        print(text)
+        return 0 if agreed else 1  # a row outside table 2's spread fails, so a script can tell
     if len(args.design) > 1:
         from covidxray.studies.reproduce import reproduce_designs
 
