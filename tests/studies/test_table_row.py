@@ -51,7 +51,8 @@ def test_one_command_reproduces_one_row_of_table_2(presplit: Path, tmp_path: Pat
     code = run_main(["reproduce", "--seed-dataset", str(presplit), "--metadata", str(meta), "--out", str(out),
                      "--weights", "none", "--epochs", "1", "--image-size", "32", "--n-boot", "0", "--quiet"])
     printed = capsys.readouterr().out
-    assert code == 0
+    agreed = "Verdict: the row AGREES" in printed
+    assert code == (0 if agreed else 1), "the exit status follows the verdict"
     for model in ("baseline: logistic regression", "scratch", "vgg16"):
         assert f"| {model} |" in printed
     assert f"Agreement with README table 2 (results/table2-patient-split.json): {AGREEMENT_RULE}" in printed
@@ -65,3 +66,11 @@ def test_one_command_reproduces_one_row_of_table_2(presplit: Path, tmp_path: Pat
         from covidxray.studies.table_row import table2_row
 
         table2_row(ReproduceConfig(), tmp_path / "x", presplit, None)
+
+
+def test_seed_dataset_with_another_source_flag_is_a_usage_error(presplit: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "m.csv").write_text("patientid,finding,view,modality,filename\n")
+    code = run_main(["reproduce", "--seed-dataset", str(presplit), "--metadata", str(tmp_path / "m.csv"),
+                     "--presplit", str(presplit), "--out", str(tmp_path / "row")])
+    assert code == 2 and "drop --presplit" in capsys.readouterr().err
+    assert not (tmp_path / "row").exists()
