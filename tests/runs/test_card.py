@@ -75,7 +75,7 @@ def test_each_source_gets_its_licence() -> None:
     assert data["kermany"]["licence"] == "CC BY 4.0"
     assert "`license` column of the data set's metadata.csv" in data["ieee8023"]["licence"]
     assert data["ieee8023"]["training_images_by_licence"] == {"CC BY 4.0": 3, "none": 1}
-    assert "no restriction on use" in data["nih"]["licence"] and "cite" in data["nih"]["licence"]
+    assert "no restrictions on use" in data["nih"]["licence"] and "cite" in data["nih"]["licence"]
     assert [e["source"] for e in licence(["presplit"], False, None)["data"]] == ["kermany", "ieee8023"]
     assert "not known to covidxray" in licence(["hospital-a"], False, None)["data"][0]["licence"]
     unknown = licence(None, False, None)
