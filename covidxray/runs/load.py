@@ -442,6 +442,6 @@ def predict_dataframe(model: keras.Model, df: pd.DataFrame, image_size: int | No
     batches = ds if bar is None else progress_bar(ds, desc=bar, total=-(-len(df) // batch_size), unit="batch")
     try:
         out = [fn(x).numpy()[:, 0] for x, _ in batches]
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as exc:
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError) as exc:
         raise_unreadable(list(df["filepath"]), exc)
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
