@@ -488,6 +488,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     _number(p, "--seeds", limits.POSITIVE_INT, "repeat training with N seeds; report mean and std", default=1)
     _number(p, "--n-boot", limits.N_BOOT, "bootstrap resamples for the intervals (0: no intervals)", default=2000)
     _precision(p, "training and test predictions")
+    _max_pixels(p)
     p.set_defaults(func=cmd_reproduce)
 
 
@@ -498,6 +499,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     config = ReproduceConfig(models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
                              weights=args.weights, epochs=args.epochs, image_size=args.image_size,
                              seeds=args.seeds, n_boot=args.n_boot, caps=dict(args.cap), precision=args.precision,
+                             max_pixels=args.max_pixels,
                              views=tuple(v.strip() for v in args.views.split(",")) if args.views else None)
     config.validate()
     if args.seed_dataset is not None:
@@ -541,6 +543,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--synthetic", action="store_true", help="use synthetic data even when real data is present")
     _number(p, "--epochs", limits.POSITIVE_INT, "most training epochs per model", default=15)
     _number(p, "--image-size", limits.IMAGE_SIZE, "input side in pixels", default=64)
+    _max_pixels(p)
     p.set_defaults(func=cmd_demo)
 
 
@@ -549,7 +552,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from covidxray.app.demo import run_demo
 
     result = run_demo(args.out, force_synthetic=args.synthetic, epochs=args.epochs, image_size=args.image_size,
-                      progress=not args.quiet)
+                      max_pixels=args.max_pixels, progress=not args.quiet)
     print(result["table"])
     return 0
 

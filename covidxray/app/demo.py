@@ -13,7 +13,8 @@ from typing import Any
 
 from covidxray import paths
 from covidxray.app.notebook_helpers import resolve_sources
-from covidxray.data.build import build_dataset
+from covidxray.data.build import BuildConfig, build_dataset
+from covidxray.data.images import DEFAULT_MAX_PIXELS
 from covidxray.explain.render import render_model_cams
 from covidxray.outputs import claim_output
 from covidxray.studies.reproduce import ReproduceConfig, reproduce
@@ -31,21 +32,26 @@ def run_demo(
     force_synthetic: bool = False,
     epochs: int = 15,
     image_size: int = 64,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run every stage into ``out`` and return the results (``table`` is the Markdown results table)."""
+    """Run every stage into ``out`` and return the results (``table`` is the Markdown results table); source
+    images over ``max_pixels`` are skipped and listed by the build (``--max-pixels``)."""
     out = Path(out)
     check_weights_available(demo_weights())
     with claim_output(out, "demo", sources=[paths.CHEST_XRAY_DIR, paths.COVID_XRAY_DIR]):
-        return _demo(out, force_synthetic=force_synthetic, epochs=epochs, image_size=image_size, progress=progress)
+        return _demo(out, force_synthetic=force_synthetic, epochs=epochs, image_size=image_size,
+                     max_pixels=max_pixels, progress=progress)
 
 
-def _demo(out: Path, *, force_synthetic: bool, epochs: int, image_size: int, progress: bool) -> dict[str, Any]:
+def _demo(out: Path, *, force_synthetic: bool, epochs: int, image_size: int, max_pixels: int,
+          progress: bool) -> dict[str, Any]:
     sources = resolve_sources("synthetic" if force_synthetic else "auto", work_dir=out,
                               synthetic_patients=(160, 130))
     print(f"sources: {sources.description}", file=sys.stderr)
     dataset = out / "dataset"
-    build_dataset(dataset, chest_xray=sources.chest_xray, covid_xray=sources.covid_xray, progress=progress)
+    build_dataset(dataset, chest_xray=sources.chest_xray, covid_xray=sources.covid_xray,
+                  config=BuildConfig(max_pixels=max_pixels), progress=progress)
     config = ReproduceConfig(models=("scratch-gap", "vgg16"), weights=demo_weights(), epochs=epochs,
                              image_size=image_size, batch_size=16, seeds=1, n_boot=500, patience=epochs)
     result = reproduce(config, out / "reproduce", data=dataset, progress=progress)

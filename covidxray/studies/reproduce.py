@@ -27,6 +27,7 @@ import pandas as pd
 from covidxray import LABELS, limits
 from covidxray.data.build import BuildConfig, SourceFolders, build_dataset
 from covidxray.data.designs import get_design
+from covidxray.data.images import DEFAULT_MAX_PIXELS
 from covidxray.data.manifest import dataset_provenance, dataset_summary, read_manifest, split_frame
 from covidxray.errors import DataError, ModelError
 from covidxray.evaluation.baseline import baseline_probabilities, fit_baseline_with_threshold
@@ -62,6 +63,8 @@ class ReproduceConfig:
     """Which images form each class (see covidxray.data.designs): original, adult-normals or all."""
     precision: str = "float32"
     """Compute precision of training and test predictions (see covidxray.training.compute_dtype)."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Larger source images are skipped (and listed) by the dataset build (``--max-pixels``)."""
 
     def validate(self) -> None:
         """Raise ModelError naming each setting (and its ``covidxray reproduce`` flag) that is out of range."""
@@ -94,7 +97,7 @@ def _build(config: ReproduceConfig, out_root: Path, sources: SourceFolders, data
            progress: bool) -> Path:
     if data is not None:
         return Path(data)
-    bcfg = BuildConfig(caps=dict(config.caps))
+    bcfg = BuildConfig(caps=dict(config.caps), max_pixels=config.max_pixels)
     if config.views:
         bcfg.views = tuple(config.views)
     dataset = out_root / "dataset"

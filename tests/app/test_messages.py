@@ -69,11 +69,19 @@ def test_predict_has_the_max_pixels_flag_its_skip_reason_names(tiny_run: Path, t
     table = pd.read_csv(out / "predictions.csv", keep_default_na=False).set_index("path")
     assert table.loc[str(image), "skipped"] == "64x64 pixels is over the limit of 2000; raise --max-pixels"
     assert table.loc[str(small), "skipped"] == ""
-    for verb in ("data", "predict", "evaluate", "cam"):
+    for verb in ("data", "predict", "evaluate", "cam", "reproduce", "demo"):  # every verb that reads source images
         assert "--max-pixels" in _verb_flags(verb), verb
     assert main(["predict", "--quiet", "--model", str(tiny_run), str(image), "--out", str(out),
                  "--max-pixels", "5000000"]) == 0
     assert pd.read_csv(out / "predictions.csv", keep_default_na=False)["skipped"].tolist() == [""]
+
+
+def test_reproduce_passes_max_pixels_to_its_build(presplit: Path, tmp_path: Path, capsys) -> None:
+    """The fixture's images are over 1024 pixels: with that limit the build skips every one (the fixture builds
+    with the default limit in other tests)."""
+    code = main(["reproduce", "--presplit", str(presplit), "--max-pixels", "1024", "--out", str(tmp_path / "r"),
+                 "--epochs", "1", "--image-size", "32", "--weights", "none", "--quiet"])
+    assert code == 1 and "all its files were rejected" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- --cam auto
