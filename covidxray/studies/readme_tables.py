@@ -26,7 +26,7 @@ from typing import Any
 from covidxray import limits, paths
 from covidxray.errors import DataError
 from covidxray.evaluation.figures import TABLE_METRICS
-from covidxray.explain.regions import format_mass_area
+from covidxray.explain.regions import REGION_NAMES, format_mass_area
 from covidxray.metrics import format_metric, mean_std, seed_summary
 from covidxray.outputs import read_json, write_text
 
@@ -399,12 +399,6 @@ def scaling_text(scaling: Mapping[str, Any] | None) -> str:
     return text
 
 
-HEATMAP_REGIONS: tuple[tuple[str, str], ...] = (
-    ("padding", "padding and flat regions"), ("markers", "burnt-in markers"), ("outside_body", "outside the body"),
-    ("outside_lungs", "outside the lung fields"))
-"""(off-anatomy region key of a checks.json, how the README names it)."""
-
-
 def load_heatmap_checks(cam_dir: str | Path = paths.CAM_DIR) -> dict[str, Any]:
     """Every ``<model>__checks.json`` of the heatmap folder, by model name (sorted)."""
     files = sorted(Path(cam_dir).glob("*__checks.json"))
@@ -418,8 +412,8 @@ def heatmap_table(checks: Mapping[str, Mapping[str, Any]]) -> str:
     """Per model and group (all images, each class, each source): the share of heatmap mass in each off-anatomy
     region against the region's share of the image area, the regions over the warning rule's limits, and whether
     the randomisation check passed and the shortcut warning fired."""
-    header = (["model (method)", "group", "images"] + [f"{name}: mass (area)" for _, name in HEATMAP_REGIONS]
-              + ["over the limit"])
+    header = (["model (method)", "group", "images"] + [f"{name}: mass (area)" for name in REGION_NAMES.values()]
+              + ["warning fired for"])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     verdicts = []
     for model, check in checks.items():
@@ -429,15 +423,17 @@ def heatmap_table(checks: Mapping[str, Mapping[str, Any]]) -> str:
         groups += [(f"source {k}", v) for k, v in (off.get("per_source") or {}).items()]
         for group, stats in groups:
             cells = [f"{model} ({check['method']})", group, str(stats["n_images"])]
-            for key, _ in HEATMAP_REGIONS:
+            for key in REGION_NAMES:
                 cells.append(format_mass_area(stats[key]))
-            cells.append(", ".join(region.replace("_", " ") for region in stats["over"]) or "none")
+            cells.append(", ".join(REGION_NAMES.get(region, region) for region in stats["over"]) or "none")
             lines.append("| " + " | ".join(cells) + " |")
         rand = check["randomization"]
         verdicts.append(f"- **{model}**: randomisation check {'passed' if rand.get('passed') else 'not passed'} "
                         f"({rand.get('interpretation', '')}); shortcut warning "
                         + (f"**fired**: {check['warning']}." if check.get("warning") else "did not fire."))
-    return "\n".join(lines) + "\n\n" + "\n".join(verdicts) + "\n"
+    rules = sorted({check["off_anatomy"]["rule"] for check in checks.values() if check["off_anatomy"].get("rule")})
+    rule = "".join(f"\nThe warning rule: {text}.\n" for text in rules)
+    return "\n".join(lines) + "\n" + rule + "\n" + "\n".join(verdicts) + "\n"
 
 
 def load_bench(files: Mapping[str, Path] = BENCH_FILES) -> dict[str, Any]:
