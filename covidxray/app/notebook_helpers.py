@@ -115,6 +115,7 @@ def evaluate_runs(
     from covidxray.data.manifest import read_manifest, split_frame
     from covidxray.evaluation.baseline import baseline_probabilities, fit_baseline_with_threshold
     from covidxray.evaluation.evaluate import evaluate_predictions
+    from covidxray.runs.card import refresh_model_card
     from covidxray.runs.load import load_run, predict_dataframe
     from covidxray.runs.train import check_trained_on
 
@@ -135,7 +136,10 @@ def evaluate_runs(
         config = meta.get("config", {})
         rows.append(evaluate_predictions(test_df, p, threshold=float(meta.get("threshold", 0.5)), name=name,
                                          weights=str(config.get("weights", "")), n_boot=n_boot,
-                                         out_dir=Path(run) / "eval-test"))
+                                         out_dir=Path(run) / "eval-test",
+                                         about={"data": str(data), "split": "test", "kind": "dataset",
+                                                "model_id": meta["model_id"], "precision": meta["precision"]}))
+        refresh_model_card(run)  # the card's test metrics, as `covidxray evaluate` refreshes them
         probs[name] = p
     return rows, probs, test_df
 

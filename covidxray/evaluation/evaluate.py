@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +56,17 @@ def evaluate_predictions(
     seed: int = 0,
     out_dir: str | Path | None = None,
     notes: str = "",
+    about: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Summarise one model's probabilities on ``df`` (columns y, patient_id, source); optionally write files."""
+    """Summarise one model's probabilities on ``df`` (columns y, patient_id, source); optionally write files.
+
+    ``about`` adds what the evaluation was of (``data``, ``split``, ``kind``, ``model_id``, ``precision``), as
+    :func:`evaluate_model` records it, so that a run's model card can list an evaluation written this way."""
     probs = np.asarray(probs, dtype=np.float64).ravel()
     y = df["y"].to_numpy()
     groups = df["patient_id"].to_numpy() if "patient_id" in df.columns else None
     result = summarize(y, probs, threshold, groups=groups, n_boot=n_boot, seed=seed)
-    result.update({"model": name, "weights": weights, "notes": notes})
+    result.update({"model": name, "weights": weights, "notes": notes, **(about or {})})
     if "source" in df.columns and df["source"].nunique() > 1:
         result["per_source"] = {
             source: summarize(y[mask], probs[mask], threshold,

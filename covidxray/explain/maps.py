@@ -507,7 +507,7 @@ def summary_grid(
     label: str = PER_IMAGE_LABEL,
     model_label: str | None = None,
 ) -> Path:
-    """One PNG per model: rows TP, TN, FP, FN, the ``per_cell`` most confident each, empty cells "none";
+    """One PNG per model: rows TP, TN, FP, FN, the ``per_cell`` most confident each, empty cells "none shown";
     the images are the model inputs (stretched to a square); ``label`` names the maps' scale on the colour bar,
     ``model_label`` (a title line) which model and method the maps explain."""
     if per_cell < 1:
@@ -536,7 +536,7 @@ def summary_grid(
                     f"{safe_name(_image_stem(names[i]), 'image', 28)}\np(covid)={p[i]:.2f}", fontsize=7
                 )
             else:
-                ax.text(0.5, 0.5, "none", ha="center", va="center", color="0.4", transform=ax.transAxes)
+                ax.text(0.5, 0.5, "none shown", ha="center", va="center", color="0.4", transform=ax.transAxes)
             if c == 0:
                 ax.set_ylabel(OUTCOME_TITLES[outcome], fontsize=8)
     about = f"{model_label}\n" if model_label else ""
@@ -566,8 +566,11 @@ def render_cams(
     label: str | None = None,
     synthetic: bool = False,
     model_label: str | None = None,
+    grid_note: str | None = None,
 ) -> pd.DataFrame:
     """Write one overlay PNG per image (and the summary grid) into ``out_dir``; return one row per file.
+
+    ``grid_note`` is one more title line of the summary grid (e.g. how many sampled images were not drawn, and why).
 
     ``synthetic`` (the model or the images come from the embedded synthetic set) puts SYNTHETIC DATA in every
     figure's title; ``model_label`` (e.g. the run folder, test accuracy and method, see
@@ -631,7 +634,8 @@ def render_cams(
         )
     if grid:
         summary_grid(x, maps, df, p, threshold, out_dir / grid_filename(model_name),
-                     model_name=f"{shown} ({METHOD_NAMES.get(used, used)})", label=label, model_label=model_label)
+                     model_name=f"{shown} ({METHOD_NAMES.get(used, used)})", label=label,
+                     model_label="\n".join(t for t in (model_label, grid_note) if t) or None)
     return pd.DataFrame(
         rows, columns=["model", "image", "file", "label", "pred", "prob", "outcome", "method", "layer"]
     )

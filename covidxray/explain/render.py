@@ -129,12 +129,12 @@ def render_model_cams(
         raw = heatmaps(model, images, method=method, layer=layer, normalise=False)
         scale = model_scale(raw)
         shown = showable_mask(df)  # overlays only of images whose licence lets us show them; checks use all
+        attribution = attribution_filename(safe_name(name, "model", 60))
         files = render_cams(model, images[shown], df[shown].reset_index(drop=True), tmp, model_name=name,
                             threshold=threshold, method=method, probs=probs[shown], layer=layer,
                             maps=scale_maps(raw, scale)[shown], label=scale_label(scale), synthetic=prov["synthetic"],
-                            model_label=model_line(explained))
-        write_text(attribution_markdown(df[shown], f"Images shown in the {name} heatmaps"),
-                   tmp / attribution_filename(safe_name(name, "model", 60)))
+                            model_label=model_line(explained), grid_note=withheld_note(shown, attribution))
+        write_text(attribution_markdown(df[shown], f"Images shown in the {name} heatmaps"), tmp / attribution)
         drawn = iter(Path(f).name for f in files["file"])
         overlay_names = [next(drawn) if keep else "" for keep in shown]  # "" = not drawn (licence)
         checks = write_checks(model, images, tmp, model_name=name, df=df, maps=normalise_maps(raw), method=method,
@@ -336,6 +336,15 @@ def _fired_regions(off: dict[str, Any]) -> list[str]:
 def region_lines() -> list[str]:
     """A Markdown list saying what each region a warning can name holds."""
     return [f"- **{REGION_NAMES[r]}**: {REGION_EXPLANATIONS[r]}." for r in REGIONS]
+
+
+def withheld_note(shown: np.ndarray, attribution: str) -> str | None:
+    """The summary grid's line for sampled images left out for their licence (None when every one is drawn)."""
+    hidden = int(np.size(shown) - np.count_nonzero(shown))
+    if not hidden:
+        return None
+    return (f"{hidden} of {np.size(shown)} sampled images not drawn: their licences do not allow it "
+            f"(the checks use them; drawn images: {attribution})")
 
 
 def checks_markdown(checks: dict[str, Any]) -> str:

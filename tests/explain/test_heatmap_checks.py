@@ -129,3 +129,13 @@ def test_a_rerun_leaves_no_old_file_of_that_model(tiny_run, tiny_dataset, tmp_pa
     assert not [p for p in out.iterdir() if p.name.startswith(".") and p.is_dir()]
     assert "off_anatomy" in second["checks"] and second["map_scale"] > 0
 
+
+
+def test_the_summary_grid_says_how_many_sampled_images_its_licences_kept_out() -> None:
+    import numpy as np
+
+    from covidxray.explain.render import withheld_note
+
+    assert withheld_note(np.array([True, True]), "m__ATTRIBUTION.md") is None
+    note = withheld_note(np.array([True, False, False]), "m__ATTRIBUTION.md")
+    assert note is not None and note.startswith("2 of 3 sampled images not drawn") and "m__ATTRIBUTION.md" in note
