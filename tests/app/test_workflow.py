@@ -164,7 +164,8 @@ def test_heatmap_notebook_first_then_training_the_fallback_blocks_nothing(tiny_d
     rows, _, _ = evaluate_runs(tiny_dataset, trained_runs(scratch_runs), n_boot=10, baseline=False)
     assert [row["model"] for row in rows] == ["scratch", "scratch-gap"]
     card = json.loads((runs["scratch"] / "model.json").read_text())
-    assert card["metrics"]["test"]["metrics"]["accuracy"] == pytest.approx(rows[0]["metrics"]["accuracy"])  # the card knows its test
+    # the card knows its test metrics
+    assert card["metrics"]["test"]["metrics"]["accuracy"] == pytest.approx(rows[0]["metrics"]["accuracy"])
     assert heatmap_runs(runs, tiny_dataset) == {"scratch": runs["scratch"]}  # now the real run
 
 
