@@ -138,6 +138,7 @@ def _tiny(model: str, batch_size: int = 32) -> TrainConfig:
     return TrainConfig(model=model, weights="none", epochs=1, image_size=32, batch_size=batch_size, augment=False)
 
 
+@pytest.mark.slow  # full suite only: keeps the quick gate under 3 minutes
 def test_heatmap_notebook_first_then_training_the_fallback_blocks_nothing(tiny_dataset, tmp_path, capsys):
     """Class_Activation_Maps.ipynb before Train_Scratch_CNN.ipynb: its fallback model goes into a folder of its own,
     so the training notebook trains its runs, the evaluation holds every model, and the heatmaps then explain the

@@ -71,6 +71,7 @@ def test_cams_for_a_trained_run(tiny_run, tiny_dataset, tmp_path):
     assert 0.0 <= float(table.loc["scratch-gap", "border mass"]) <= 1.0
 
 
+@pytest.mark.slow  # full suite only: keeps the quick gate under 3 minutes
 def test_reproduce_with_two_seeds(tiny_dataset, tmp_path):
     config = ReproduceConfig(models=("scratch-gap",), weights="none", epochs=1, image_size=32, batch_size=16,
                              seeds=2, n_boot=50)

@@ -138,6 +138,7 @@ def test_run_probes_warns_on_a_planted_marker(planted, tmp_path):
     assert not list(tmp_path.glob(".*tmp*")), "no staging folder left behind"
 
 
+@pytest.mark.slow  # full suite only: keeps the quick gate under 3 minutes
 def test_run_probes_at_chance_on_labels_without_a_shortcut(clean, tmp_path):
     result = run_probes(clean, tmp_path / "probes", image_size=32, epochs=6, seed=0, batch_size=16, n_boot=200,
                         progress=False)

@@ -107,6 +107,7 @@ def test_pick_images_fills_every_outcome_and_source() -> None:
     assert len(pick_images(df, None)) == n
 
 
+@pytest.mark.slow  # full suite only: keeps the quick gate under 3 minutes
 def test_a_rerun_leaves_no_old_file_of_that_model(tiny_run, tiny_dataset, tmp_path) -> None:
     out = tmp_path / "cams"
     render_model_cams(tiny_run, tiny_dataset, out_dir=out, limit=6, name="other")

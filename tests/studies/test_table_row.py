@@ -39,6 +39,7 @@ def test_table2s_own_seed_0_row_agrees_and_a_moved_metric_does_not(table2: dict)
     assert agreed and "AGREES" in text and "Settings differ" not in text
 
 
+@pytest.mark.slow  # full suite only: keeps the quick gate under 3 minutes
 def test_one_command_reproduces_one_row_of_table_2(presplit: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     """The documented command, on the small pre-split fixture with tiny settings: it lays the folder out as the two
     sources, trains both CNNs and the baseline, prints the row, the agreement rule and a verdict."""
