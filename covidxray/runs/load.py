@@ -30,7 +30,7 @@ from covidxray.outputs import file_sha256, read_json
 from covidxray.progress import progress_bar
 from covidxray.tfenv import traced
 from covidxray.training.compute_dtype import choose_precision, with_precision
-from covidxray.training.pipeline import make_dataset, raise_unreadable
+from covidxray.training.pipeline import IMAGE_READ_ERRORS, make_dataset, raise_unreadable
 
 MODEL_FILE = "model.keras"
 CHECKPOINT_DIR = "checkpoint"
@@ -442,6 +442,6 @@ def predict_dataframe(model: keras.Model, df: pd.DataFrame, image_size: int | No
     batches = ds if bar is None else progress_bar(ds, desc=bar, total=-(-len(df) // batch_size), unit="batch")
     try:
         out = [fn(x).numpy()[:, 0] for x, _ in batches]
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError) as exc:
+    except IMAGE_READ_ERRORS as exc:
         raise_unreadable(list(df["filepath"]), exc)
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)

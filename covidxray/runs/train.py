@@ -79,7 +79,7 @@ from covidxray.training.feature_cache import (
 )
 from covidxray.training.loop import CustomLoop, share_from_chief, sync_variables
 from covidxray.training.models import MODEL_NAMES, build_model, compile_model, set_trainable_from
-from covidxray.training.pipeline import AugmentConfig, make_dataset, raise_unreadable
+from covidxray.training.pipeline import IMAGE_READ_ERRORS, AugmentConfig, make_dataset, raise_unreadable
 
 STATE_FILE = "state.json"
 TENSORBOARD_DIR = "tensorboard"
@@ -443,7 +443,7 @@ def _data_errors(run: _Run, paths: list[str]) -> Iterator[None]:
     naming the file or folder and the fix."""
     try:
         yield
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError) as exc:
+    except IMAGE_READ_ERRORS as exc:
         raise_unreadable(paths, exc)
     except tf.errors.AlreadyExistsError as exc:
         raise DataError(f"the on-disk image cache in {run.cfg.cache} is locked ({exc.message.splitlines()[0]}). "
@@ -504,7 +504,7 @@ def _feature_data(run: _Run, model: keras.Model, train_df: pd.DataFrame, val_df:
                                            on_disk=on_disk, name=f"features-{split}", jit_compile=jit, dtype=dtype)
             stores.append(store)
             stats[split] = {**info.to_dict(), "views": n_views, "bytes": store.nbytes, "on_disk": store.on_disk}
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError) as exc:
+    except IMAGE_READ_ERRORS as exc:
         raise_unreadable(paths, exc)
     run.feature_stats = stats
     train_store, val_store = stores[-2], stores[-1]

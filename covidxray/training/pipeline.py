@@ -194,6 +194,12 @@ def find_unreadable(paths: Sequence[str]) -> list[tuple[str, str]]:
     return bad
 
 
+IMAGE_READ_ERRORS: tuple[type[Exception], ...] = (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
+                                                  tf.errors.UnknownError)
+"""What iterating a dataset of image files raises when a file cannot be read (UnknownError: the image reader
+raised inside ``tf.numpy_function``); callers pass it to :func:`raise_unreadable`, which names the file."""
+
+
 def raise_unreadable(paths: Sequence[str], exc: Exception) -> NoReturn:
     """Turn a decode failure inside tf.data into an ImageError naming the first bad file."""
     bad = find_unreadable(paths)
@@ -212,7 +218,7 @@ def load_images(paths: Sequence[str | Path], image_size: int, batch_size: int = 
     ds = _path_dataset(paths, image_size).batch(batch_size).map(gray_to_model_input).prefetch(AUTOTUNE)
     try:
         return np.concatenate([b.numpy() for b in ds], axis=0)
-    except tf.errors.OpError as exc:
+    except IMAGE_READ_ERRORS as exc:
         raise_unreadable(paths, exc)
 
 
